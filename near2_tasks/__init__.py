@@ -1,0 +1,1 @@
+"""near2: nested-embedding semantic search, trained, gated and served."""

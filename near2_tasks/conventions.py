@@ -1,0 +1,81 @@
+"""The names every stage shares (see DESIGN.md, "Conventions"). Change them here or nowhere."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+import numpy as np
+
+#: Document fields besides the vectors.
+PRODUCT_FIELDS = ("product_id", "title", "category", "brand", "price")
+
+#: Metrics as named in reports; MLflow names replace "@" with "_at_".
+REPORT_METRICS = ("ndcg@10", "mrr@10", "precision@10", "recall@10", "recall@100", "map@100")
+
+# MLflow registry aliases and tags
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+TAG_DATASET_VERSION = "dataset_version"
+TAG_DIMS = "dims"
+TAG_GIT_COMMIT = "git_commit"
+TAG_GATE = "gate"
+TAG_APPROVAL = "approval"
+TAG_PREVIOUS_CHAMPION = "previous_champion"
+APPROVED, REJECTED, PENDING = "approved", "rejected", "pending"
+
+#: Keys of an index's ``_meta``.
+INDEX_META_KEYS = ("model_name", "model_version", "model_uri", "run_id", "dims", "catalog_version", "built_at")
+
+
+def vector_field(dim: int) -> str:
+    """``embedding_<d>``: the dense_vector field that holds the d-dimensional prefix."""
+    return f"embedding_{dim}"
+
+
+def dim_of_field(field: str) -> int:
+    match = re.fullmatch(r"embedding_(\d+)", field)
+    if not match:
+        raise ValueError(f"{field!r} is not a vector field name")
+    return int(match.group(1))
+
+
+def mlflow_name(metric: str) -> str:
+    """``ndcg@10`` -> ``ndcg_at_10`` (MLflow rejects '@' in names)."""
+    return metric.replace("@", "_at_")
+
+
+def metric_key(prefix: str, metric: str, dim: int) -> str:
+    """``metric_key('eval', 'ndcg@10', 64)`` -> ``eval_ndcg_at_10_dim_64``."""
+    return f"{prefix}_{mlflow_name(metric)}_dim_{dim}"
+
+
+def gate_tag(dim: int, metric: str) -> str:
+    """``gate.dim_64.ndcg_at_10``."""
+    return f"gate.dim_{dim}.{mlflow_name(metric)}"
+
+
+def utc_timestamp(now: datetime | None = None) -> str:
+    """Compact UTC timestamp used in index names, e.g. ``20261121t120301``."""
+    now = now or datetime.now(timezone.utc)
+    return now.astimezone(timezone.utc).strftime("%Y%m%dt%H%M%S")
+
+
+def index_name(alias: str, model_version: str | int, now: datetime | None = None) -> str:
+    """``<alias>-v<model version>-<UTC timestamp>``, e.g. ``products-v7-20261121t120301``."""
+    return f"{alias}-v{model_version}-{utc_timestamp(now)}"
+
+
+def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """The first ``dim`` components of each row, L2-normalised again (float32).
+
+    A zero row stays zero instead of becoming NaN.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim == 1:
+        return truncate(vectors[None, :], dim)[0]
+    if dim > vectors.shape[1]:
+        raise ValueError(f"cannot truncate {vectors.shape[1]}-d vectors to {dim} dimensions")
+    prefix = vectors[:, :dim]
+    norms = np.linalg.norm(prefix, axis=1, keepdims=True)
+    return (prefix / np.where(norms == 0, 1.0, norms)).astype(np.float32)
