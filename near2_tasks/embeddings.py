@@ -76,7 +76,7 @@ def load_encoder(ref: str, device: str = "auto") -> SentenceTransformer:
 
 
 def model_dimension(model: SentenceTransformer) -> int:
-    dim = model.get_sentence_embedding_dimension()
+    dim = model.get_embedding_dimension()
     if dim is None:  # some models only know after a forward pass
         dim = int(model.encode(["x"], convert_to_numpy=True).shape[1])
     return int(dim)

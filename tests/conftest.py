@@ -1,0 +1,94 @@
+"""Shared fixtures: a real Elasticsearch, a temporary MLflow store, settings, a tiny encoder.
+
+Elasticsearch: ``NEAR2_ES_URL`` when set (any reachable server of the same major version),
+otherwise the project's own local server is started on port 9251 for the session and stopped at the
+end. If it cannot start, the run fails with the reason: nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HOMEDEPOT = REPO.parent / "shared" / "data" / "homedepot"
+TEST_ES_PORT = 9251
+
+
+@pytest.fixture(scope="session")
+def es_url(tmp_path_factory) -> str:
+    from near2_tasks import elasticsearch_local
+    from near2_tasks.config import load_settings
+
+    url = os.environ.get("NEAR2_ES_URL")
+    if url:
+        if not elasticsearch_local.health(url):
+            pytest.fail(f"NEAR2_ES_URL={url} does not answer", pytrace=False)
+        yield url
+        return
+    home = Path(os.environ.get("NEAR2_HOME", REPO / ".near2"))
+    settings = load_settings(
+        home=str(tmp_path_factory.mktemp("es-home")),
+        local_elasticsearch={"port": TEST_ES_PORT, "cache_dir": str(home / "cache" / "elasticsearch")},
+    )
+    try:
+        server = elasticsearch_local.start(settings)
+    except Exception as exc:  # noqa: BLE001 - the reason goes into the failure
+        pytest.fail(f"the local Elasticsearch could not start: {exc}", pytrace=False)
+    yield server.url
+    elasticsearch_local.stop(settings)
+
+
+@pytest.fixture(scope="session")
+def es_client(es_url):
+    from elasticsearch import Elasticsearch
+
+    client = Elasticsearch(es_url, request_timeout=60)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def unique_alias(es_client):
+    """A fresh alias name; every index behind it is deleted after the test."""
+    alias = f"test-products-{uuid.uuid4().hex[:8]}"
+    yield alias
+    es_client.indices.delete(index=f"{alias}-*", ignore_unavailable=True, allow_no_indices=True)
+
+
+@pytest.fixture
+def settings(tmp_path, es_url, unique_alias):
+    """Settings isolated in tmp_path: own MLflow SQLite store, own alias, the test Elasticsearch."""
+    from near2_tasks.config import load_settings
+
+    return load_settings(
+        home=str(tmp_path / "home"),
+        elasticsearch={"url": es_url, "alias": unique_alias},
+        dataset={"synthetic_products": 300, "synthetic_queries": 60},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def tiny_settings(settings, tiny_model_dir):
+    """``settings`` with the tiny encoder as base model and its dims (64, 32, 16)."""
+    from tests.tiny_model import TINY_DIMS
+
+    return settings.model_copy(update={"model": settings.model.model_copy(
+        update={"base_model": str(tiny_model_dir), "dims": TINY_DIMS})})
+
+
+@pytest.fixture(scope="session")
+def homedepot_dir() -> Path:
+    if not (HOMEDEPOT / "products.csv").exists():
+        pytest.skip(f"Home Depot data not found at {HOMEDEPOT} (research-only, not in the repo)")
+    return HOMEDEPOT
