@@ -125,6 +125,41 @@ class MLflowSettings(Section):
     artifact_location: str | None = None
     experiment: str = "near2"
     registered_model: str = "near2-encoder"
+    connect_retries: int = Field(3, ge=0, description="Retries when the tracking server does not answer.")
+    retry_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each retry.")
+
+
+class TrainingSettings(Section):
+    """NEAR² fine-tuning: the hybrid objective, its schedule and the validation that picks the checkpoint."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many steps (overrides epochs).")
+    batch_size: int = Field(32, gt=0, description="Training batch on CPU (in-batch negatives for MNRL).")
+    gpu_batch_size: int = Field(128, gt=0, description="Training batch when a GPU is used.")
+    eval_batch_size: int = Field(64, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 42
+    retrieval_weight: float = Field(1.0, ge=0, description="Weight of MatryoshkaLoss(MultipleNegativesRankingLoss).")
+    ranking_weight: float = Field(1.0, ge=0, description="Weight of MatryoshkaLoss(OnlineContrastiveLoss).")
+    matryoshka_weights: list[float] | None = Field(
+        None, description="One weight per model.dims entry (same order); None: all 1."
+    )
+    mnrl_scale: float = Field(20.0, gt=0, description="Similarity scale of MultipleNegativesRankingLoss.")
+    contrastive_margin: float = Field(0.5, gt=0, description="Margin of OnlineContrastiveLoss.")
+    multi_dataset_sampler: Literal["proportional", "round_robin"] = "proportional"
+    max_seq_length: int | None = Field(None, gt=0, description="None: the base model's own limit.")
+    eval_steps: int = Field(200, gt=0, description="Validate and checkpoint every N steps.")
+    logging_steps: int = Field(20, gt=0)
+    save_total_limit: int = Field(2, ge=1)
+    val_max_queries: int = Field(500, gt=0, description="Validation queries used to pick the checkpoint.")
+    val_corpus_size: int = Field(
+        5000, gt=0, description="Validation corpus: every relevant product plus random others up to this size."
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
+    )
 
 
 class LocalElasticsearchSettings(Section):
@@ -155,6 +190,7 @@ class Settings(BaseSettings):
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
     local_elasticsearch: LocalElasticsearchSettings = Field(default_factory=LocalElasticsearchSettings)
     mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
 
     @field_validator("home")
     @classmethod
