@@ -113,9 +113,42 @@ class ElasticsearchSettings(Section):
     )
     bulk_chunk_size: int = Field(500, gt=0)
     keep_indices: int = Field(3, ge=1, description="How many old indices to keep for rollback.")
+    # client and bulk-load resilience (small values in tests, larger in production)
+    max_retries: int = Field(3, ge=0, description="Client retries of a failed request (connection errors, 502-504).")
+    bulk_max_retries: int = Field(5, ge=0, description="Retries of a bulk chunk on 429 or a transient error.")
+    bulk_initial_backoff_s: float = Field(1.0, ge=0, description="First bulk retry delay; doubles each retry.")
+    bulk_max_backoff_s: float = Field(30.0, ge=0)
+    bulk_max_chunk_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Upper bound of one bulk request body.")
+    number_of_shards: int = Field(1, ge=1)
+    number_of_replicas: int = Field(0, ge=0, description="Replicas after the load (0 during it).")
+    refresh_interval: str = Field("1s", description="Refresh interval after the load (-1 during it).")
+    force_merge: bool = Field(False, description="Force-merge to one segment after the load (faster kNN).")
+    verify_sample_size: int = Field(20, ge=1, description="Products whose own text must retrieve them.")
+    verify_top_k: int = Field(10, ge=1)
+    verify_min_self_hit_rate: float = Field(0.8, ge=0, le=1, description="Per dimension, share of the sample found in the top k.")
 
     def field_options(self, dim: int) -> VectorFieldOptions:
         return self.index_options.get(dim, VectorFieldOptions())
+
+
+class ServingSettings(Section):
+    """The storefront search: defaults and the bounds every request is checked against."""
+
+    default_dim: int | None = Field(None, description="None: the serving index's full dimension.")
+    mode: Literal["knn", "funnel"] = "knn"
+    funnel_shortlist_dim: int | None = Field(None, description="None: the smallest dimension the index serves.")
+    funnel_shortlist_size: int = Field(100, gt=0, description="Candidates kept by the small-dimension kNN.")
+    funnel_rescore_dim: int | None = Field(None, description="None: the requested dim, else the full dimension.")
+    k_max: int = Field(100, gt=0, description="Largest k a request may ask for.")
+    max_num_candidates: int = Field(1000, gt=0, le=10000, description="Upper bound of kNN num_candidates.")
+    max_query_chars: int = Field(256, gt=0)
+    max_request_bytes: int = Field(8192, gt=0, description="Largest request body, and largest URL, the service accepts.")
+    alias_check_interval_s: float = Field(
+        1.0, ge=0, description="How long the alias target is cached; 0 re-reads it on every query."
+    )
+    encoder_cache_size: int = Field(2, ge=1, description="Query encoders kept loaded (one per model URI).")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
 
 
 class MLflowSettings(Section):
@@ -188,6 +221,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     local_elasticsearch: LocalElasticsearchSettings = Field(default_factory=LocalElasticsearchSettings)
     mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
