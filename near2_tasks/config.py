@@ -210,6 +210,44 @@ class LocalElasticsearchSettings(Section):
     start_timeout_s: float = 180.0
 
 
+class AirflowSettings(Section):
+    """The ``near2_retrain`` / ``near2_reindex`` DAGs: schedule, task policy, approval wait, run defaults.
+
+    Read when the DAG files are parsed (schedule, retries) and when a task runs (the rest). A DAG run's
+    ``params`` override the run defaults for that run only.
+    """
+
+    schedule: str | None = Field("0 3 * * 1", description="Cron (UTC) of near2_retrain; None: asset-triggered only.")
+    owner: str = "near2"
+    retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(120.0, ge=0)
+    task_timeout_s: float = Field(6 * 3600.0, gt=0, description="execution_timeout of every task.")
+    approval_timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="How long to wait for a reviewer.")
+    approval_poke_interval_s: float = Field(300.0, gt=0, description="How often the approval tag is read.")
+    auto_approve: bool = Field(False, description="Run default: promote on a passed gate without a reviewer.")
+    smoke_queries: list[str] = Field(
+        default_factory=list, description="Queries the smoke search sends; empty: a few from the judgments."
+    )
+    mlflow_ui_url: str | None = Field(
+        None, description="Base URL of the MLflow UI for task links; None: the tracking URI if it is http(s), "
+                          "else http://127.0.0.1:5000 (`mlflow server` default).")
+    elasticsearch_ui_url: str | None = Field(
+        None, description="Base URL for the index link (e.g. Kibana); None: the Elasticsearch URL itself.")
+    dags_folder: Path | None = Field(None, description="None: the dags/ folder next to the near2_tasks package.")
+
+
+class DemoSettings(Section):
+    """``near2 demo``: sizes that let the whole pipeline run in a few minutes on 2 CPU cores."""
+
+    products: int = Field(1000, gt=0, description="Synthetic catalog size.")
+    queries: int = Field(200, gt=0)
+    max_steps: int = Field(40, gt=0, description="Training steps (the real MiniLM, CPU).")
+    show_queries: int = Field(3, ge=0, description="Storefront queries printed at the end.")
+    show_dims: list[int] = Field(
+        default_factory=list, description="Dimensions the queries are answered at; empty: largest, middle, smallest."
+    )
+
+
 class Settings(BaseSettings):
     """All of near2's configuration."""
 
@@ -225,6 +263,8 @@ class Settings(BaseSettings):
     local_elasticsearch: LocalElasticsearchSettings = Field(default_factory=LocalElasticsearchSettings)
     mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
 
     @field_validator("home")
     @classmethod
