@@ -68,8 +68,31 @@ class DatasetSettings(Section):
     name: str = "synthetic"
     catalog_path: Path | None = Field(None, description="None: the generated synthetic catalog.")
     judgments_path: Path | None = None
-    format: Literal["csv", "parquet", "jsonl", "homedepot", "wands", "esci"] = "csv"
-    encoding: str = "utf-8"
+    format: Literal["auto", "csv", "parquet", "jsonl", "homedepot", "wands", "esci"] = Field(
+        "auto", description="auto: from the file suffix (.parquet, .jsonl/.ndjson, else csv)."
+    )
+    encoding: str = Field("utf-8", description="Text encoding of CSV/JSONL input (ASCII-compatible, e.g. latin-1).")
+    delimiter: str | None = Field(None, description="CSV field separator; None: ',' (tab for .tsv and WANDS).")
+    catalog_columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical catalog column -> column name in the file, e.g. {product_id: sku, title: name}.",
+    )
+    judgment_columns: dict[str, str] = Field(
+        default_factory=dict, description="Canonical judgment column -> column name in the file."
+    )
+    text_template: str = Field(
+        "{title} | {brand} | {category}",
+        description="The text embedded for a product; a field left empty is dropped with the separator before it.",
+    )
+    wands_labels: dict[str, float] = Field(
+        default_factory=lambda: {"Exact": 3.0, "Partial": 2.0, "Irrelevant": 1.0},
+        description="WANDS label -> relevance on this dataset's scale.",
+    )
+    esci_labels: dict[str, float] = Field(
+        default_factory=lambda: {"E": 3.0, "S": 2.0, "C": 1.5, "I": 1.0},
+        description="ESCI label (Exact, Substitute, Complement, Irrelevant) -> relevance.",
+    )
+    esci_locale: str | None = Field("us", description="Keep only this ESCI product_locale; None: all locales.")
     relevance_floor: float = Field(1.0, description="Lowest grade of the scale (NDCG gain = rel - floor).")
     relevance_max: float = 3.0
     relevant_threshold: float = Field(2.0, description="rel >= threshold counts as relevant.")
@@ -85,6 +108,53 @@ class DatasetSettings(Section):
                 f"{self.relevance_floor} / {self.relevant_threshold} / {self.relevance_max}"
             )
         return self
+
+
+class ValidationSettings(Section):
+    """Great Expectations checks of the catalog and judgments, and when a run must stop."""
+
+    max_rejected_fraction: float = Field(
+        0.01, ge=0, le=1, description="Stop when more than this share of a table's rows is quarantined.")
+    fail_on_table_expectations: bool = Field(
+        True, description="Stop when a table-level expectation (row-count drift) fails.")
+    title_min_chars: int = Field(1, ge=1)
+    title_max_chars: int = Field(1000, gt=0, description="Longer titles are quarantined.")
+    query_max_chars: int = Field(1000, gt=0)
+    allowed_categories: list[str] | None = Field(None, description="Bounded vocabulary; None: any category.")
+    allowed_brands: list[str] | None = Field(None, description="Bounded vocabulary; None: any brand.")
+    max_row_count_drift: float | None = Field(
+        0.5, ge=0, description="Catalog rows may differ from the previous accepted catalog by this fraction; "
+                               "None: no check.")
+    duplicate_judgments: Literal["mean", "max", "min"] = Field(
+        "mean", description="How repeated (query, product) judgments that agree are merged.")
+    max_duplicate_spread: float = Field(
+        1.0, ge=0, description="Repeated judgments whose grades differ by more than this conflict: all of them "
+                               "are quarantined.")
+    data_docs: bool = Field(True, description="Render the GX HTML data docs into the report directory.")
+
+
+class ExamplesSettings(Section):
+    """MMSE-style training examples mined from graded judgments."""
+
+    seed: int = 13
+    split_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train / validation / test share of queries (by seeded hash).")
+    strong_positive_min: float | None = Field(
+        None, description="relevance >= this is a strong positive; None: the scale's maximum (top grade).")
+    hard_negative_max: float | None = Field(
+        None, description="relevance < this is a judged hard negative; None: dataset.relevant_threshold.")
+    weak_positives_in_triplets: bool = Field(True, description="Weak positives also anchor ranking triplets.")
+    negatives_per_positive: int = Field(1, ge=1, description="Triplets per positive (distinct negatives).")
+    random_negatives_per_query: int = Field(
+        1, ge=0, description="UNJUDGED catalog products sampled per query and assumed irrelevant "
+                             "(0: never treat unjudged products as negatives).")
+    mined_top_k: int = Field(20, ge=1, description="Model-mined negatives: look at the model's top k products.")
+    mined_negatives_per_query: int = Field(2, ge=0, description="Model-mined hard negatives kept per query.")
+    mined_unjudged_as_negatives: bool = Field(
+        False, description="Also take UNJUDGED products the model ranks high as negatives (risk: false negatives).")
+    mined_skip_top: int = Field(
+        3, ge=0, description="With mined_unjudged_as_negatives: skip this many top unjudged hits (likely relevant).")
+    embedding_cache_dir: Path | None = Field(None, description="Product embeddings cache; None: home/cache/embeddings.")
 
 
 class VectorFieldOptions(Section):
@@ -248,6 +318,85 @@ class DemoSettings(Section):
     )
 
 
+class EvaluationSettings(Section):
+    """Offline evaluation: exact retrieval over the whole catalog, metrics per dimension and per query slice."""
+
+    k: int = Field(10, gt=0, description="Cut-off of NDCG, MRR, precision and recall (Recall@100, MAP@100 too).")
+    slices: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra query slices besides short/long/alphanumeric: name -> regex (re.search; (?i) for "
+                    "case-insensitive).",
+    )
+    query_batch_size: int = Field(1024, gt=0, description="Queries scored against the catalog per matrix product.")
+    cache_dir: Path | None = Field(None, description="Embedding cache; default <home>/cache/embeddings.")
+
+    @field_validator("slices")
+    @classmethod
+    def _slices_are_valid(cls, slices: dict[str, str]) -> dict[str, str]:
+        import re
+
+        from near2_tasks.slices import BUILTIN_SLICES
+
+        clash = sorted(set(slices) & set(BUILTIN_SLICES))
+        if clash:
+            raise ValueError(f"slices {clash} are built in; give config slices other names")
+        for name, pattern in slices.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"slice {name!r}: {pattern!r} is not a valid regular expression ({exc})") from None
+        return slices
+
+
+class MetricGate(Section):
+    """The checks on one metric: an absolute floor and the largest allowed drop against the reference."""
+
+    floor: float | None = Field(None, description="The challenger's value must be >= floor.")
+    max_drop: float | None = Field(None, ge=0, description="reference - challenger must be <= max_drop.")
+    max_relative_drop: float | None = Field(
+        None, ge=0, description="(reference - challenger) / reference must be <= this fraction.")
+
+
+def _check_metric_names(names: Any, where: str) -> None:
+    from near2_tasks.conventions import REPORT_METRICS
+
+    unknown = sorted(set(names) - set(REPORT_METRICS))
+    if unknown:
+        raise ValueError(f"{where} names unknown metrics {unknown}; known metrics: {list(REPORT_METRICS)}")
+
+
+class GateRules(Section):
+    """Metric gates applied at every dimension, with per-dimension overrides (a metric listed for a dimension
+    replaces the all-dimension rule for that metric at that dimension)."""
+
+    metrics: dict[str, MetricGate] = Field(default_factory=dict)
+    dims: dict[int, dict[str, MetricGate]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> GateRules:
+        _check_metric_names(self.metrics, "the gate")
+        for dim, rules in self.dims.items():
+            _check_metric_names(rules, f"the gate for dimension {dim}")
+        return self
+
+    def rules_at(self, dim: int) -> dict[str, MetricGate]:
+        return {**self.metrics, **self.dims.get(dim, {})}
+
+
+class GateSettings(Section):
+    """What a challenger must achieve before it may become champion (at every evaluated dimension).
+
+    The reference is the champion, or the base model while there is none. Default: NDCG@10 may not drop
+    at any dimension ("at least as good as the champion at every dimension we serve").
+    """
+
+    overall: GateRules = Field(default_factory=lambda: GateRules(metrics={"ndcg@10": MetricGate(max_drop=0.0)}))
+    slices: dict[str, GateRules] = Field(
+        default_factory=dict, description="Per query slice (short, long, alphanumeric, config slices).")
+    auto_approve: bool = Field(False, description="Treat a passed gate as approved (no reviewer).")
+    tolerance: float = Field(1e-9, ge=0, description="Float noise ignored when comparing with floors and drops.")
+
+
 class Settings(BaseSettings):
     """All of near2's configuration."""
 
@@ -258,10 +407,14 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=lambda: Path("~/.near2"))
     model: ModelSettings = Field(default_factory=ModelSettings)
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    examples: ExamplesSettings = Field(default_factory=ExamplesSettings)
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     local_elasticsearch: LocalElasticsearchSettings = Field(default_factory=LocalElasticsearchSettings)
     mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    gates: GateSettings = Field(default_factory=GateSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
