@@ -327,7 +327,7 @@ class EvaluationSettings(Section):
         description="Extra query slices besides short/long/alphanumeric: name -> regex (re.search; (?i) for "
                     "case-insensitive).",
     )
-    query_batch_size: int = Field(1024, gt=0, description="Queries scored against the catalog per matrix product.")
+    query_batch_size: int = Field(256, gt=0, description="Queries scored against the whole catalog per matrix product.")
     cache_dir: Path | None = Field(None, description="Embedding cache; default <home>/cache/embeddings.")
 
     @field_validator("slices")
