@@ -284,7 +284,7 @@ class AirflowSettings(Section):
     """The ``near2_retrain`` / ``near2_reindex`` DAGs: schedule, task policy, approval wait, run defaults.
 
     Read when the DAG files are parsed (schedule, retries) and when a task runs (the rest). A DAG run's
-    ``params`` override the run defaults for that run only.
+    ``params`` override settings for that run only (auto-approval defaults to ``gates.auto_approve``).
     """
 
     schedule: str | None = Field("0 3 * * 1", description="Cron (UTC) of near2_retrain; None: asset-triggered only.")
@@ -294,7 +294,6 @@ class AirflowSettings(Section):
     task_timeout_s: float = Field(6 * 3600.0, gt=0, description="execution_timeout of every task.")
     approval_timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="How long to wait for a reviewer.")
     approval_poke_interval_s: float = Field(300.0, gt=0, description="How often the approval tag is read.")
-    auto_approve: bool = Field(False, description="Run default: promote on a passed gate without a reviewer.")
     smoke_queries: list[str] = Field(
         default_factory=list, description="Queries the smoke search sends; empty: a few from the judgments."
     )
