@@ -71,7 +71,9 @@ class DatasetSettings(Section):
     format: Literal["auto", "csv", "parquet", "jsonl", "homedepot", "wands", "esci"] = Field(
         "auto", description="auto: from the file suffix (.parquet, .jsonl/.ndjson, else csv)."
     )
-    encoding: str = Field("utf-8", description="Text encoding of CSV/JSONL input (ASCII-compatible, e.g. latin-1).")
+    encoding: str | None = Field(
+        None, description="Text encoding of CSV/JSONL input (ASCII-compatible); None: utf-8, latin-1 for raw "
+                          "Home Depot files.")
     delimiter: str | None = Field(None, description="CSV field separator; None: ',' (tab for .tsv and WANDS).")
     catalog_columns: dict[str, str] = Field(
         default_factory=dict,
