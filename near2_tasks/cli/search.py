@@ -1,0 +1,65 @@
+"""``near2 search`` (one storefront query) and ``near2 serve`` (the HTTP search service)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from near2_tasks.cli import settings_from
+
+
+@click.command("search")
+@click.argument("query")
+@click.option("--k", "k", type=int, default=10, show_default=True, help="How many products.")
+@click.option("--dim", type=int, help="Embedding dimension (default: serving.default_dim or the full one).")
+@click.option("--mode", type=click.Choice(["knn", "funnel"]), help="Default: serving.mode.")
+@click.option("--category", help="Only this exact category.")
+@click.option("--brand", help="Only this exact brand.")
+@click.option("--price-min", type=float)
+@click.option("--price-max", type=float)
+@click.option("--num-candidates", type=int, help="kNN candidates (default: elasticsearch.num_candidates).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full response as JSON.")
+@click.pass_context
+def search_command(ctx: click.Context, query, k, dim, mode, category, brand, price_min, price_max,
+                   num_candidates, as_json) -> None:
+    """Search the products behind the serving alias, e.g. near2 search "cordless drill" --dim 64."""
+    from near2_tasks.search import search
+
+    settings = settings_from(ctx)
+    response = search(settings, query, k=k, dim=dim, mode=mode, num_candidates=num_candidates,
+                      filters={"category": category, "brand": brand, "price_min": price_min, "price_max": price_max})
+    if as_json:
+        click.echo(json.dumps(response.to_dict()))
+        return
+    extra = f" (shortlist {response.shortlist_size} at dim {response.shortlist_dim})" if response.mode == "funnel" else ""
+    click.echo(f"{len(response.hits)} results for {response.query!r}: {response.mode} at dim {response.dim}{extra}, "
+               f"model {response.model_name} v{response.model_version}, index {response.index}")
+    for rank, hit in enumerate(response.hits, 1):
+        details = " · ".join(str(v) for v in (hit.brand, hit.category) if v)
+        price = f"  ${hit.price:,.2f}" if hit.price is not None else ""
+        click.echo(f"{rank:>3}. {hit.score:.4f}  {hit.title}  [{hit.product_id}]{price}"
+                   + (f"  ({details})" if details else ""))
+    t = response.timings_ms
+    click.echo(f"encode {t['encode']:.1f} ms, search {t['search']:.1f} ms (es {t['es_took']:.0f} ms)")
+
+
+@click.command("serve")
+@click.option("--host", help="Bind address (default: serving.host, 127.0.0.1).")
+@click.option("--port", type=int, help="Port (default: serving.port, 8000).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Run the storefront search API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from near2_tasks.service import create_app
+
+    settings = settings_from(ctx)
+    app = create_app(settings)
+    uvicorn.run(app, host=host or settings.serving.host, port=port or settings.serving.port,
+                # bounded work per connection: header size, concurrency, keep-alive
+                h11_max_incomplete_event_size=settings.serving.max_request_bytes * 2,
+                limit_concurrency=64, timeout_keep_alive=5, server_header=False, log_level="info")
+
+
+COMMANDS = [search_command, serve]

@@ -1,0 +1,748 @@
+"""Versioned serving indices: build, verify, swap the alias, roll back, prune.
+
+One index per model version, ``<alias>-v<version>-<UTC timestamp>``, with one ``dense_vector`` field
+per served dimension (``embedding_<d>``) and the product fields for display and filters. The
+storefront only knows the alias, and the alias only ever points at an index that passed
+verification (DESIGN.md invariant 1):
+
+    build_index -> verify_index (marks ``_meta.verified_at``) -> swap_alias (compare-and-swap) -> prune
+
+``_meta`` records the model that encoded the documents (``model_uri`` pinned to a concrete version),
+so the search side encodes queries with exactly that model (invariant 3).
+
+Re-running a failed build converges: documents are keyed by ``product_id`` (re-sent chunks overwrite,
+never duplicate); pass the failed run's ``index_name`` to finish that index, or leave it out to start
+a fresh one (the half-built index is never verified, so it is never served, and pruning removes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from near2_tasks import conventions
+from near2_tasks.errors import Near2Error
+from near2_tasks.es_client import TRANSIENT_STATUSES, error_reason, es_errors, make_client, unavailable
+
+if TYPE_CHECKING:
+    from elasticsearch import Elasticsearch
+    from sentence_transformers import SentenceTransformer
+
+    from near2_tasks.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: ``progress(done, total)`` is called after every bulk chunk.
+Progress = Callable[[int, int], None]
+
+#: The key verify_index adds to ``_meta`` once an index passed; swap_alias requires it.
+VERIFIED_AT = "verified_at"
+
+VECTOR_DECIMALS = 6  # JSON payload size; the rounding error is far below quantisation error
+
+
+class IndexVerificationFailed(Near2Error):
+    """The new index is not fit to serve; the alias was not touched."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report: VerificationReport) -> None:
+        super().__init__(message, hint="the alias still points at the previous index; fix the cause and re-run")
+        self.report = report
+
+
+class AliasChanged(Near2Error):
+    """The alias no longer points where the caller expected: someone else moved it meanwhile."""
+
+    exit_code = 4
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    name: str
+    count: int
+    meta: dict[str, Any]
+
+
+@dataclass
+class VerificationReport:
+    index: str
+    expected_count: int
+    actual_count: int
+    dims: list[int]
+    sample_size: int
+    top_k: int
+    self_hit_rate: dict[int, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    name: str
+    docs: int
+    size_bytes: int
+    serving: bool
+    verified: bool
+    model_name: str | None
+    model_version: str | None
+    model_uri: str | None
+    dims: list[int]
+    catalog_version: str | None
+    built_at: str | None
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    alias: str
+    target: str | None
+    indices: list[IndexInfo]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alias": self.alias, "target": self.target, "indices": [asdict(i) for i in self.indices]}
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    index: BuiltIndex
+    report: VerificationReport
+    previous: str | None
+    deleted: list[str]
+
+
+# ----- products and mapping ------------------------------------------------------------------
+
+def prepare_products(products: pd.DataFrame, text_template: str = "{title}") -> pd.DataFrame:
+    """The accepted catalog rows as indexed: string ids, optional fields filled, a ``text`` to embed.
+
+    ``text`` is the caller's column when present, else ``text_template`` filled per product
+    (``dataset.text_template``: the same text training and evaluation embed; for a catalog with
+    titles only, the title). Raises Near2Error for what would make the index disagree with the catalog (missing columns,
+    empty or repeated ids, empty titles).
+    """
+    missing = [c for c in ("product_id", "title") if c not in products.columns]
+    if missing:
+        raise Near2Error(f"catalog lacks column(s) {missing}", hint="products need product_id and title")
+    frame = products.copy()
+    if frame.product_id.isna().any():
+        raise Near2Error("catalog has rows without product_id", hint="validate the catalog first")
+    frame["product_id"] = frame.product_id.astype(str)
+    repeated = frame.product_id[frame.product_id.duplicated()].unique().tolist()
+    if repeated:
+        raise Near2Error(f"catalog repeats product_id {repeated[:5]}", hint="validate the catalog first")
+    if frame.title.isna().any() or (frame.title.astype(str).str.strip() == "").any():
+        raise Near2Error("catalog has rows with an empty title", hint="validate the catalog first")
+    frame["title"] = frame.title.astype(str)
+    for column in ("category", "brand", "price"):
+        if column not in frame.columns:
+            frame[column] = None
+    if "text" not in frame.columns:
+        from near2_tasks.data.text import product_texts
+
+        frame["text"] = product_texts(frame, text_template)
+    frame["text"] = frame.text.fillna(frame.title).astype(str)
+    return frame.reset_index(drop=True)
+
+
+def catalog_fingerprint(products: pd.DataFrame) -> str:
+    """A content hash of the indexed rows, used as ``catalog_version`` when the caller has none."""
+    from near2_tasks.data.hashing import frame_hash
+
+    return frame_hash(products, [c for c in (*conventions.PRODUCT_FIELDS, "text") if c in products.columns])
+
+
+def vector_mapping(settings: Settings, dim: int) -> dict[str, Any]:
+    options = settings.elasticsearch.field_options(dim)
+    kind = options.index_type
+    if kind.startswith("bbq") and dim < 64:
+        raise Near2Error(
+            f"index type {kind} needs at least 64 dimensions, embedding_{dim} has {dim}",
+            hint=f"set elasticsearch.index_options.{dim}.index_type to hnsw or int8_hnsw",
+        )
+    if kind.startswith("int4") and dim % 2:
+        raise Near2Error(f"index type {kind} needs an even dimension, got {dim}")
+    index_options: dict[str, Any] = {"type": kind}
+    if "hnsw" in kind:
+        if options.m is not None:
+            index_options["m"] = options.m
+        if options.ef_construction is not None:
+            index_options["ef_construction"] = options.ef_construction
+    return {"type": "dense_vector", "dims": dim, "index": True, "similarity": options.similarity,
+            "index_options": index_options}
+
+
+def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dict[str, Any]:
+    """Settings (loading mode: no refresh, no replicas) and mappings of a new serving index."""
+    properties: dict[str, Any] = {
+        "product_id": {"type": "keyword"},
+        "title": {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}},
+        "category": {"type": "keyword"},
+        "brand": {"type": "keyword"},
+        "price": {"type": "float"},
+    }
+    for dim in dims:
+        properties[conventions.vector_field(dim)] = vector_mapping(settings, dim)
+    return {
+        "settings": {"index": {"number_of_shards": settings.elasticsearch.number_of_shards,
+                               "number_of_replicas": 0, "refresh_interval": "-1"}},
+        "mappings": {"dynamic": "strict", "_meta": meta, "properties": properties},
+    }
+
+
+# ----- the model named in _meta ----------------------------------------------------------------
+
+def pin_model_uri(settings: Settings, model_ref: str, model_version: str) -> str:
+    """A reference that loads the same weights tomorrow: registry aliases resolved to a version,
+    local directories made absolute. It goes into ``_meta.model_uri``."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(latest))", model_ref)
+    if match:
+        name, alias = match.group(1), match.group(2)
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=settings.tracking_uri)
+            if alias:
+                version = client.get_model_version_by_alias(name, alias).version
+            else:
+                version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        except Exception as exc:  # noqa: BLE001 - any registry failure means: cannot pin
+            raise Near2Error(f"cannot resolve {model_ref} to a model version: {error_reason(exc)}",
+                             hint="pass models:/<name>/<version>") from exc
+        if str(version) != str(model_version):
+            raise Near2Error(f"{model_ref} is version {version}, but model_version={model_version} was given",
+                             hint="pass the version the alias points at")
+        return f"models:/{name}/{version}"
+    if model_ref.startswith(("models:/", "runs:/")):
+        return model_ref
+    local = Path(model_ref).expanduser()
+    return str(local.resolve()) if local.exists() else model_ref
+
+
+def default_model_name(model_ref: str) -> str:
+    match = re.match(r"models:/([^/@]+)", model_ref)
+    if match:
+        return match.group(1)
+    return Path(model_ref).name or model_ref
+
+
+def safe_version(model_version: str | int) -> str:
+    """The version as it may appear in an index name (lowercase, no separators ES rejects)."""
+    return re.sub(r"[^a-z0-9_.+]", "-", str(model_version).lower()) or "0"
+
+
+# ----- build ----------------------------------------------------------------------------------
+
+def build_index(
+    settings: Settings,
+    model_ref: str,
+    products: pd.DataFrame,
+    model_version: str | int,
+    run_id: str | None = None,
+    catalog_version: str | None = None,
+    dims: list[int] | None = None,
+    vectors: np.ndarray | None = None,
+    *,
+    model_name: str | None = None,
+    index_name: str | None = None,
+    client: Elasticsearch | None = None,
+    progress: Progress | None = None,
+) -> BuiltIndex:
+    """Create a new index (or finish ``index_name``) and bulk-load every product at every dimension.
+
+    ``vectors``: optional precomputed full-dimension embeddings aligned with ``products`` (they must
+    come from ``model_ref``: verification re-encodes a sample with it). The alias is not touched.
+    """
+    built, _ = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
+                      model_name=model_name, index_name=index_name, client=client, progress=progress)
+    return built
+
+
+def _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors, *,
+           model_name, index_name, client, progress) -> tuple[BuiltIndex, SentenceTransformer | None]:
+    from near2_tasks.embeddings import check_dims, encode, load_encoder, model_dimension
+
+    products = prepare_products(products, settings.dataset.text_template)
+    dims = list(dims or settings.model.dims)
+    if dims != sorted(set(dims), reverse=True) or min(dims) <= 0:
+        raise Near2Error(f"dims must be distinct, positive and descending, got {dims}")
+    model = None
+    if vectors is None:
+        model = load_encoder(model_ref, device=settings.model.device)
+        check_dims(dims, model_dimension(model))
+    else:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(products):
+            raise Near2Error(f"vectors have shape {vectors.shape}, expected ({len(products)}, <dim>)",
+                             hint="pass one full-dimension vector per product, in catalog order")
+        check_dims(dims, vectors.shape[1])
+    for dim in dims:
+        vector_mapping(settings, dim)  # refuse impossible index options before any work
+    meta = {
+        "model_name": model_name or default_model_name(model_ref),
+        "model_version": str(model_version),
+        "model_uri": pin_model_uri(settings, model_ref, str(model_version)),
+        "run_id": run_id,
+        "dims": dims,
+        "catalog_version": catalog_version or catalog_fingerprint(products),
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    client = client or make_client(settings)
+    url = settings.elasticsearch.url
+    with es_errors(url, "index creation"):
+        name = _create_or_reuse(client, settings, dims, meta, index_name, model_version)
+    if vectors is None:
+        log.info("encoding %d products with %s", len(products), model_ref)
+        vectors = encode(model, products.text.tolist(), batch_size=settings.model.encode_batch_size,
+                         show_progress=progress is not None)
+    began = time.monotonic()
+    with es_errors(url, f"bulk load of {name}"):
+        _bulk_load(client, settings, name, products, vectors, dims, progress)
+        _finish_load(client, settings, name)
+        count = _remove_strays(client, name, set(products.product_id))
+    log.info("loaded %d documents into %s in %.1fs", count, name, time.monotonic() - began)
+    return BuiltIndex(name=name, count=count, meta=meta), model
+
+
+def _create_or_reuse(client, settings, dims, meta, index_name, model_version) -> str:
+    from elasticsearch import BadRequestError
+
+    alias = settings.elasticsearch.alias
+    if index_name:
+        if not index_name.startswith(f"{alias}-"):
+            raise Near2Error(f"index name {index_name!r} does not belong to alias {alias!r}",
+                             hint=f"names look like {conventions.index_name(alias, model_version)}")
+        if client.indices.exists(index=index_name):
+            old = _meta_of(client, index_name)
+            if old.get("model_uri") != meta["model_uri"] or old.get("dims") != dims:
+                raise Near2Error(f"index {index_name} exists with another model or dims "
+                                 f"({old.get('model_uri')}, {old.get('dims')})",
+                                 hint="give a new index name, or none for a fresh one")
+            client.indices.put_settings(index=index_name, settings={"index": {"refresh_interval": "-1"}})
+            client.indices.put_mapping(index=index_name, meta=meta)  # a re-build is unverified again
+            log.info("resuming the load of %s", index_name)
+            return index_name
+        client.indices.create(index=index_name, **index_body(settings, dims, meta))
+        return index_name
+    for _ in range(5):  # two builds within the same second: take the next second
+        name = conventions.index_name(alias, safe_version(model_version))
+        try:
+            client.indices.create(index=name, **index_body(settings, dims, meta))
+            return name
+        except BadRequestError as exc:
+            if "resource_already_exists_exception" not in str(exc):
+                raise Near2Error(f"Elasticsearch refused index {name}: {error_reason(exc)}") from exc
+            time.sleep(1.05 - datetime.now(timezone.utc).microsecond / 1e6)
+    raise Near2Error(f"could not find a free index name for alias {alias}")
+
+
+def _documents(products: pd.DataFrame, vectors: np.ndarray, dims: list[int], start: int,
+               stop: int) -> list[dict[str, Any]]:
+    block = vectors[start:stop]
+    per_dim = {d: np.round(conventions.truncate(block, d).astype(np.float64), VECTOR_DECIMALS) for d in dims}
+    docs = []
+    for offset, row in enumerate(products.iloc[start:stop].itertuples(index=False)):
+        price = None if row.price is None or pd.isna(row.price) else float(row.price)
+        source = {
+            "product_id": row.product_id,
+            "title": row.title,
+            "category": None if row.category is None or pd.isna(row.category) else str(row.category),
+            "brand": None if row.brand is None or pd.isna(row.brand) else str(row.brand),
+            "price": price,
+        }
+        for d in dims:
+            source[conventions.vector_field(d)] = per_dim[d][offset].tolist()
+        docs.append({"_id": row.product_id, "_source": source})
+    return docs
+
+
+def _bulk_load(client, settings, name, products, vectors, dims, progress: Progress | None) -> None:
+    es = settings.elasticsearch
+    total = len(products)
+    next_log = 0.1
+    for start in range(0, total, es.bulk_chunk_size):
+        stop = min(total, start + es.bulk_chunk_size)
+        actions = [{"_index": name, **doc} for doc in _documents(products, vectors, dims, start, stop)]
+        _send_chunk(client, settings, name, actions)
+        if progress:
+            progress(stop, total)
+        if stop / total >= next_log:
+            log.info("%s: %d/%d documents", name, stop, total)
+            next_log += 0.1
+
+
+def _send_chunk(client, settings, name: str, actions: list[dict[str, Any]]) -> None:
+    """One bulk chunk, with backoff: 429s per document (streaming_bulk), transient failures per chunk.
+
+    Re-sending a chunk is harmless: the ``_id`` is the product id.
+    """
+    from elasticsearch import ApiError, ConnectionError as ESConnectionError, ConnectionTimeout, helpers
+
+    es = settings.elasticsearch
+    attempt = 0
+    while True:
+        try:
+            failures = [item for ok, item in helpers.streaming_bulk(
+                client, actions, chunk_size=len(actions), max_chunk_bytes=es.bulk_max_chunk_bytes,
+                raise_on_error=False, max_retries=es.bulk_max_retries,
+                initial_backoff=es.bulk_initial_backoff_s, max_backoff=es.bulk_max_backoff_s,
+                yield_ok=False) if not ok]
+            break
+        except (ESConnectionError, ConnectionTimeout, ApiError) as exc:
+            status = getattr(getattr(exc, "meta", None), "status", None)
+            transient = not isinstance(exc, ApiError) or status in (502, 503, 504)
+            if not transient or attempt >= es.bulk_max_retries:
+                if status == 429:
+                    raise Near2Error(
+                        f"Elasticsearch kept rejecting writes to {name} (429) after {es.bulk_max_retries} retries",
+                        hint="the cluster is overloaded: retry later or lower elasticsearch.bulk_chunk_size",
+                    ) from exc
+                if transient:
+                    raise unavailable(es.url, f"bulk load of {name} failed after {attempt} retries") from exc
+                raise
+            delay = min(es.bulk_max_backoff_s, es.bulk_initial_backoff_s * 2 ** attempt)
+            attempt += 1
+            log.warning("bulk chunk into %s failed (%s); retry %d in %.1fs", name, error_reason(exc), attempt, delay)
+            time.sleep(delay)
+    if failures:
+        reason = _item_reason(next(iter(failures[0].values())).get("error"))
+        statuses = sorted({next(iter(f.values())).get("status") for f in failures})
+        hint = "fix the documents or the mapping and re-run"
+        if statuses == [429]:
+            hint = "the cluster is overloaded: retry later or lower elasticsearch.bulk_chunk_size"
+        elif "cluster_block_exception" in reason:
+            hint = ("the index or cluster is read-only (disk watermark?): free disk space, clear "
+                    "index.blocks.* and re-run")
+        raise Near2Error(f"Elasticsearch rejected {len(failures)} of {len(actions)} documents in {name} "
+                         f"(HTTP {statuses}): {reason}", hint=hint)
+
+
+def _item_reason(error: Any) -> str:
+    """``type: reason`` of one failed bulk item (its ``error`` is a dict, or a string for exceptions)."""
+    if isinstance(error, dict):
+        return f"{error.get('type', 'error')}: {error.get('reason', '')}"
+    return str(error)
+
+
+def _finish_load(client, settings, name: str) -> None:
+    """Back to serving settings (refresh, replicas), make everything searchable, optionally merge."""
+    es = settings.elasticsearch
+    client.indices.put_settings(index=name, settings={"index": {
+        "refresh_interval": es.refresh_interval, "number_of_replicas": es.number_of_replicas}})
+    client.indices.refresh(index=name)
+    if es.force_merge:
+        began = time.monotonic()
+        client.options(request_timeout=max(600.0, es.request_timeout)).indices.forcemerge(
+            index=name, max_num_segments=1, wait_for_completion=True)
+        log.info("force-merged %s in %.1fs", name, time.monotonic() - began)
+
+
+def _remove_strays(client, name: str, product_ids: set[str]) -> int:
+    """Delete documents not in the catalog (left by an earlier load of a reused index); the count."""
+    from elasticsearch import helpers
+
+    count = client.count(index=name)["count"]
+    if count <= len(product_ids):
+        return count
+    strays = [hit["_id"] for hit in helpers.scan(client, index=name, query={"query": {"match_all": {}}},
+                                                 _source=False) if hit["_id"] not in product_ids]
+    if strays:
+        helpers.bulk(client, ({"_op_type": "delete", "_index": name, "_id": i} for i in strays))
+        client.indices.refresh(index=name)
+        log.info("removed %d documents of %s that are not in the catalog", len(strays), name)
+    return client.count(index=name)["count"]
+
+
+# ----- verify ---------------------------------------------------------------------------------
+
+def verify_index(settings: Settings, index_name: str, products: pd.DataFrame,
+                 model: SentenceTransformer | None = None, *, client: Elasticsearch | None = None
+                 ) -> VerificationReport:
+    """Check an index is fit to serve, then mark it verified in ``_meta``.
+
+    Checks: the ``_meta`` keys; document count == accepted catalog rows; every dimension answers a
+    kNN query; a sample of products find themselves in the top k by their own text, encoded by the
+    model named in ``_meta`` (or ``model``, the same weights already loaded). Raises
+    IndexVerificationFailed (alias untouched) with the report when a check fails.
+    """
+    from near2_tasks.embeddings import encode, load_encoder
+
+    es = settings.elasticsearch
+    products = prepare_products(products, settings.dataset.text_template)
+    client = client or make_client(settings)
+    with es_errors(es.url, f"verification of {index_name}"):
+        if not client.indices.exists(index=index_name):
+            raise Near2Error(f"index {index_name} does not exist", hint="`near2 index status` lists the indices")
+        meta = _meta_of(client, index_name)
+        dims = [int(d) for d in meta.get("dims") or []]
+        client.indices.refresh(index=index_name)
+        actual = client.count(index=index_name)["count"]
+        top_k = es.verify_top_k
+        report = VerificationReport(index=index_name, expected_count=len(products), actual_count=actual,
+                                    dims=dims, sample_size=min(es.verify_sample_size, len(products)),
+                                    top_k=top_k)
+        missing = [key for key in conventions.INDEX_META_KEYS if key not in meta]
+        if missing:
+            report.problems.append(f"_meta lacks {missing}")
+        if actual != len(products):
+            report.problems.append(f"index holds {actual} documents, the catalog has {len(products)} accepted rows")
+        mapped = _mapping_of(client, index_name)["properties"]
+        unmapped = [d for d in dims if conventions.vector_field(d) not in mapped]
+        if unmapped or not dims:
+            report.problems.append(f"dims {unmapped or dims} have no vector field")
+        if not report.problems:
+            model = model or load_encoder(meta["model_uri"], device=settings.model.device)
+            rng = np.random.default_rng(0)
+            sample = products.iloc[np.sort(rng.choice(len(products), report.sample_size, replace=False))]
+            queries = encode(model, sample.text.tolist(), batch_size=settings.model.encode_batch_size)
+            for dim in dims:
+                hits = _knn_batch(client, index_name, dim, conventions.truncate(queries, dim), top_k,
+                                  max(top_k, es.num_candidates))
+                if not any(hits):
+                    report.problems.append(f"embedding_{dim} answered no kNN query")
+                    continue
+                found = sum(pid in ids for pid, ids in zip(sample.product_id, hits))
+                rate = found / len(sample)
+                report.self_hit_rate[dim] = round(rate, 4)
+                if rate < es.verify_min_self_hit_rate:
+                    report.problems.append(
+                        f"at dim {dim} only {found}/{len(sample)} sampled products retrieve themselves in the "
+                        f"top {top_k} (need {es.verify_min_self_hit_rate:.0%}): was the index built with "
+                        f"{meta.get('model_uri')}?")
+        if report.problems:
+            raise IndexVerificationFailed(f"index {index_name} failed verification: "
+                                          + "; ".join(report.problems), report)
+        client.indices.put_mapping(index=index_name, meta={
+            **meta, VERIFIED_AT: datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return report
+
+
+def _knn_batch(client, index: str, dim: int, vectors: np.ndarray, k: int, num_candidates: int) -> list[list[str]]:
+    """Product ids of the kNN top k for each query vector, in one msearch round trip."""
+    searches: list[dict[str, Any]] = []
+    for vector in vectors:
+        searches.append({"index": index})
+        searches.append({"knn": {"field": conventions.vector_field(dim), "query_vector": vector.tolist(), "k": k,
+                                 "num_candidates": num_candidates}, "size": k, "_source": False})
+    responses = client.msearch(searches=searches)["responses"]
+    results = []
+    for response in responses:
+        if "error" in response:
+            raise Near2Error(f"kNN on embedding_{dim} of {index} failed: {_item_reason(response['error'])}")
+        results.append([hit["_id"] for hit in response["hits"]["hits"]])
+    return results
+
+
+# ----- alias ----------------------------------------------------------------------------------
+
+def alias_targets(client: Elasticsearch, alias: str) -> list[str]:
+    """The indices the alias points at (normally one; none before the first swap)."""
+    from elasticsearch import NotFoundError
+
+    try:
+        return sorted(client.indices.get_alias(name=alias).keys())
+    except NotFoundError:
+        return []
+
+
+def current_target(client: Elasticsearch, alias: str) -> str | None:
+    targets = alias_targets(client, alias)
+    if len(targets) > 1:
+        raise Near2Error(f"alias {alias} points at several indices {targets}",
+                         hint="`near2 index rollback` or an _aliases call must leave exactly one")
+    return targets[0] if targets else None
+
+
+def swap_alias(client: Elasticsearch | Settings, alias: str, new_index: str, expected_current: str | None,
+               *, require_verified: bool = True) -> str | None:
+    """Move ``alias`` to ``new_index`` in one atomic ``_aliases`` call, only if it still points at
+    ``expected_current`` (None: only if it does not exist yet). Returns the previous target.
+
+    Compare-and-swap: the removal of ``expected_current`` carries ``must_exist``, so if another run
+    moved the alias after the caller read it, Elasticsearch rejects the whole call and AliasChanged
+    is raised; the alias is then exactly where the other run left it. The first swap (no alias yet)
+    has no server-side precondition: it adds, re-reads, and withdraws its own addition if a
+    concurrent first swap also added one (then both fail and the alias stays absent, as before).
+    """
+    from elasticsearch import NotFoundError
+
+    if not isinstance(client, _es_client_type()):
+        client = make_client(client)
+    url = _client_url(client)
+    with es_errors(url, f"swap of alias {alias}"):
+        if not client.indices.exists(index=new_index):
+            raise Near2Error(f"index {new_index} does not exist; the alias {alias} was not moved")
+        if require_verified and VERIFIED_AT not in _meta_of(client, new_index):
+            raise Near2Error(f"index {new_index} has not passed verification; the alias {alias} was not moved",
+                             hint="run verify_index first")
+        current = alias_targets(client, alias)
+        expected = [expected_current] if expected_current else []
+        if current != expected:
+            raise AliasChanged(f"alias {alias} points at {current or 'nothing'}, expected "
+                               f"{expected_current or 'nothing'}: another run moved it; not swapped")
+        if current == [new_index]:
+            return expected_current
+        actions: list[dict[str, Any]] = []
+        if expected_current:
+            actions.append({"remove": {"index": expected_current, "alias": alias, "must_exist": True}})
+        actions.append({"add": {"index": new_index, "alias": alias}})
+        try:
+            client.indices.update_aliases(actions=actions)
+        except NotFoundError as exc:
+            raise AliasChanged(f"alias {alias} moved away from {expected_current} during the swap; not swapped"
+                               ) from exc
+        if expected_current is None and alias_targets(client, alias) != [new_index]:
+            client.indices.update_aliases(actions=[{"remove": {"index": new_index, "alias": alias}}])
+            raise AliasChanged(f"alias {alias} was created concurrently by another run; not swapped")
+    log.info("alias %s: %s -> %s", alias, expected_current, new_index)
+    return expected_current
+
+
+def _es_client_type():
+    from elasticsearch import Elasticsearch
+
+    return Elasticsearch
+
+
+def _client_url(client: Elasticsearch) -> str:
+    try:
+        node = client.transport.node_pool.all()[0]
+        return node.base_url
+    except Exception:  # noqa: BLE001 - only used in messages
+        return "the configured Elasticsearch"
+
+
+# ----- inventory, pruning, rollback -------------------------------------------------------------
+
+def _meta_of(client, index: str) -> dict[str, Any]:
+    return _mapping_of(client, index).get("_meta") or {}
+
+
+def _mapping_of(client, index: str) -> dict[str, Any]:
+    response = client.indices.get_mapping(index=index)
+    return next(iter(response.values()))["mappings"]
+
+
+def _alias_indices(client, alias: str) -> list[dict[str, Any]]:
+    """This alias's indices (by the naming convention), oldest first, with docs, size and ``_meta``."""
+    pattern = re.compile(rf"{re.escape(alias)}-v[a-z0-9_.+-]+-\d{{8}}t\d{{6}}")
+    rows = client.cat.indices(index=f"{alias}-v*", format="json", bytes="b",
+                              h="index,docs.count,store.size,creation.date", expand_wildcards="open")
+    rows = [r for r in rows if pattern.fullmatch(r["index"])]
+    if not rows:
+        return []
+    mappings = client.indices.get_mapping(index=",".join(r["index"] for r in rows))
+    for row in rows:
+        row["meta"] = mappings.get(row["index"], {}).get("mappings", {}).get("_meta") or {}
+    return sorted(rows, key=lambda r: (int(r["creation.date"]), r["index"]))
+
+
+def prune_indices(settings: Settings, client: Elasticsearch | None = None) -> list[str]:
+    """Delete old indices: keep the alias target, ``keep_indices`` newest others, and anything
+    newer than the target (another run may still be building it). Returns the deleted names."""
+    es = settings.elasticsearch
+    client = client or make_client(settings)
+    with es_errors(es.url, "pruning old indices"):
+        targets = set(alias_targets(client, es.alias))
+        rows = _alias_indices(client, es.alias)
+        if not targets:
+            return []
+        newest_target = max(int(r["creation.date"]) for r in rows if r["index"] in targets) if any(
+            r["index"] in targets for r in rows) else 0
+        others = [r for r in reversed(rows) if r["index"] not in targets]
+        doomed = [r["index"] for r in others[es.keep_indices:] if int(r["creation.date"]) <= newest_target]
+        if doomed:
+            client.indices.delete(index=",".join(doomed))
+            log.info("deleted old indices %s", doomed)
+    return doomed
+
+
+def rollback(settings: Settings, client: Elasticsearch | None = None) -> tuple[str, str]:
+    """Move the alias back to the newest verified index older than its current target.
+
+    Returns (from, to). Raises Near2Error when there is nothing to roll back to.
+    """
+    es = settings.elasticsearch
+    client = client or make_client(settings)
+    with es_errors(es.url, "rollback"):
+        current = current_target(client, es.alias)
+        if current is None:
+            raise Near2Error(f"alias {es.alias} does not exist; nothing to roll back",
+                             hint="build an index first with `near2 index --model ... --catalog ...`")
+        rows = _alias_indices(client, es.alias)
+        position = next((i for i, r in enumerate(rows) if r["index"] == current), len(rows))
+        earlier = [r["index"] for r in rows[:position] if VERIFIED_AT in r["meta"]]
+        if not earlier:
+            raise Near2Error(f"no verified index older than {current} to roll back to",
+                             hint="`near2 index status` lists the indices that are kept")
+    swap_alias(client, es.alias, earlier[-1], current)
+    return current, earlier[-1]
+
+
+def index_status(settings: Settings, client: Elasticsearch | None = None) -> IndexStatus:
+    """The alias target and every kept index with its model, dims, documents and size."""
+    es = settings.elasticsearch
+    client = client or make_client(settings)
+    with es_errors(es.url, "index status"):
+        targets = alias_targets(client, es.alias)
+        infos = []
+        for row in reversed(_alias_indices(client, es.alias)):
+            meta = row["meta"]
+            infos.append(IndexInfo(
+                name=row["index"], docs=int(row["docs.count"] or 0), size_bytes=int(row["store.size"] or 0),
+                serving=row["index"] in targets, verified=VERIFIED_AT in meta,
+                model_name=meta.get("model_name"), model_version=meta.get("model_version"),
+                model_uri=meta.get("model_uri"), dims=list(meta.get("dims") or []),
+                catalog_version=meta.get("catalog_version"), built_at=meta.get("built_at")))
+    return IndexStatus(alias=es.alias, target=targets[0] if len(targets) == 1 else None, indices=infos)
+
+
+# ----- the whole step ---------------------------------------------------------------------------
+
+def build_verify_swap(
+    settings: Settings,
+    model_ref: str,
+    products: pd.DataFrame,
+    model_version: str | int,
+    run_id: str | None = None,
+    catalog_version: str | None = None,
+    dims: list[int] | None = None,
+    vectors: np.ndarray | None = None,
+    *,
+    model_name: str | None = None,
+    index_name: str | None = None,
+    expected_current: str | None | type[Ellipsis] = ...,
+    progress: Progress | None = None,
+) -> SwapResult:
+    """Build, verify, swap (compare-and-swap against the target read before the build), prune.
+
+    ``expected_current``: the alias target the caller based its decision on (default: the target
+    when this call starts). If the alias moved meanwhile, AliasChanged is raised after the build
+    and the alias stays where the other run put it.
+    """
+    es = settings.elasticsearch
+    client = make_client(settings)
+    if expected_current is ...:
+        with es_errors(es.url, "reading the alias"):
+            expected_current = current_target(client, es.alias)
+    built, model = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
+                          model_name=model_name, index_name=index_name, client=client, progress=progress)
+    report = verify_index(settings, built.name, products, model=model, client=client)
+    previous = swap_alias(client, es.alias, built.name, expected_current)  # type: ignore[arg-type]
+    deleted = prune_indices(settings, client)
+    return SwapResult(index=built, report=report, previous=previous, deleted=deleted)
+

@@ -1,0 +1,366 @@
+"""Storefront search: encode the query with the serving index's own model, then kNN (or a funnel).
+
+The alias target's ``_meta.model_uri`` names the model that encoded the documents; queries are
+encoded by exactly that model (DESIGN.md invariant 3), loaded once per URI and cached. The target is
+re-read every ``serving.alias_check_interval_s`` seconds, so when the alias moves to an index built
+by a new model version, the next query uses the new model without a restart. Queries go to the
+concrete index that was resolved, never to the alias, so a swap between "which model" and "which
+documents" cannot pair a query with the wrong vectors.
+
+Modes:
+* ``knn``: one approximate kNN on ``embedding_<dim>``;
+* ``funnel``: a kNN shortlist on a small dimension, then an exact kNN at the larger dimension
+  restricted to the shortlist (an ``ids`` filter; Lucene scores a small filtered set exhaustively).
+
+Filters (category, brand, price range) run inside the kNN ``filter``, so k results come back even
+when the filter is selective. Request bodies are built as structures, never from strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from near2_tasks import conventions
+from near2_tasks.errors import Near2Error
+from near2_tasks.es_client import es_errors, make_client
+
+if TYPE_CHECKING:
+    from elasticsearch import Elasticsearch
+    from sentence_transformers import SentenceTransformer
+
+    from near2_tasks.config import Settings
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["knn", "funnel"]
+MODES = ("knn", "funnel")
+
+
+class BadSearchRequest(Near2Error):
+    """The request itself is wrong (the HTTP service answers 4xx); the message says how."""
+
+
+class NoServingIndex(Near2Error):
+    """The alias does not exist yet: nothing is served."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Filters applied inside the kNN search."""
+
+    category: str | None = None
+    brand: str | None = None
+    price_min: float | None = None
+    price_max: float | None = None
+
+    @classmethod
+    def parse(cls, filters: SearchFilters | dict[str, Any] | None) -> SearchFilters:
+        """From a dict (unknown keys are an error) or an instance; checks the price range."""
+        if filters is None:
+            return cls()
+        if isinstance(filters, dict):
+            known = set(cls.__dataclass_fields__)
+            unknown = sorted(set(filters) - known)
+            if unknown:
+                raise BadSearchRequest(f"unknown filter(s) {unknown}", hint=f"filters are {sorted(known)}")
+            filters = cls(**{key: value for key, value in filters.items() if value is not None})
+        for name in ("price_min", "price_max"):
+            value = getattr(filters, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise BadSearchRequest(f"{name} must be a finite number, got {value!r}")
+        for name in ("category", "brand"):
+            value = getattr(filters, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise BadSearchRequest(f"{name} must be a non-empty string")
+        if filters.price_min is not None and filters.price_max is not None and filters.price_min > filters.price_max:
+            raise BadSearchRequest(f"price_min {filters.price_min} is above price_max {filters.price_max}")
+        return filters
+
+    def clauses(self) -> list[dict[str, Any]]:
+        """Elasticsearch filter clauses (term / range), as structures."""
+        clauses: list[dict[str, Any]] = []
+        if self.category is not None:
+            clauses.append({"term": {"category": self.category}})
+        if self.brand is not None:
+            clauses.append({"term": {"brand": self.brand}})
+        price: dict[str, float] = {}
+        if self.price_min is not None:
+            price["gte"] = float(self.price_min)
+        if self.price_max is not None:
+            price["lte"] = float(self.price_max)
+        if price:
+            clauses.append({"range": {"price": price}})
+        return clauses
+
+    def active(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Hit:
+    product_id: str
+    title: str
+    score: float
+    category: str | None = None
+    brand: str | None = None
+    price: float | None = None
+
+
+@dataclass
+class SearchResponse:
+    query: str
+    k: int
+    dim: int
+    mode: str
+    index: str
+    model_name: str | None
+    model_version: str | None
+    model_uri: str | None
+    hits: list[Hit]
+    timings_ms: dict[str, float]
+    filters: dict[str, Any] = field(default_factory=dict)
+    shortlist_dim: int | None = None
+    shortlist_size: int | None = None
+
+    def to_dict(self, include_model_uri: bool = True) -> dict[str, Any]:
+        data = asdict(self)
+        if not include_model_uri:
+            data.pop("model_uri")
+        return data
+
+
+@dataclass(frozen=True)
+class ServingIndex:
+    """The concrete index behind the alias, and what its ``_meta`` says about the model."""
+
+    alias: str
+    name: str
+    dims: list[int]
+    model_uri: str
+    model_name: str | None
+    model_version: str | None
+
+    @property
+    def full_dim(self) -> int:
+        return self.dims[0]
+
+
+# One loaded encoder per (model URI, device), shared by every Searcher in the process.
+_ENCODERS: OrderedDict[tuple[str, str], SentenceTransformer] = OrderedDict()
+_ENCODERS_LOCK = threading.Lock()
+
+
+def encoder_for(model_uri: str, device: str = "auto", cache_size: int = 2) -> SentenceTransformer:
+    """The query encoder for ``model_uri``, loaded once (LRU of ``cache_size`` models)."""
+    from near2_tasks.embeddings import load_encoder
+
+    key = (model_uri, device)
+    with _ENCODERS_LOCK:
+        if key in _ENCODERS:
+            _ENCODERS.move_to_end(key)
+            return _ENCODERS[key]
+        model = load_encoder(model_uri, device=device)
+        _ENCODERS[key] = model
+        while len(_ENCODERS) > cache_size:
+            _ENCODERS.popitem(last=False)
+        return model
+
+
+class Searcher:
+    """Long-lived search state: one client, the cached alias target, the shared encoder cache."""
+
+    def __init__(self, settings: Settings, client: Elasticsearch | None = None) -> None:
+        self.settings = settings
+        self.client = client or make_client(settings)
+        self._serving: ServingIndex | None = None
+        self._checked_at = -math.inf
+        self._lock = threading.Lock()
+
+    # ----- what is served ------------------------------------------------------------------
+    def serving_index(self, refresh: bool = False) -> ServingIndex:
+        """The alias target and its model, re-read at most every ``alias_check_interval_s``."""
+        interval = self.settings.serving.alias_check_interval_s
+        with self._lock:
+            if refresh or self._serving is None or time.monotonic() - self._checked_at >= interval:
+                self._serving = self._read_serving_index()
+                self._checked_at = time.monotonic()
+            return self._serving
+
+    def _read_serving_index(self) -> ServingIndex:
+        from elasticsearch import NotFoundError
+
+        alias = self.settings.elasticsearch.alias
+        with es_errors(self.settings.elasticsearch.url, "reading the serving alias"):
+            try:
+                targets = list(self.client.indices.get_alias(name=alias).keys())
+            except NotFoundError:
+                targets = []
+            if len(targets) != 1:
+                raise NoServingIndex(
+                    f"alias {alias!r} points at {'no index' if not targets else f'{len(targets)} indices'}",
+                    hint="build and swap an index first: near2 index --model MODEL --catalog PATH",
+                )
+            name = targets[0]
+            if self._serving is not None and self._serving.name == name:
+                return self._serving  # _meta of a built index does not change what search needs
+            mapping = next(iter(self.client.indices.get_mapping(index=name).values()))["mappings"]
+        meta = mapping.get("_meta") or {}
+        dims = [int(d) for d in meta.get("dims") or []]
+        if not dims or not meta.get("model_uri"):
+            raise Near2Error(f"index {name} behind alias {alias!r} has no model_uri/dims in its _meta",
+                             hint="rebuild it with near2 index (it records the model)")
+        log.info("serving index %s (model %s v%s)", name, meta.get("model_name"), meta.get("model_version"))
+        return ServingIndex(alias=alias, name=name, dims=dims, model_uri=meta["model_uri"],
+                            model_name=meta.get("model_name"), model_version=meta.get("model_version"))
+
+    def encoder(self, serving: ServingIndex) -> SentenceTransformer:
+        return encoder_for(serving.model_uri, self.settings.model.device, self.settings.serving.encoder_cache_size)
+
+    # ----- search ----------------------------------------------------------------------------
+    def search(self, query: str, k: int = 10, dim: int | None = None, mode: Mode | None = None,
+               filters: SearchFilters | dict[str, Any] | None = None,
+               num_candidates: int | None = None) -> SearchResponse:
+        """Validate, resolve the served index, encode, search; see the module docstring."""
+        from elasticsearch import NotFoundError
+
+        query, k, mode, filters, num_candidates = self._validate(query, k, mode, filters, num_candidates)
+        try:
+            return self._search(self.serving_index(), query, k, dim, mode, filters, num_candidates)
+        except NotFoundError:  # the index was deleted right after the alias moved: follow the alias
+            return self._search(self.serving_index(refresh=True), query, k, dim, mode, filters, num_candidates)
+
+    def _validate(self, query, k, mode, filters, num_candidates):
+        serving = self.settings.serving
+        if not isinstance(query, str) or not query.strip():
+            raise BadSearchRequest("the query is empty", hint="pass some words to search for")
+        query = query.strip()
+        if len(query) > serving.max_query_chars:
+            raise BadSearchRequest(f"the query has {len(query)} characters, the limit is {serving.max_query_chars}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= serving.k_max:
+            raise BadSearchRequest(f"k must be an integer from 1 to {serving.k_max}, got {k!r}")
+        mode = mode or serving.mode
+        if mode not in MODES:
+            raise BadSearchRequest(f"unknown mode {mode!r}", hint=f"modes are {list(MODES)}")
+        filters = SearchFilters.parse(filters)
+        if num_candidates is None:
+            num_candidates = max(k, self.settings.elasticsearch.num_candidates)
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or not (
+                k <= num_candidates <= serving.max_num_candidates):
+            raise BadSearchRequest(
+                f"num_candidates must be an integer from k={k} to {serving.max_num_candidates}, got {num_candidates!r}")
+        return query, k, mode, filters, num_candidates
+
+    def _pick_dims(self, served: ServingIndex, dim: int | None, mode: str) -> tuple[int, int | None]:
+        """(scoring dim, shortlist dim or None) for this request against this index."""
+        serving = self.settings.serving
+
+        def check(d: int, what: str) -> int:
+            if isinstance(d, bool) or not isinstance(d, int) or d not in served.dims:
+                raise BadSearchRequest(f"{what} {d!r} is not served by index {served.name}",
+                                       hint=f"served dims are {served.dims}")
+            return d
+
+        if dim is not None:
+            dim = check(dim, "dim")
+        if mode == "knn":
+            if dim is None:
+                dim = serving.default_dim if serving.default_dim in served.dims else served.full_dim
+            return dim, None
+        if dim is None:
+            dim = serving.funnel_rescore_dim if serving.funnel_rescore_dim in served.dims else served.full_dim
+        shortlist_dim = check(serving.funnel_shortlist_dim, "serving.funnel_shortlist_dim") \
+            if serving.funnel_shortlist_dim is not None else min(served.dims)
+        if shortlist_dim >= dim:
+            raise BadSearchRequest(f"funnel needs a shortlist dimension below the rescore dimension, got "
+                                   f"{shortlist_dim} >= {dim}", hint=f"ask for a dim above {shortlist_dim}")
+        return dim, shortlist_dim
+
+    def _search(self, served: ServingIndex, query: str, k: int, dim: int | None, mode: str,
+                filters: SearchFilters, num_candidates: int) -> SearchResponse:
+        from near2_tasks.embeddings import encode
+
+        dim, shortlist_dim = self._pick_dims(served, dim, mode)
+        began = time.perf_counter()
+        model = self.encoder(served)
+        loaded = time.perf_counter()
+        full = encode(model, [query], batch_size=1)[0]
+        encoded = time.perf_counter()
+        clauses = filters.clauses()
+        timings: dict[str, float] = {"model_load": loaded - began, "encode": encoded - loaded}
+        shortlist_size = None
+        with es_errors(self.settings.elasticsearch.url, "search"):
+            if shortlist_dim is None:
+                response = self.client.search(index=served.name, **knn_body(
+                    dim, conventions.truncate(full, dim), k, num_candidates, clauses))
+                took = response["took"]
+            else:
+                shortlist_size = min(max(k, self.settings.serving.funnel_shortlist_size),
+                                     self.settings.serving.max_num_candidates)
+                first = self.client.search(index=served.name, **knn_body(
+                    shortlist_dim, conventions.truncate(full, shortlist_dim), shortlist_size,
+                    max(shortlist_size, num_candidates), clauses, source=False))
+                timings["shortlist"] = time.perf_counter() - encoded
+                ids = [hit["_id"] for hit in first["hits"]["hits"]]
+                took = first["took"]
+                response = {"hits": {"hits": []}}
+                if ids:
+                    response = self.client.search(index=served.name, **knn_body(
+                        dim, conventions.truncate(full, dim), min(k, len(ids)), len(ids),
+                        [{"ids": {"values": ids}}]))
+                    took += response["took"]
+        done = time.perf_counter()
+        timings.update(search=done - encoded, total=done - began)
+        timings = {name: round(seconds * 1000, 3) for name, seconds in timings.items()}
+        timings["es_took"] = float(took)
+        return SearchResponse(
+            query=query, k=k, dim=dim, mode=mode, index=served.name, model_name=served.model_name,
+            model_version=served.model_version, model_uri=served.model_uri,
+            hits=[_hit(h) for h in response["hits"]["hits"]], timings_ms=timings, filters=filters.active(),
+            shortlist_dim=shortlist_dim, shortlist_size=shortlist_size)
+
+
+def knn_body(dim: int, vector, k: int, num_candidates: int, filters: list[dict[str, Any]],
+             source: bool = True) -> dict[str, Any]:
+    """Keyword arguments of ``client.search`` for one kNN query on ``embedding_<dim>``."""
+    knn: dict[str, Any] = {"field": conventions.vector_field(dim), "query_vector": [float(x) for x in vector],
+                           "k": k, "num_candidates": num_candidates}
+    if filters:
+        knn["filter"] = filters
+    return {"knn": knn, "size": k,
+            "_source": {"includes": list(conventions.PRODUCT_FIELDS)} if source else False}
+
+
+def _hit(raw: dict[str, Any]) -> Hit:
+    source = raw.get("_source") or {}
+    return Hit(product_id=source.get("product_id", raw["_id"]), title=source.get("title", ""),
+               score=float(raw["_score"]), category=source.get("category"), brand=source.get("brand"),
+               price=source.get("price"))
+
+
+_CLIENTS: dict[str, Elasticsearch] = {}
+
+
+def _shared_client(settings: Settings) -> Elasticsearch:
+    """One client per Elasticsearch configuration, so repeated calls reuse their connections."""
+    key = settings.elasticsearch.model_dump_json()
+    with _ENCODERS_LOCK:
+        if key not in _CLIENTS:
+            _CLIENTS[key] = make_client(settings)
+        return _CLIENTS[key]
+
+
+def search(settings: Settings, query: str, k: int = 10, dim: int | None = None, mode: Mode | None = None,
+           filters: SearchFilters | dict[str, Any] | None = None, num_candidates: int | None = None,
+           *, searcher: Searcher | None = None) -> SearchResponse:
+    """One storefront query. Without a ``searcher`` the alias is read afresh (the encoder and the
+    client are still cached); the HTTP service passes its long-lived one."""
+    searcher = searcher or Searcher(settings, client=_shared_client(settings))
+    return searcher.search(query, k=k, dim=dim, mode=mode, filters=filters, num_candidates=num_candidates)

@@ -1,0 +1,209 @@
+"""The storefront search HTTP service: ``GET /search`` and ``GET /health`` (OpenAPI at ``/docs``).
+
+The same logic as :func:`near2_tasks.search.search`, behind a thin layer that guards the edge:
+
+* bad input -> 4xx with a one-line message (400 for what the search rejects, 422 for wrong types and
+  bounds, 413/414 for oversized bodies/URLs); unknown or repeated query parameters are rejected;
+* backend failures -> 503 with a generic message; anything unexpected -> 500 "internal error".
+  Responses never carry stack traces, hostnames or local paths (details go to the server log).
+
+Run it with ``near2 serve`` (uvicorn), or ``create_app(settings)`` in any ASGI server.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from near2_tasks.config import Settings, load_settings
+from near2_tasks.errors import Near2Error, ServiceUnavailable
+from near2_tasks.search import BadSearchRequest, NoServingIndex, Searcher
+
+log = logging.getLogger(__name__)
+
+SEARCH_PARAMS = frozenset({"q", "k", "dim", "mode", "category", "brand", "price_min", "price_max",
+                           "num_candidates"})
+
+
+class HitOut(BaseModel):
+    product_id: str
+    title: str
+    score: float = Field(description="Elasticsearch kNN score (dot_product: (1 + cosine) / 2).")
+    category: str | None = None
+    brand: str | None = None
+    price: float | None = None
+
+
+class SearchOut(BaseModel):
+    query: str
+    k: int
+    dim: int = Field(description="Dimension of the final scores (the rescore dimension in funnel mode).")
+    mode: Literal["knn", "funnel"]
+    index: str = Field(description="The concrete index behind the alias that answered.")
+    model_name: str | None
+    model_version: str | None = Field(description="The model that encoded the query and the documents.")
+    hits: list[HitOut]
+    timings_ms: dict[str, float] = Field(description="model_load, encode, search (wall), es_took, total.")
+    filters: dict[str, Any]
+    shortlist_dim: int | None = None
+    shortlist_size: int | None = None
+
+
+class ErrorOut(BaseModel):
+    error: str
+    hint: str | None = None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    alias: str
+    index: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    dims: list[int] = []
+    error: str | None = None
+
+
+def _error(status: int, message: str, hint: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=ErrorOut(error=message, hint=hint).model_dump(exclude_none=True))
+
+
+def _backend_error(exc: Exception) -> JSONResponse:
+    """503 without internals: the full reason (URL, path) only goes to the log."""
+    log.warning("search backend failure: %s", exc)
+    if isinstance(exc, NoServingIndex):
+        return _error(503, "no product index is being served yet")
+    if isinstance(exc, ServiceUnavailable):
+        return _error(503, "the search backend is unavailable; try again shortly")
+    return _error(503, "search is temporarily unavailable")
+
+
+class RequestSizeLimit:
+    """ASGI middleware: 414 for a URL longer than ``max_bytes``, 413 for a body larger than it
+    (declared by Content-Length, or counted while a chunked body arrives)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > self.max_bytes:
+            await _error(414, f"request URL longer than {self.max_bytes} bytes")(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await _error(413, f"request body larger than {self.max_bytes} bytes")(scope, receive, send)
+                return
+        elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_bytes:
+                    await _error(413, f"request body larger than {self.max_bytes} bytes")(scope, receive, send)
+                    return
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, searcher: Searcher | None = None) -> FastAPI:
+    """The FastAPI app; ``settings`` default to ``load_settings()`` (NEAR2_CONFIG, env vars)."""
+    settings = settings or load_settings()
+    limits = settings.serving
+    app = FastAPI(
+        title="near2 storefront search",
+        description="Semantic product search over nested (Matryoshka) embeddings in Elasticsearch. "
+                    "Queries are encoded by the model that built the index behind the alias.",
+        version="1",
+    )
+    app.add_middleware(RequestSizeLimit, max_bytes=limits.max_request_bytes)
+    app.state.searcher = searcher or Searcher(settings)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body"))
+        return _error(422, f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid"))
+
+    @app.exception_handler(BadSearchRequest)
+    async def _bad_request(request: Request, exc: BadSearchRequest) -> JSONResponse:
+        return _error(400, exc.message, exc.hint)
+
+    @app.exception_handler(Near2Error)
+    async def _near2_error(request: Request, exc: Near2Error) -> JSONResponse:
+        return _backend_error(exc)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error while serving %s", request.url.path)
+        return _error(500, "internal error")
+
+    error_responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorOut, "description": text} for code, text in (
+            (400, "Bad search request (unserved dim, empty query, unknown parameter, ...)"),
+            (413, "Request body too large"), (414, "Request URL too long"),
+            (422, "Parameter of the wrong type or out of bounds"), (503, "Search backend unavailable"))}
+
+    @app.get("/search", response_model=SearchOut, responses=error_responses, summary="Search products")
+    def search_products(
+        request: Request,
+        q: str = Query(..., min_length=1, max_length=limits.max_query_chars, description="The shopper's query."),
+        k: int = Query(10, ge=1, le=limits.k_max, description="How many products to return."),
+        dim: int | None = Query(None, description="Embedding dimension; one the index serves (see /health)."),
+        mode: Literal["knn", "funnel"] | None = Query(
+            None, description="knn: one kNN at dim; funnel: small-dim shortlist rescored at dim."),
+        category: str | None = Query(None, max_length=200, description="Exact category."),
+        brand: str | None = Query(None, max_length=200, description="Exact brand."),
+        price_min: float | None = Query(None, ge=0, allow_inf_nan=False),
+        price_max: float | None = Query(None, ge=0, allow_inf_nan=False),
+        num_candidates: int | None = Query(None, ge=1, le=limits.max_num_candidates,
+                                           description="kNN candidates per shard (default from config)."),
+    ) -> dict[str, Any]:
+        names = [name for name, _ in request.query_params.multi_items()]
+        unknown = sorted(set(names) - SEARCH_PARAMS)
+        if unknown:
+            raise BadSearchRequest(f"unknown parameter(s) {unknown}", hint=f"parameters are {sorted(SEARCH_PARAMS)}")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise BadSearchRequest(f"parameter(s) {repeated} given more than once")
+        filters = {"category": category, "brand": brand, "price_min": price_min, "price_max": price_max}
+        response = app.state.searcher.search(q, k=k, dim=dim, mode=mode, filters=filters,
+                                             num_candidates=num_candidates)
+        return response.to_dict(include_model_uri=False)
+
+    @app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}}, summary="Readiness")
+    def health() -> Any:
+        alias = settings.elasticsearch.alias
+        try:
+            served = app.state.searcher.serving_index(refresh=True)
+        except Near2Error as exc:
+            log.warning("health check failed: %s", exc)
+            reason = "no product index is being served yet" if isinstance(exc, NoServingIndex) \
+                else "the search backend is unavailable"
+            return JSONResponse(status_code=503, content=HealthOut(
+                status="unavailable", alias=alias, error=reason).model_dump())
+        return HealthOut(status="ok", alias=alias, index=served.name, model_name=served.model_name,
+                         model_version=served.model_version, dims=served.dims)
+
+    return app
