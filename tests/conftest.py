@@ -7,7 +7,10 @@ end. If it cannot start, the run fails with the reason: nothing is skipped silen
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -16,6 +19,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HOMEDEPOT = REPO.parent / "shared" / "data" / "homedepot"
 TEST_ES_PORT = 9251
+
+# Airflow reads its configuration when it is first imported: before any test imports it, point it at
+# a throwaway home (its SQLite metadata DB), this repository's dags/ and plugins/, and no examples.
+# The DB itself is migrated by the `airflow_db` fixture, only in sessions that use Airflow.
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="near2-airflow-"))
+atexit.register(shutil.rmtree, AIRFLOW_HOME, ignore_errors=True)
+os.environ.update({
+    "AIRFLOW_HOME": str(AIRFLOW_HOME),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+})
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +107,12 @@ def homedepot_dir() -> Path:
     if not (HOMEDEPOT / "products.csv").exists():
         pytest.skip(f"Home Depot data not found at {HOMEDEPOT} (research-only, not in the repo)")
     return HOMEDEPOT
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Airflow's metadata DB (SQLite in the session's throwaway AIRFLOW_HOME), created once."""
+    from airflow.utils import db
+
+    db.initdb()
+    return AIRFLOW_HOME
