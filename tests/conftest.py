@@ -93,6 +93,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def second_tiny_model_dir(tmp_path_factory) -> Path:
+    """Another tiny encoder (same architecture and dims, other random weights): a "new model version"
+    whose vectors do not match the first one's."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model-b"), seed=1)
+
+
 @pytest.fixture
 def tiny_settings(settings, tiny_model_dir):
     """``settings`` with the tiny encoder as base model and its dims (64, 32, 16)."""
