@@ -1,0 +1,58 @@
+"""Content hashes of tables: the ``dataset_version`` / ``catalog_version`` carried to models and indices.
+
+A hash depends on the rows' values only (not on row order, file format or pandas version): rows are
+serialised as JSON arrays of the named columns, sorted, and fed to SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Iterable
+
+import pandas as pd
+
+#: Hex digits kept: 64 bits, plenty to tell dataset versions apart, short enough for tags and names.
+HASH_LENGTH = 16
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 6)
+    if hasattr(value, "item"):  # numpy scalar
+        return _plain(value.item())
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return value if isinstance(value, (int, str, bool)) else str(value)
+
+
+def frame_digest(frame: pd.DataFrame, columns: Iterable[str]) -> str:
+    """Full SHA-256 hex digest of the given columns' rows, independent of row order."""
+    columns = list(columns)
+    present = [frame[c].tolist() if c in frame.columns else [None] * len(frame) for c in columns]
+    lines = sorted(
+        json.dumps([_plain(col[i]) for col in present], ensure_ascii=False, separators=(",", ":"))
+        for i in range(len(frame))
+    )
+    digest = hashlib.sha256()
+    digest.update(json.dumps(columns).encode())
+    for line in lines:
+        digest.update(line.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def frame_hash(frame: pd.DataFrame, columns: Iterable[str]) -> str:
+    """Short content hash (:data:`HASH_LENGTH` hex digits) of a table's rows."""
+    return frame_digest(frame, columns)[:HASH_LENGTH]
+
+
+def combine_hashes(*parts: str) -> str:
+    """One short hash from several (e.g. products + judgments)."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:HASH_LENGTH]
