@@ -48,7 +48,7 @@ import pandas as pd
 
 from near2_tasks.config import Settings
 from near2_tasks.data.hashing import combine_hashes, frame_hash
-from near2_tasks.data.loaders import BOOKKEEPING, CATALOG_COLUMNS, JUDGMENT_COLUMNS, RawTable, SchemaError
+from near2_tasks.data.loaders import CATALOG_COLUMNS, JUDGMENT_COLUMNS, RawTable, SchemaError
 from near2_tasks.data.text import product_texts, query_key
 from near2_tasks.errors import Near2Error, ValidationFailed
 
@@ -365,7 +365,8 @@ def validate_judgments(runner: ExpectationRunner, table: RawTable, settings: Set
 
     survivors = frame.drop(index=list(reasons)).copy()
     survivors["_query_key"] = [query_key(q) for q in survivors["query"]]
-    spread = survivors.groupby(["_query_key", "product_id"])["relevance"].transform(lambda r: r.max() - r.min())
+    grades = survivors.groupby(["_query_key", "product_id"])["relevance"]
+    spread = grades.transform("max") - grades.transform("min")
     survivors["_duplicates_agree"] = (spread <= vs.max_duplicate_spread + 1e-9).astype(bool)
     set_checks = [
         Check("duplicates_agree", "set",

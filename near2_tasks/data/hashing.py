@@ -18,8 +18,8 @@ HASH_LENGTH = 16
 
 
 def _plain(value: Any) -> Any:
-    if value is None:
-        return None
+    if value is None or type(value) is str or type(value) is int or type(value) is bool:
+        return value
     if isinstance(value, float):
         return None if math.isnan(value) else round(value, 6)
     if hasattr(value, "item"):  # numpy scalar
