@@ -400,9 +400,7 @@ def merge_judgments(accepted: pd.DataFrame, how: str) -> tuple[pd.DataFrame, dic
     grouped = frame.groupby(["_query_key", "product_id"], sort=False)["relevance"].agg(how).reset_index()
     grouped = grouped.join(first, on="_query_key")
     merged = grouped[ACCEPTED_JUDGMENT_COLUMNS].copy()
-    merged["relevance"] = merged["relevance"].astype(float)
-    merged["product_id"] = merged["product_id"].astype(str)
-    merged = merged.sort_values(["query_id", "product_id"], kind="stable").reset_index(drop=True)
+    merged = normalise_dtypes(merged.sort_values(["query_id", "product_id"], kind="stable").reset_index(drop=True))
     return merged, {
         "duplicate_rows_merged": len(frame) - len(merged),
         "merge": how,
@@ -415,6 +413,18 @@ def merge_judgments(accepted: pd.DataFrame, how: str) -> tuple[pd.DataFrame, dic
 # outputs
 
 
+def normalise_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    """pandas' ``str`` dtype for text (missing = NaN), float64 for price and relevance.
+
+    The same dtypes in memory and after a Parquet round trip, so a task that reloads the accepted
+    tables sees exactly what validation returned.
+    """
+    frame = frame.copy()
+    for column in frame.columns:
+        frame[column] = frame[column].astype("float64" if column in ("price", "relevance") else "str")
+    return frame
+
+
 def _accepted_products(frame: pd.DataFrame, template: str) -> pd.DataFrame:
     products = pd.DataFrame(index=frame.index)
     for column in PRODUCT_COLUMNS[:-1] + [c for c in OPTIONAL_PRODUCT_COLUMNS if c in frame.columns]:
@@ -423,7 +433,7 @@ def _accepted_products(frame: pd.DataFrame, template: str) -> pd.DataFrame:
     products["price"] = pd.to_numeric(products["price"], errors="coerce").astype(float)
     products["text"] = product_texts(products, template)
     ordered = PRODUCT_COLUMNS + [c for c in OPTIONAL_PRODUCT_COLUMNS if c in products.columns]
-    return products[ordered].reset_index(drop=True)
+    return normalise_dtypes(products[ordered].reset_index(drop=True))
 
 
 def _json_value(value: Any) -> Any:
@@ -561,8 +571,7 @@ def validate_dataset(settings: Settings, catalog_path: str | Path | None, judgme
     catalog = validate_catalog(runner, loaded.catalog, settings, previous["catalog_rows"] if previous else None)
     outcomes = [catalog]
     products = _accepted_products(catalog.accepted, settings.dataset.text_template)
-    judgments = pd.DataFrame({c: pd.Series(dtype=float if c == "relevance" else object)
-                              for c in ACCEPTED_JUDGMENT_COLUMNS})
+    judgments = normalise_dtypes(pd.DataFrame({c: [] for c in ACCEPTED_JUDGMENT_COLUMNS}))
     if loaded.judgments is not None:
         catalog_ids = {pid for pid in loaded.catalog.frame["product_id"].tolist() if pid is not None}
         outcome = validate_judgments(runner, loaded.judgments, settings, catalog_ids, set(products["product_id"]))
@@ -642,6 +651,6 @@ def load_accepted(report_dir: str | Path) -> AcceptedData:
         raise Near2Error(f"no accepted data in {report_dir}",
                          hint="run `near2 validate ... --report-dir` first (a failed validation leaves none)")
     manifest = json.loads(manifest_path.read_text())
-    products = pd.read_parquet(accepted_dir / "products.parquet")
-    judgments = pd.read_parquet(accepted_dir / "judgments.parquet")
+    products = normalise_dtypes(pd.read_parquet(accepted_dir / "products.parquet"))
+    judgments = normalise_dtypes(pd.read_parquet(accepted_dir / "judgments.parquet"))
     return AcceptedData(products, judgments, manifest["dataset_version"], manifest["catalog_version"])

@@ -41,6 +41,7 @@ from near2_tasks.data.loaders import (
     load_table,
     read_csv_records,
     read_parquet_records,
+    text_column,
     to_canonical,
 )
 
@@ -145,13 +146,13 @@ def load_homedepot(settings: Settings, catalog_path: Path, judgments_path: Path 
         table = read_csv_records(descriptions, encoding=encoding, delimiter=",", what="Home Depot descriptions")
         table = table[table["_well_formed"].astype(bool)]
         lookup = dict(zip(table["product_uid"], table["product_description"]))
-        frame["description"] = [lookup.get(pid) or None for pid in frame["product_id"]]
+        frame["description"] = text_column([lookup.get(pid) for pid in frame["product_id"]], frame.index)
     attributes = directory / "attributes.csv"
     if attributes.exists():
         table = read_csv_records(attributes, encoding=encoding, delimiter=",", what="Home Depot attributes")
         table = table[table["_well_formed"].astype(bool) & (table["name"] == "MFG Brand Name")]
         lookup = dict(zip(table["product_uid"], table["value"]))
-        frame["brand"] = [lookup.get(pid) or None for pid in frame["product_id"]]
+        frame["brand"] = text_column([lookup.get(pid) for pid in frame["product_id"]], frame.index)
     frame = frame[[c for c in CATALOG_COLUMNS if c in frame.columns] + list(BOOKKEEPING)]
     catalog = RawTable("catalog", frame, [str(train_path)],
                        notes={"train_rows": len(train), "repeated_product_rows_collapsed": int(repeated.sum())})
@@ -179,8 +180,9 @@ def load_wands(settings: Settings, catalog_path: Path, judgments_path: Path | No
     catalog = to_canonical(products, name="catalog", path=product_path, mapping=catalog_map,
                            columns=CATALOG_COLUMNS, required=CATALOG_REQUIRED)
     if "category" in catalog.frame.columns:  # "Furniture / Chairs" -> "Furniture > Chairs"
-        catalog.frame["category"] = [None if v is None else " > ".join(p.strip() for p in v.split("/"))
-                                     for v in catalog.frame["category"]]
+        catalog.frame["category"] = text_column(
+            [None if v is None else " > ".join(p.strip() for p in v.split("/")) for v in catalog.frame["category"]],
+            catalog.frame.index)
 
     label_dir = Path(judgments_path) if judgments_path else Path(catalog_path)
     label_path = _file_in(label_dir, "label.csv", "WANDS label")
@@ -195,8 +197,8 @@ def load_wands(settings: Settings, catalog_path: Path, judgments_path: Path | No
                               hint="WANDS files are tab-separated; check dataset.delimiter")
     good_queries = queries[queries["_well_formed"].astype(bool)]
     query_text = dict(zip(good_queries["query_id"], good_queries["query"]))
-    labels["query"] = [query_text.get(q) for q in labels["query_id"]]
-    labels["relevance"] = _relabel(labels["label"], ds.wands_labels)
+    labels["query"] = text_column([query_text.get(q) for q in labels["query_id"]], labels.index)
+    labels["relevance"] = text_column(_relabel(labels["label"], ds.wands_labels), labels.index)
     judgments = to_canonical(labels, name="judgments", path=label_path, mapping=ds.judgment_columns,
                              columns=JUDGMENT_COLUMNS, required=JUDGMENT_REQUIRED)
     judgments.notes = {"labels": labels["label"].value_counts(dropna=False).to_dict()}
@@ -234,7 +236,7 @@ def load_esci(settings: Settings, catalog_path: Path, judgments_path: Path | Non
     examples, examples_excluded = _locale_rows(examples_path, ds.esci_locale, "ESCI examples")
     if "esci_label" not in examples.columns:
         raise SchemaError(f"ESCI file {examples_path} has no esci_label column")
-    examples["relevance"] = _relabel(examples["esci_label"], ds.esci_labels)
+    examples["relevance"] = text_column(_relabel(examples["esci_label"], ds.esci_labels), examples.index)
     judgments = to_canonical(examples, name="judgments", path=examples_path, mapping=ds.judgment_columns,
                              columns=JUDGMENT_COLUMNS, required=JUDGMENT_REQUIRED)
     judgments.notes = {"locale": ds.esci_locale, "excluded_other_locales": examples_excluded,

@@ -243,7 +243,7 @@ def read_parquet_records(path: Path, *, what: str = "table", filters: list | Non
     if table.num_rows == 0:
         raise SchemaError(f"{what} file {path} has no rows")
     frame = pd.DataFrame({name: [_cell(v) for v in table.column(name).to_pylist()] for name in table.column_names},
-                         index=frame.index, dtype=object)
+                         dtype=object)
     frame["_source"] = [f"{path.name}:#{i}" for i in range(len(frame))]
     frame["_well_formed"] = True
     frame["_valid_encoding"] = True
@@ -253,6 +253,15 @@ def read_parquet_records(path: Path, *, what: str = "table", filters: list | Non
 
 # ---------------------------------------------------------------------------------------------
 # canonical columns
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and value != value)
+
+
+def text_column(values: list, index: pd.Index) -> pd.Series:
+    """A column of text values that keeps ``None`` as ``None`` (pandas would make it NaN)."""
+    return pd.Series([None if _missing(v) else v for v in values], index=index, dtype=object)
 
 
 def to_canonical(
@@ -281,7 +290,7 @@ def to_canonical(
             values = frame[source]
             strip = canonical in ("product_id", "query_id")  # ids are compared across tables
             out[canonical] = pd.Series(
-                [None if v is None or v == "" else (v.strip() or None if strip else v) for v in values.tolist()],
+                [None if _missing(v) else (v.strip() or None if strip else v) for v in values.tolist()],
                 index=frame.index, dtype=object)
         elif canonical in required:
             raise SchemaError(
