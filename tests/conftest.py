@@ -112,6 +112,64 @@ def tiny_settings(settings, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_prefix_variants(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two encoders that differ at the smallest nested dimension only (TINY_DIMS 64, 32, 16).
+
+    Both are the tiny encoder followed by an orthogonal map (a Dense layer) onto its principal axes on
+    the synthetic catalog: ``strong`` puts the top 16 axes first; ``weak`` swaps axes 1-16 with 17-32.
+    Orthogonal maps that keep the set of the first 32 axes leave every cosine at 64 and 32 dimensions
+    unchanged, so only the 16-dimensional prefix is worse in ``weak``: a challenger that loses at one
+    dimension and ties at the others.
+    """
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    from near2_tasks.data.synthetic import generate_catalog
+    from near2_tasks.embeddings import encode
+
+    base = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    vectors = encode(base, generate_catalog(300, 60, 7).products["title"].tolist())
+    centred = vectors - vectors.mean(axis=0)
+    _, axes = np.linalg.eigh(centred.T @ centred)
+    principal = axes[:, ::-1].T  # rows: principal axes, largest variance first
+    maps = {"strong": principal, "weak": np.concatenate([principal[16:32], principal[:16], principal[32:]])}
+    out: dict[str, Path] = {}
+    directory = tmp_path_factory.mktemp("tiny-prefix-variants")
+    transformer, pooling, normalize = list(base)
+    for name, weight in maps.items():
+        dense = Dense(weight.shape[1], weight.shape[0], bias=False, activation_function=torch.nn.Identity(),
+                      init_weight=torch.tensor(np.ascontiguousarray(weight), dtype=torch.float32))
+        SentenceTransformer(modules=[transformer, pooling, dense, normalize], device="cpu").save(str(directory / name))
+        out[name] = directory / name
+    return out
+
+
+@pytest.fixture
+def register_model_dir():
+    """``register(settings, model_dir) -> version``: log a saved encoder to MLflow (real store) and
+    register it as a new version of ``settings.mlflow.registered_model`` (it becomes ``challenger``)."""
+
+    def register(settings, model_dir: Path, dims: list[int] | None = None) -> str:
+        import mlflow
+        from sentence_transformers import SentenceTransformer
+
+        from near2_tasks import registry
+        from tests.tiny_model import TINY_DIMS
+
+        dims = dims or TINY_DIMS
+        registry.configure_mlflow(settings)
+        with mlflow.start_run() as run:
+            info = registry.log_model(SentenceTransformer(str(model_dir), device="cpu"), dims[0])
+        version = registry.register_model(settings, info.model_uri, run.info.run_id, "test-dataset", dims,
+                                          model_id=info.model_id)
+        return str(version.version)
+
+    return register
+
+
+@pytest.fixture(scope="session")
 def homedepot_dir() -> Path:
     if not (HOMEDEPOT / "products.csv").exists():
         pytest.skip(f"Home Depot data not found at {HOMEDEPOT} (research-only, not in the repo)")

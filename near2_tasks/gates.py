@@ -1,0 +1,332 @@
+"""The promotion gate: is the challenger at least as good as the reference at every dimension we serve?
+
+The reference is the current champion, or the base model while there is no champion. Both are
+evaluated on the same judgments (:mod:`near2_tasks.evaluate`); :func:`decide` then applies
+``settings.gates`` (:class:`near2_tasks.config.GateSettings`) at every evaluated dimension, to all queries
+and to each configured query slice:
+
+* ``floor``: the challenger's value must reach it;
+* ``max_drop``: reference − challenger must not exceed it;
+* ``max_relative_drop``: (reference − challenger) / reference must not exceed it.
+
+The outcome, :class:`GateDecision`, holds every check with a one-line reason for each failure. It is
+recorded on the model version (:func:`record_decision`): tags ``gate.dim_64.ndcg_at_10`` = pass|fail
+(``gate.slice_short.dim_64.ndcg_at_10`` for slices) and ``gate`` = pass|fail, plus a Markdown summary
+that reviewers read on the version page (its description) and as the run artifact ``gate/summary.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from near2_tasks.conventions import TAG_GATE, gate_tag, mlflow_name
+from near2_tasks.errors import Near2Error
+from near2_tasks.evaluate import EvaluationReport
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from near2_tasks.config import GateRules, GateSettings, MetricGate, Settings
+
+log = logging.getLogger(__name__)
+
+PASS, FAIL = "pass", "fail"
+CheckKind = Literal["floor", "max_drop", "max_relative_drop"]
+#: Everything after this line of a version's description is rewritten by each gate run.
+SUMMARY_MARKER = "<!-- near2 gate summary -->"
+
+
+def slice_gate_tag(slice_name: str, dim: int, metric: str) -> str:
+    """``gate.slice_short.dim_64.ndcg_at_10``: the slice counterpart of :func:`conventions.gate_tag`."""
+    return f"gate.slice_{slice_name}.dim_{dim}.{mlflow_name(metric)}"
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One rule applied to one number. ``passed`` is None when the check could not apply (skipped)."""
+
+    dim: int
+    metric: str
+    slice: str | None  # None: all queries
+    kind: CheckKind
+    limit: float
+    value: float | None
+    reference: float | None
+    passed: bool | None
+    reason: str
+
+    @property
+    def scope(self) -> str:
+        return "all queries" if self.slice is None else f"slice {self.slice}"
+
+    @property
+    def tag(self) -> str:
+        return gate_tag(self.dim, self.metric) if self.slice is None else slice_gate_tag(self.slice, self.dim,
+                                                                                          self.metric)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict on a challenger, with every check behind it."""
+
+    challenger: str
+    reference: str | None
+    reference_role: Literal["champion", "base", "none"]
+    checks: list[GateCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed is not False for check in self.checks)
+
+    @property
+    def status(self) -> str:
+        return PASS if self.passed else FAIL
+
+    @property
+    def failures(self) -> list[GateCheck]:
+        return [check for check in self.checks if check.passed is False]
+
+    @property
+    def reasons(self) -> list[str]:
+        """One line per failed check."""
+        return [check.reason for check in self.failures]
+
+    def tags(self) -> dict[str, str]:
+        """Version tags: one per (scope, dimension, metric), fail if any of its checks failed; and ``gate``."""
+        tags: dict[str, str] = {}
+        for check in self.checks:
+            if tags.get(check.tag) != FAIL:
+                tags[check.tag] = FAIL if check.passed is False else PASS
+        tags[TAG_GATE] = self.status
+        return tags
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "challenger": self.challenger, "reference": self.reference,
+                "reference_role": self.reference_role, "reasons": self.reasons,
+                "checks": [asdict(check) for check in self.checks]}
+
+    def markdown(self) -> str:
+        """The summary a reviewer reads before setting ``approval`` on the version page."""
+        verdict = "PASSED" if self.passed else "FAILED"
+        against = f"the {self.reference_role} ({self.reference})" if self.reference else "absolute floors only"
+        lines = [f"## Gate {verdict}: {self.challenger} against {against}", ""]
+        if self.failures:
+            lines += ["Failed checks:", ""] + [f"- {reason}" for reason in self.reasons] + [""]
+        skipped = [check for check in self.checks if check.passed is None]
+        lines += ["| scope | dim | metric | check | challenger | reference | limit | result |",
+                  "|---|---:|---|---|---:|---:|---:|---|"]
+        for check in self.checks:
+            result = "skipped" if check.passed is None else PASS if check.passed else f"**{FAIL}**"
+            lines.append(f"| {check.scope} | {check.dim} | {check.metric} | {check.kind} | {_fmt(check.value)} | "
+                         f"{_fmt(check.reference)} | {check.limit:g} | {result} |")
+        if skipped:
+            lines += ["", "Skipped: " + "; ".join(sorted({check.reason for check in skipped}))]
+        lines += ["", "Approve by setting the tag `approval` = `approved` (or `rejected`) on this version, "
+                      "or `near2 approve VERSION [--reject]`."]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+# ----- the decision (pure) -------------------------------------------------------------------------------
+def _checks_for(rule: MetricGate, *, dim: int, metric: str, slice_name: str | None, value: float | None,
+                reference: float | None, reference_label: str, tolerance: float) -> list[GateCheck]:
+    where = f"dim {dim} {metric}" + ("" if slice_name is None else f" on slice {slice_name}")
+    checks: list[GateCheck] = []
+
+    def add(kind: CheckKind, limit: float, passed: bool | None, reason: str) -> None:
+        checks.append(GateCheck(dim=dim, metric=metric, slice=slice_name, kind=kind, limit=limit, value=value,
+                                reference=reference, passed=passed, reason=reason))
+
+    if rule.floor is not None:
+        if value is None:
+            add("floor", rule.floor, False, f"{where}: no query counts for this metric, cannot reach the floor "
+                                            f"{rule.floor:g}")
+        else:
+            ok = value >= rule.floor - tolerance
+            add("floor", rule.floor, ok, f"{where} = {value:.4f} is below the floor {rule.floor:g}")
+    for kind, limit in (("max_drop", rule.max_drop), ("max_relative_drop", rule.max_relative_drop)):
+        if limit is None:
+            continue
+        if value is None or reference is None:
+            add(kind, limit, None, f"{where}: no {'challenger' if value is None else 'reference'} value to compare")
+            continue
+        drop = reference - value
+        if kind == "max_drop":
+            ok = drop <= limit + tolerance
+            reason = (f"{where} = {value:.4f} dropped {drop:.4f} below the {reference_label} ({reference:.4f}); "
+                      f"at most {limit:g} allowed")
+        else:
+            relative = drop / reference if reference > 0 else (0.0 if drop <= 0 else float("inf"))
+            ok = relative <= limit + tolerance
+            reason = (f"{where} = {value:.4f} dropped {relative:.1%} below the {reference_label} "
+                      f"({reference:.4f}); at most {limit:.1%} allowed")
+        add(kind, limit, ok, reason)
+    return checks
+
+
+def _check_same_data(challenger: EvaluationReport, reference: EvaluationReport) -> None:
+    for key in ("catalog_fingerprint", "queries_fingerprint"):
+        ours, theirs = challenger.dataset.get(key), reference.dataset.get(key)
+        if ours and theirs and ours != theirs:
+            raise Near2Error(
+                f"{challenger.display_name} and {reference.display_name} were evaluated on different data "
+                f"({key} {ours} != {theirs}); a gate compares like with like",
+                hint="evaluate both on the same catalog and judgments (`near2 gate` does)")
+
+
+def decide(challenger: EvaluationReport, reference: EvaluationReport | None, gates: GateSettings,
+           reference_role: Literal["champion", "base"] = "champion") -> GateDecision:
+    """Apply ``gates`` at every dimension of ``challenger``'s report, overall and per configured slice."""
+    if reference is not None:
+        _check_same_data(challenger, reference)
+    label = reference_role if reference is not None else "reference"
+    scopes: list[tuple[str | None, GateRules]] = [(None, gates.overall), *gates.slices.items()]
+    for slice_name, _ in scopes:
+        if slice_name is not None and slice_name not in challenger.slices:
+            raise Near2Error(f"the gate names slice {slice_name!r}, which the evaluation does not report",
+                             hint=f"slices evaluated: {sorted(challenger.slices)}; define extra slices under "
+                                  "evaluation.slices")
+    checks: list[GateCheck] = []
+    for dim in sorted(challenger.dims, reverse=True):
+        for slice_name, rules in scopes:
+            for metric, rule in rules.rules_at(dim).items():
+                value = challenger.value(metric, dim, slice_name)
+                if slice_name is not None and not challenger.slices[slice_name]:
+                    checks.append(GateCheck(dim=dim, metric=metric, slice=slice_name, kind="floor", limit=0.0,
+                                            value=None, reference=None, passed=None,
+                                            reason=f"slice {slice_name} is empty: no query to judge"))
+                    continue
+                theirs = None
+                if reference is not None and dim in reference.dims:
+                    theirs = reference.value(metric, dim, slice_name)
+                checks.extend(_checks_for(rule, dim=dim, metric=metric, slice_name=slice_name, value=value,
+                                          reference=theirs, reference_label=label, tolerance=gates.tolerance))
+    return GateDecision(
+        challenger=challenger.display_name, reference=reference.display_name if reference else None,
+        reference_role=reference_role if reference is not None else "none", checks=checks)
+
+
+# ----- recording the decision on the model version ----------------------------------------------------------
+def _description_with_summary(description: str | None, summary: str) -> str:
+    """Keep what others wrote in the version description; replace our previous summary."""
+    kept = (description or "").split(SUMMARY_MARKER)[0].rstrip()
+    return (kept + "\n\n" if kept else "") + SUMMARY_MARKER + "\n" + summary
+
+
+def record_decision(settings: Settings, version: str | int, decision: GateDecision) -> None:
+    """Tag the version (``gate.dim_<d>.<metric>``, ``gate``), put the summary on its page (description)
+    and log it to its run as ``gate/summary.md`` and ``gate/decision.json``.
+
+    Tags of an earlier gate run are removed first, so the version shows this decision only. ``gate`` is
+    written last: promotion reads it, and it must never describe checks that are not recorded yet.
+    """
+    from near2_tasks.registry import client
+
+    registry = client(settings)
+    name = settings.mlflow.registered_model
+    current = registry.get_model_version(name, str(version))
+    for tag in current.tags:
+        if tag == TAG_GATE or tag.startswith("gate."):
+            registry.delete_model_version_tag(name, str(version), tag)
+    tags = decision.tags()
+    for tag, value in tags.items():
+        if tag != TAG_GATE:
+            registry.set_model_version_tag(name, str(version), tag, value)
+    summary = decision.markdown()
+    registry.update_model_version(name, str(version), description=_description_with_summary(current.description,
+                                                                                           summary))
+    if current.run_id:
+        registry.log_text(current.run_id, summary, "gate/summary.md")
+        registry.log_dict(current.run_id, decision.to_dict(), "gate/decision.json")
+    registry.set_model_version_tag(name, str(version), TAG_GATE, tags[TAG_GATE])
+
+
+# ----- the whole gate step: evaluate challenger and references, decide, record --------------------------------
+@dataclass
+class GateResult:
+    """What :func:`gate_version` produced: the decision, the challenger's report and where it was written."""
+
+    version: str
+    decision: GateDecision
+    report: EvaluationReport
+    report_path: Path
+
+
+def version_dims(settings: Settings, tags: Mapping[str, str]) -> list[int]:
+    """The dimensions a version serves: its ``dims`` tag (``"384,256,..."``), else the configured ones."""
+    from near2_tasks.conventions import TAG_DIMS
+
+    raw = tags.get(TAG_DIMS)
+    if not raw:
+        return list(settings.model.dims)
+    try:
+        return sorted({int(part) for part in raw.split(",") if part.strip()}, reverse=True)
+    except ValueError as exc:
+        raise Near2Error(f"the version's {TAG_DIMS} tag {raw!r} is not a comma-separated list of integers") from exc
+
+
+def current_champion(settings: Settings):
+    """The version the ``champion`` alias points at, or None when there is none yet."""
+    from mlflow.exceptions import MlflowException
+
+    from near2_tasks.conventions import CHAMPION
+    from near2_tasks.registry import client
+
+    try:
+        return client(settings).get_model_version_by_alias(settings.mlflow.registered_model, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataFrame,
+                 version: str | int = "challenger", output_dir: Path | None = None) -> GateResult:
+    """Evaluate ``version`` (number or alias) and its reference on the same judgments, decide and record.
+
+    The reference is the champion (unless ``version`` is the champion), else the base model
+    (``settings.model.base_model``). The base model is evaluated in any case for the plot; cached
+    embeddings make the repeated evaluations cheap. The challenger's report (with the references) goes
+    to ``output_dir`` (default ``<home>/reports/v<version>``) and to its MLflow run.
+    """
+    from near2_tasks.evaluate import evaluate_model, log_evaluation, write_report
+    from near2_tasks.registry import configure_mlflow, get_version, model_uri
+
+    configure_mlflow(settings)
+    challenger_version = get_version(settings, version)
+    number = str(challenger_version.version)
+    dims = version_dims(settings, challenger_version.tags)
+    k = settings.evaluation.k
+
+    def evaluate(ref: str, label: str, references: Mapping[str, EvaluationReport] | None = None) -> EvaluationReport:
+        log.info("evaluating %s (%s)", label, ref)
+        report = evaluate_model(settings, ref, products, judgments, dims=dims, k=k, reference_reports=references)
+        report.label = label
+        return report
+
+    references: dict[str, EvaluationReport] = {}
+    champion = current_champion(settings)
+    if champion is not None and str(champion.version) != number:
+        label = f"champion v{champion.version}"
+        references[label] = evaluate(model_uri(settings, champion.version), label)
+    references["base"] = evaluate(settings.model.base_model, "base")
+    challenger = evaluate(model_uri(settings, number), f"challenger v{number}", references)
+
+    role: Literal["champion", "base"] = "champion" if len(references) > 1 else "base"
+    reference = next(iter(references.values()))  # the champion when there is one, else the base model
+    decision = decide(challenger, reference, settings.gates, reference_role=role)
+    output_dir = Path(output_dir or settings.home / "reports" / f"v{number}")
+    files = write_report(challenger, output_dir / "report.json")
+    (output_dir / "gate.md").write_text(decision.markdown())
+    (output_dir / "gate.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+    log_evaluation(settings, challenger, files)
+    record_decision(settings, number, decision)
+    log.info("gate %s for version %s%s", decision.status, number,
+             "" if decision.passed else ": " + "; ".join(decision.reasons))
+    return GateResult(version=number, decision=decision, report=challenger, report_path=files.json)
