@@ -219,6 +219,10 @@ class ServingSettings(Section):
         1.0, ge=0, description="How long the alias target is cached; 0 re-reads it on every query."
     )
     encoder_cache_size: int = Field(2, ge=1, description="Query encoders kept loaded (one per model URI).")
+    encode_threads: int | None = Field(
+        1, ge=1, description="torch threads while encoding one query (1: no thread hand-off, concurrent "
+        "requests use the other cores; None: torch's default)."
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
 
