@@ -1,0 +1,199 @@
+"""What the DAG files need from Airflow, kept out of them so they stay thin.
+
+* :func:`run_step` is the body of every DAG task: it builds the run's settings (config file, Airflow
+  connections, run params), calls the step of :mod:`near2_tasks.pipeline`, publishes the step's links
+  for the ``near2_links`` plugin, and turns expected failures into the right Airflow outcome: bad input
+  fails at once (retrying cannot fix it), an unreachable service is retried.
+* :func:`connection_overrides` reads the Airflow connections ``near2_elasticsearch`` and ``near2_mlflow``
+  (from the metadata DB or ``AIRFLOW_CONN_NEAR2_ELASTICSEARCH`` / ``AIRFLOW_CONN_NEAR2_MLFLOW``); without
+  them the ``NEAR2_*`` settings apply. Nothing is hard-coded.
+
+Airflow is imported inside the functions: :mod:`near2_tasks.pipeline` and the CLI use this module's
+constants without paying for Airflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from near2_tasks.errors import Near2Error, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+ES_CONNECTION_ID = "near2_elasticsearch"
+MLFLOW_CONNECTION_ID = "near2_mlflow"
+
+#: XCom keys under which a task publishes the URLs its extra links open (one key per link name).
+LINK_XCOM_PREFIX = "near2_link:"
+LINK_MLFLOW_RUN = "MLflow run"
+LINK_MLFLOW_MODEL_VERSION = "MLflow model version"
+LINK_INDEX = "Elasticsearch index"
+LINK_NAMES = (LINK_MLFLOW_RUN, LINK_MLFLOW_MODEL_VERSION, LINK_INDEX)
+
+
+def link_xcom_key(name: str) -> str:
+    return f"{LINK_XCOM_PREFIX}{name}"
+
+
+# ----- connections ---------------------------------------------------------------------------------
+def _get_connection(conn_id: str) -> Any | None:
+    """The Airflow connection, or None when it is not defined (or Airflow is not there)."""
+    try:
+        from airflow.sdk import Connection
+        from airflow.sdk.exceptions import AirflowNotFoundException
+    except ImportError:  # pragma: no cover - near2 without Airflow
+        return None
+    try:
+        return Connection.get(conn_id)
+    except AirflowNotFoundException:
+        return None
+
+
+def _base_url(conn: Any, default_scheme: str, default_port: int | None) -> str:
+    """``scheme://host:port``; the scheme is taken from the extra ``scheme``, the schema field or the
+    connection type (``AIRFLOW_CONN_X='https://host:443'`` has type https), whichever says http(s)."""
+    host = conn.host or ""
+    if "://" in host:  # the host field already holds a URL
+        return host.rstrip("/")
+    candidates = ((conn.extra_dejson or {}).get("scheme"), conn.schema, conn.conn_type)
+    scheme = next((c for c in candidates if c in ("http", "https")), default_scheme)
+    port = conn.port or default_port
+    return f"{scheme}://{host}:{port}" if port else f"{scheme}://{host}"
+
+
+def elasticsearch_overrides(conn: Any) -> dict[str, Any]:
+    """Settings of the ``elasticsearch`` section from a connection.
+
+    host/port and the scheme (see :func:`_base_url`; default http, port 9200) give the URL, or the extra
+    ``url``; login/password basic auth; extras ``api_key``, ``ca_certs``, ``alias`` override the matching settings.
+    """
+    extra = conn.extra_dejson or {}
+    values: dict[str, Any] = {"url": extra.get("url") or _base_url(conn, "http", 9200)}
+    if conn.login:
+        values["username"] = conn.login
+        values["password"] = conn.password
+    for key in ("api_key", "ca_certs", "alias"):
+        if extra.get(key):
+            values[key] = extra[key]
+    return values
+
+
+def mlflow_overrides(conn: Any) -> dict[str, Any]:
+    """Settings of the ``mlflow`` section from a connection: extra ``tracking_uri`` (any URI MLflow
+    takes, e.g. ``sqlite:////data/mlflow.db``) or host/port/schema of a tracking server; extras
+    ``artifact_location``, ``experiment``, ``registered_model``."""
+    extra = conn.extra_dejson or {}
+    values: dict[str, Any] = {"tracking_uri": extra.get("tracking_uri") or _base_url(conn, "http", 5000)}
+    for key in ("artifact_location", "experiment", "registered_model"):
+        if extra.get(key):
+            values[key] = extra[key]
+    return values
+
+
+def connection_overrides() -> dict[str, dict[str, Any]]:
+    """Settings overrides from the near2 Airflow connections that exist (none: empty dict)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    if (conn := _get_connection(ES_CONNECTION_ID)) is not None:
+        overrides["elasticsearch"] = elasticsearch_overrides(conn)
+    if (conn := _get_connection(MLFLOW_CONNECTION_ID)) is not None:
+        overrides["mlflow"] = mlflow_overrides(conn)
+    return overrides
+
+
+# ----- the body of every DAG task ------------------------------------------------------------------
+def build_context(params: Mapping[str, Any], run_id: str, dag_id: str):
+    """The pipeline's :class:`~near2_tasks.pipeline.StepContext` for this task: settings from the run's
+    config file, then the Airflow connections, then the run params."""
+    from near2_tasks.pipeline import RunParams, StepContext, settings_for_run
+
+    run_params = RunParams.from_mapping(params)
+    settings = settings_for_run(run_params, connection_overrides())
+    return StepContext(settings=settings, params=run_params, run_id=run_id, dag_id=dag_id)
+
+
+def run_step(step: str, context: Mapping[str, Any], **inputs: Any) -> Any:
+    """Run ``pipeline.<step>`` for the task whose Airflow ``context`` is given; return its result.
+
+    ``Near2Error`` (bad data, bad config, a failed check) fails the task without retries;
+    ``ServiceUnavailable`` (Elasticsearch or MLflow down) is raised as is, so Airflow retries it;
+    ``SkipRest`` (a deliberate end, e.g. a rejected challenger) skips this task and what follows.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from near2_tasks import pipeline
+
+    ctx = build_context(context["params"], context["run_id"], context["dag"].dag_id)
+    try:
+        result = getattr(pipeline, step)(ctx, **inputs)
+    except ServiceUnavailable:
+        raise
+    except pipeline.SkipRest as exc:
+        skip(str(exc))
+    except Near2Error as exc:
+        log.error("%s failed: %s", step, exc)
+        raise AirflowFailException(f"{step}: {exc}") from exc
+    if isinstance(result, Mapping):
+        publish_links(context, result.get("links") or {})
+    return result
+
+
+def publish_links(context: Mapping[str, Any], links: Mapping[str, str]) -> None:
+    """Push each link URL as its own XCom (key ``near2_link:<name>``) for the ``near2_links`` plugin."""
+    ti = context["ti"]
+    for name, url in links.items():
+        if url:
+            ti.xcom_push(key=link_xcom_key(name), value=str(url))
+
+
+def skip(reason: str) -> None:
+    """End this task as skipped, with the reason in its log (downstream tasks skip too)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    log.warning(reason)
+    raise AirflowSkipException(reason)
+
+
+# ----- what both DAG files declare ----------------------------------------------------------------
+def dag_params(reindex: bool = False) -> dict[str, Any]:
+    """Run-level params shown in the trigger form; ``None`` means "from settings" (see RunParams)."""
+    from airflow.sdk import Param
+
+    params: dict[str, Any] = {
+        "config_file": Param(None, type=["null", "string"],
+                             description="YAML settings file for this run (default: NEAR2_CONFIG)."),
+        "catalog_path": Param(None, type=["null", "string"],
+                              description="Catalog file; empty: dataset.catalog_path, else the synthetic catalog."),
+        "judgments_path": Param(None, type=["null", "string"], description="Graded judgments file."),
+        "dataset_format": Param(None, type=["null", "string"],
+                                description="csv, parquet, jsonl, homedepot, wands, esci, ... (default: config)."),
+        "dims": Param(None, type=["null", "array"], items={"type": "integer"},
+                      description="Nested dimensions, descending, the model's full dimension first."),
+    }
+    if reindex:
+        params["force"] = Param(False, type="boolean",
+                                description="Rebuild even when the alias already serves the champion.")
+    else:
+        params.update({
+            "epochs": Param(None, type=["null", "number"], description="Training epochs (default: config)."),
+            "max_steps": Param(None, type=["null", "integer"], description="Stop training after N steps."),
+            "auto_approve": Param(None, type=["null", "boolean"],
+                                  description="Promote on a passed gate without a reviewer (default: "
+                                              "gates.auto_approve)."),
+        })
+    return params
+
+
+def default_args(settings: Any) -> dict[str, Any]:
+    """Owner, retries, retry delay and execution timeout of every task, from ``settings.airflow``."""
+    from datetime import timedelta
+
+    cfg = settings.airflow
+    return {
+        "owner": cfg.owner,
+        "retries": cfg.retries,
+        "retry_delay": timedelta(seconds=cfg.retry_delay_s),
+        "retry_exponential_backoff": 2.0,  # each retry waits about twice as long as the one before
+        "execution_timeout": timedelta(seconds=cfg.task_timeout_s),
+    }

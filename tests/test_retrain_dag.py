@@ -1,0 +1,236 @@
+"""near2_retrain and near2_reindex run end to end with ``dag.test()``: the real Airflow (SQLite), MLflow
+(SQLite), the real Elasticsearch, the tiny encoder and a tiny synthetic catalog.
+
+One successful retrain is shared by the module (it takes most of the time); the other tests start from
+the state it left: a champion serving behind the alias.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.tiny_model import TINY_DIMS
+
+pytestmark = pytest.mark.slow
+
+RETRAIN_TASKS = ["validate", "mine_examples", "train", "evaluate", "gate", "wait_for_approval", "promote",
+                 "build_index", "verify_index", "swap_alias", "smoke_search"]
+
+
+class Pipeline:
+    """The settings of this module's runs, written to a YAML file that each DAG run is pointed at."""
+
+    def __init__(self, settings, directory: Path) -> None:
+        self.settings = settings
+        self.directory = directory
+
+    def config_file(self, name: str = "base", **section_overrides: dict[str, Any]) -> str:
+        data = self.settings.model_dump(mode="json")
+        for section, values in section_overrides.items():
+            data[section] = {**data[section], **values}
+        path = self.directory / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    def run(self, dag_id: str, conf: dict[str, Any]):
+        from airflow.dag_processing.dagbag import DagBag
+
+        from tests.conftest import REPO
+
+        bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
+        assert bag.import_errors == {}
+        return bag.dags[dag_id].test(run_conf=conf)
+
+
+@pytest.fixture(scope="module")
+def pipeline(airflow_db, es_url, es_client, tiny_model_dir, tmp_path_factory):
+    from near2_tasks.config import load_settings
+
+    directory = tmp_path_factory.mktemp("retrain-dag")
+    alias = f"test-dag-{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as env:
+        # only this module's config file decides (a NEAR2_HOME exported by `make test` must not leak in) ...
+        for name in [n for n in os.environ if n.startswith("NEAR2_") and n != "NEAR2_ES_URL"]:
+            env.delenv(name)
+        # ... and a failing task fails the test at once instead of waiting for retries
+        env.setenv("NEAR2_AIRFLOW__RETRIES", "0")
+        settings = load_settings(
+            home=str(directory / "home"),
+            model={"base_model": str(tiny_model_dir), "dims": TINY_DIMS},
+            dataset={"synthetic_products": 300, "synthetic_queries": 60},
+            elasticsearch={"url": es_url, "alias": alias},
+            training={"max_steps": 4, "learning_rate": 1e-3, "eval_steps": 4},
+            # a few steps of a random tiny encoder move NDCG by noise at some dimension: the passing runs
+            # use a lenient gate (the rules themselves are the gates module's tests); the strict run below fails it
+            gates={"overall": {"metrics": {"ndcg@10": {"max_drop": 0.5}}}},
+        )
+        yield Pipeline(settings, directory)
+    es_client.indices.delete(index=f"{alias}-*", ignore_unavailable=True, allow_no_indices=True)
+
+
+@pytest.fixture(scope="module")
+def first_run(pipeline):
+    """A passing retrain with auto-approval on a fresh home: the first champion and the first index."""
+    dagrun = pipeline.run("near2_retrain", {"config_file": pipeline.config_file(), "auto_approve": True})
+    return dagrun
+
+
+def _states(dagrun) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
+
+
+def _serving(settings) -> tuple[str | None, dict[str, Any]]:
+    from near2_tasks.es_client import make_client
+    from near2_tasks.index import _meta_of, current_target
+
+    client = make_client(settings)
+    target = current_target(client, settings.elasticsearch.alias)
+    return target, (_meta_of(client, target) if target else {})
+
+
+def _champion(settings) -> str | None:
+    from near2_tasks.gates import current_champion
+
+    champion = current_champion(settings)
+    return None if champion is None else str(champion.version)
+
+
+def _run_dir(settings, dagrun) -> Path:
+    from near2_tasks.pipeline import run_directory
+
+    return run_directory(settings, dagrun.dag_id, dagrun.run_id)
+
+
+def test_retrain_serves_the_new_champion(pipeline, first_run):
+    from near2_tasks.pipeline import read_step
+    from near2_tasks.search import search
+
+    settings = pipeline.settings
+    states = _states(first_run)
+    assert str(first_run.state) == "success", states
+    assert set(states) == set(RETRAIN_TASKS)
+    # auto-approval: the wait is skipped, everything else ran
+    assert states.pop("wait_for_approval") == "skipped"
+    assert set(states.values()) == {"success"}, states
+
+    trained = read_step(_run_dir(settings, first_run), "train")
+    assert _champion(settings) == trained["model_version"]
+    target, meta = _serving(settings)
+    assert target == read_step(_run_dir(settings, first_run), "swap_alias")["index"]
+    assert target.startswith(f"{settings.elasticsearch.alias}-v{trained['model_version']}-")
+    assert meta["model_uri"] == f"models:/{settings.mlflow.registered_model}/{trained['model_version']}"
+    assert meta["dims"] == TINY_DIMS and "verified_at" in meta
+
+    for dim in TINY_DIMS:
+        response = search(settings, "deck stain", k=5, dim=dim)
+        assert response.index == target and response.model_version == trained["model_version"]
+        assert len(response.hits) == 5
+
+
+def test_task_links_open_mlflow_and_the_index(pipeline, first_run):
+    """What the API server shows as extra links: the plugin's links, filled from each task's XComs."""
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.utils.session import create_session
+
+    from near2_tasks.airflow_support import LINK_INDEX, LINK_MLFLOW_MODEL_VERSION, LINK_MLFLOW_RUN
+    from near2_tasks.pipeline import read_step
+
+    run_dir = _run_dir(pipeline.settings, first_run)
+    trained, built = read_step(run_dir, "train"), read_step(run_dir, "build_index")
+    with create_session() as session:
+        dag = SerializedDagModel.get_dag("near2_retrain", session=session)
+        tis = {ti.task_id: ti for ti in first_run.get_task_instances(session=session)}
+
+        def links(task_id: str) -> dict[str, str | None]:
+            task = dag.get_task(task_id)
+            return {name: task.get_extra_links(tis[task_id], name) or None for name in task.extra_links}
+
+        for task_id in ("train", "evaluate", "gate", "promote"):
+            found = links(task_id)
+            assert found[LINK_MLFLOW_RUN].endswith(f"/runs/{trained['run_id']}"), task_id
+            assert found[LINK_MLFLOW_MODEL_VERSION].endswith(
+                f"/models/{pipeline.settings.mlflow.registered_model}/versions/{trained['model_version']}"), task_id
+        assert links("build_index")[LINK_INDEX].endswith(f"/{built['index']}")
+        assert links("validate") == {name: None for name in links("validate")}  # nothing to open
+
+
+def test_steps_rerun_after_a_failure_converge(pipeline, first_run):
+    """Re-running steps of a finished run registers no second version and duplicates no document."""
+    from near2_tasks import pipeline as steps
+    from near2_tasks.airflow_support import build_context
+    from near2_tasks.es_client import make_client
+    from near2_tasks.registry import client as mlflow_client
+
+    settings = pipeline.settings
+    ctx = build_context({"config_file": pipeline.config_file(), "auto_approve": True}, first_run.run_id,
+                        "near2_retrain")
+    run_dir = ctx.run_dir
+    validation, examples = steps.read_step(run_dir, "validate"), steps.read_step(run_dir, "mine_examples")
+    first = steps.read_step(run_dir, "train")
+    versions_before = len(mlflow_client(settings).search_model_versions(f"name='{settings.mlflow.registered_model}'"))
+
+    again = steps.train(ctx, validation, examples)
+    assert again["model_version"] == first["model_version"]
+    promoted = steps.promote(ctx, again)
+    assert promoted["moved"] is False
+    built = steps.build_index(ctx, validation, promoted)
+    assert built["index"] == steps.read_step(run_dir, "swap_alias")["index"]  # the same index, finished again
+    steps.verify_index(ctx, validation, built)
+    steps.swap_alias(ctx, built)
+
+    versions_after = len(mlflow_client(settings).search_model_versions(f"name='{settings.mlflow.registered_model}'"))
+    assert versions_after == versions_before
+    assert make_client(settings).count(index=built["index"])["count"] == validation["products"]
+    assert _serving(settings)[0] == built["index"]
+
+
+def test_reindex_only_rebuilds_when_needed(pipeline, first_run):
+    from near2_tasks.pipeline import read_step
+
+    settings = pipeline.settings
+    target_before, _ = _serving(settings)
+    config = pipeline.config_file()
+
+    unneeded = pipeline.run("near2_reindex", {"config_file": config})
+    states = _states(unneeded)
+    assert str(unneeded.state) == "success", states
+    assert states["reindex_needed"] == "success" and states["build_index"] == "skipped", states
+    assert _serving(settings)[0] == target_before
+
+    forced = pipeline.run("near2_reindex", {"config_file": config, "force": True})
+    assert str(forced.state) == "success", _states(forced)
+    target, meta = _serving(settings)
+    assert target != target_before == read_step(_run_dir(settings, forced), "swap_alias")["previous"]
+    assert meta["model_version"] == _champion(settings)
+
+
+def test_failed_gate_changes_neither_champion_nor_alias(pipeline, first_run):
+    from near2_tasks.conventions import TAG_GATE
+    from near2_tasks.pipeline import read_step
+    from near2_tasks.registry import client as mlflow_client
+
+    settings = pipeline.settings
+    champion_before, serving_before = _champion(settings), _serving(settings)
+    # an NDCG@10 floor no model reaches: the new challenger must fail its gate
+    config = pipeline.config_file("strict", gates={"overall": {"metrics": {"ndcg@10": {"floor": 1.01}}}})
+    dagrun = pipeline.run("near2_retrain", {"config_file": config, "auto_approve": True})
+
+    states = _states(dagrun)
+    assert str(dagrun.state) == "success", states  # "not promoted" is an outcome, not an error
+    ran = RETRAIN_TASKS[:RETRAIN_TASKS.index("gate") + 1]
+    assert all(states[t] == "success" for t in ran), states
+    assert all(states[t] == "skipped" for t in RETRAIN_TASKS if t not in ran), states
+
+    assert _champion(settings) == champion_before
+    assert _serving(settings) == serving_before
+    gate = read_step(_run_dir(settings, dagrun), "gate")
+    assert gate["passed"] is False and any("1.01" in reason for reason in gate["reasons"])
+    version = mlflow_client(settings).get_model_version(settings.mlflow.registered_model, gate["model_version"])
+    assert version.tags[TAG_GATE] == "fail"
+    assert "FAILED" in version.description
