@@ -165,7 +165,7 @@ class ExpectationRunner:
     def build_docs(self) -> Path | None:
         if self.docs_dir is None:
             return None
-        self.context.build_data_docs()
+        self.context.build_data_docs(site_names=["near2"])  # not the ephemeral context's temporary site
         return self.docs_dir / "index.html"
 
 
@@ -278,11 +278,13 @@ def validate_catalog(runner: ExpectationRunner, table: RawTable, settings: Setti
             Check("price_non_negative", "rows", gxe.ExpectColumnValuesToBeBetween(column="price", min_value=0),
                   "price is negative"),
         ]
-    for column, allowed in (("category", vs.allowed_categories), ("brand", vs.allowed_brands)):
+    vocabularies = {"category": ("allowed_categories", vs.allowed_categories),
+                    "brand": ("allowed_brands", vs.allowed_brands)}
+    for column, (setting, allowed) in vocabularies.items():
         if allowed is not None and column in present:
             checks.append(Check(f"{column}_in_vocabulary", "rows",
                                 gxe.ExpectColumnValuesToBeInSet(column=column, value_set=list(allowed)),
-                                f"{column} is not in validation.allowed_{column if column == 'brand' else 'categorie'}s"))
+                                f"{column} is not in validation.{setting}"))
     frame["_first_occurrence"] = ~raw.duplicated(subset=present, keep="first") | ~raw["_well_formed"].astype(bool)
     checks.append(Check("not_exact_repeat", "rows",
                         gxe.ExpectColumnValuesToBeInSet(column="_first_occurrence", value_set=[True]),
@@ -321,7 +323,6 @@ def validate_catalog(runner: ExpectationRunner, table: RawTable, settings: Setti
 
 def validate_judgments(runner: ExpectationRunner, table: RawTable, settings: Settings,
                        catalog_ids: set[str], accepted_ids: set[str]) -> TableOutcome:
-    import great_expectations as gx  # noqa: F401 - imported for the expectations module below
     import great_expectations.expectations as gxe
 
     ds, vs = settings.dataset, settings.validation
