@@ -1,0 +1,522 @@
+"""NEAR² fine-tuning: one encoder whose every configured prefix (384 → 256 → … → 32) is a good embedding.
+
+The hybrid objective (NEAR², arXiv 2506.19743), trained together with the multi-dataset support of
+``SentenceTransformerTrainer`` — each batch comes from one dataset and is scored by that dataset's loss:
+
+* ``retrieval``: (anchor, positive, negative) triplets →
+  ``MatryoshkaLoss(MultipleNegativesRankingLoss)``: in-batch negatives plus the mined hard negative
+  (global comparison). Batches are drawn with ``BatchSamplers.NO_DUPLICATES`` so that no in-batch
+  "negative" is a copy of the positive.
+* ``ranking``: (sentence1, sentence2, label 0/1) pairs → ``MatryoshkaLoss(OnlineContrastiveLoss)``:
+  pulls labelled positives together and pushes the hard negatives apart (local comparison).
+
+The objective weights (``training.retrieval_weight`` / ``ranking_weight``) multiply each Matryoshka
+loss's per-dimension weights, so the summed gradient is ``w_obj · Σ_d w_d · loss_d``; a weight of 0
+drops that objective. The checkpoint kept is the one with the best mean validation NDCG@10 over all
+dimensions (one ``InformationRetrievalEvaluator`` per dimension, with ``truncate_dim``).
+
+Everything goes into one MLflow run: parameters, per-step losses (total and per objective), per-dimension
+validation metrics (``val_ndcg_at_10_dim_64`` …; binary relevance at ``dataset.relevant_threshold``,
+on a sample of the validation split — the graded full-catalog evaluation is ``evaluate.py``'s job),
+system metrics, the data reports, and the model, registered as the new ``challenger``. Only a run that
+trained and logged completely registers a version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+
+from near2_tasks import registry
+from near2_tasks.conventions import REPORT_METRICS, metric_key, mlflow_name
+from near2_tasks.errors import Near2Error
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
+
+    from near2_tasks.config import Settings, TrainingSettings
+
+log = logging.getLogger(__name__)
+
+TRIPLET_COLUMNS = ("anchor", "positive", "negative")
+PAIR_COLUMNS = ("sentence1", "sentence2", "label")
+RETRIEVAL, RANKING = "retrieval", "ranking"
+#: What the trainer maximises to pick the checkpoint: the mean over dimensions of validation NDCG@10.
+BEST_METRIC = "eval_sequential_score"
+#: Validation metrics reported per dimension (names as in reports; MLflow gets ``val_<m>_dim_<d>``).
+VAL_METRICS = ("ndcg@10", "mrr@10", "recall@100")
+
+
+class ValidationData(NamedTuple):
+    """What ``examples.ir_eval_data`` returns: the validation split as an IR task."""
+
+    queries: dict[str, str]  # query_id -> query text
+    corpus: dict[str, str]  # product_id -> product text
+    relevant_docs: dict[str, set[str]]  # query_id -> relevant product_ids
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_version: str
+    model_uri: str
+    output_dir: Path
+    val_metrics: dict[str, float]  # val_<metric>_dim_<d> of the registered checkpoint
+
+
+# ----- input checks ---------------------------------------------------------------------------
+def check_nested_dims(dims: list[int], model_dim: int | None = None) -> None:
+    """Dims must be positive, distinct, descending, and start at the model's full dimension."""
+    if not dims or any(d <= 0 for d in dims):
+        raise Near2Error(f"model.dims must be positive dimensions, got {dims}", hint="e.g. [384, 256, 128, 64, 32]")
+    if len(set(dims)) != len(dims):
+        raise Near2Error(f"model.dims {dims} repeat a dimension", hint="list each dimension once")
+    if dims != sorted(dims, reverse=True):
+        raise Near2Error(f"model.dims {dims} are not in descending order",
+                         hint=f"use {sorted(set(dims), reverse=True)} (full dimension first)")
+    if model_dim is not None:
+        too_big = [d for d in dims if d > model_dim]
+        if too_big:
+            raise Near2Error(f"model.dims {too_big} exceed the model's embedding dimension {model_dim}",
+                             hint=f"use dimensions <= {model_dim}")
+        if dims[0] != model_dim:
+            raise Near2Error(f"model.dims must start at the model's full dimension {model_dim}, got {dims}",
+                             hint=f"put {model_dim} first: the full dimension is always trained and served")
+
+
+def _check_frame(frame: pd.DataFrame | None, columns: tuple[str, ...], what: str) -> None:
+    if frame is None or len(frame) == 0:
+        raise Near2Error(f"no training {what}: the training split is empty or mining found nothing to learn from",
+                         hint="check the judgments (validation report) and examples settings; "
+                              "the train split needs queries with judged positives")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise Near2Error(f"training {what} lack columns {missing}; they have {list(frame.columns)}")
+
+
+def check_examples(examples: Any, cfg: TrainingSettings) -> None:
+    """Each objective with a weight > 0 needs a non-empty frame with its columns."""
+    if cfg.retrieval_weight == 0 and cfg.ranking_weight == 0:
+        raise Near2Error("training.retrieval_weight and training.ranking_weight are both 0: nothing to train",
+                         hint="give at least one objective a positive weight")
+    if cfg.retrieval_weight > 0:
+        _check_frame(getattr(examples, "triplets", None), TRIPLET_COLUMNS, "triplets")
+    if cfg.ranking_weight > 0:
+        _check_frame(getattr(examples, "pairs", None), PAIR_COLUMNS, "pairs")
+        labels = set(examples.pairs["label"].unique())
+        if not labels <= {0, 1}:
+            raise Near2Error(f"pair labels must be 0 or 1, got {sorted(labels)}")
+
+
+def check_validation(validation_data: Any) -> ValidationData:
+    try:
+        data = ValidationData(*validation_data)
+    except TypeError as exc:
+        raise Near2Error("validation data must be (queries, corpus, relevant_docs) as ir_eval_data returns") from exc
+    usable = [q for q in data.queries if data.relevant_docs.get(q)]
+    if not usable or not data.corpus:
+        raise Near2Error("the validation split has no query with a relevant product",
+                         hint="more judged queries are needed, or larger examples.split_fractions[1]")
+    return data
+
+
+def matryoshka_weights(settings: Settings) -> list[float]:
+    weights = settings.training.matryoshka_weights or [1.0] * len(settings.model.dims)
+    if len(weights) != len(settings.model.dims):
+        raise Near2Error(f"training.matryoshka_weights has {len(weights)} entries for {len(settings.model.dims)} "
+                         f"dims {settings.model.dims}", hint="give one weight per dimension, in the same order")
+    return list(weights)
+
+
+# ----- the pieces, in the order they are built: model → data → loss → evaluator → trainer ----------
+def pick_precision(precision: str, device: str) -> dict[str, bool]:
+    """``bf16``/``fp16`` flags for the trainer: mixed precision on GPU only."""
+    import torch
+
+    on_gpu = device.startswith("cuda")
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
+    if precision != "fp32" and not on_gpu:
+        raise Near2Error(f"training.precision={precision} needs a GPU", hint="use precision 'auto' or 'fp32' on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def load_base_model(settings: Settings, device: str) -> SentenceTransformer:
+    from near2_tasks.embeddings import load_encoder, model_dimension
+
+    model = load_encoder(settings.model.base_model, device=device)
+    if settings.training.max_seq_length:
+        model.max_seq_length = settings.training.max_seq_length
+    check_nested_dims(settings.model.dims, model_dimension(model))
+    return model
+
+
+def training_datasets(examples: Any, cfg: TrainingSettings) -> dict[str, Dataset]:
+    """``{"retrieval": triplets, "ranking": pairs}`` (objectives with weight 0 left out)."""
+    from datasets import Dataset
+
+    datasets = {}
+    if cfg.retrieval_weight > 0:
+        triplets = examples.triplets[list(TRIPLET_COLUMNS)].astype(str).reset_index(drop=True)
+        datasets[RETRIEVAL] = Dataset.from_pandas(triplets, preserve_index=False)
+    if cfg.ranking_weight > 0:
+        pairs = examples.pairs[list(PAIR_COLUMNS)].reset_index(drop=True)
+        pairs = pairs.astype({"sentence1": str, "sentence2": str, "label": int})
+        datasets[RANKING] = Dataset.from_pandas(pairs, preserve_index=False)
+    return datasets
+
+
+def hybrid_losses(model: SentenceTransformer, settings: Settings) -> dict:
+    """The NEAR² objective: one Matryoshka-wrapped loss per dataset, scaled by the objective weights."""
+    from sentence_transformers.sentence_transformer.losses import (
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+        OnlineContrastiveLoss,
+    )
+
+    cfg, dims = settings.training, settings.model.dims
+    per_dim = matryoshka_weights(settings)
+    losses = {}
+    if cfg.retrieval_weight > 0:
+        losses[RETRIEVAL] = MatryoshkaLoss(
+            model, MultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale), dims,
+            matryoshka_weights=[cfg.retrieval_weight * w for w in per_dim])
+    if cfg.ranking_weight > 0:
+        losses[RANKING] = MatryoshkaLoss(
+            model, OnlineContrastiveLoss(model, margin=cfg.contrastive_margin), dims,
+            matryoshka_weights=[cfg.ranking_weight * w for w in per_dim])
+    return losses
+
+
+def validation_sample(data: ValidationData, max_queries: int, corpus_size: int, seed: int) -> ValidationData:
+    """At most ``max_queries`` queries; the corpus keeps every relevant product plus random others.
+
+    Bounded so that validating every ``eval_steps`` stays cheap on a CPU; the full-catalog evaluation
+    of the finished model is evaluate.py's.
+    """
+    rng = random.Random(seed)
+    query_ids = sorted(q for q in data.queries if data.relevant_docs.get(q))
+    if len(query_ids) > max_queries:
+        query_ids = sorted(rng.sample(query_ids, max_queries))
+    relevant = {q: {p for p in data.relevant_docs[q] if p in data.corpus} for q in query_ids}
+    relevant = {q: docs for q, docs in relevant.items() if docs}
+    keep = set().union(*relevant.values()) if relevant else set()
+    others = sorted(set(data.corpus) - keep)
+    keep |= set(rng.sample(others, max(0, min(len(others), corpus_size - len(keep)))))
+    return ValidationData({q: data.queries[q] for q in relevant}, {p: data.corpus[p] for p in sorted(keep)},
+                          relevant)
+
+
+def nested_evaluator(data: ValidationData, dims: list[int], batch_size: int) -> SequentialEvaluator:
+    """One IR evaluator per dimension; the main score is the mean NDCG@10 over the dimensions."""
+    from sentence_transformers.sentence_transformer.evaluation import (
+        InformationRetrievalEvaluator,
+        SequentialEvaluator,
+    )
+
+    evaluators = [
+        InformationRetrievalEvaluator(
+            data.queries, data.corpus, data.relevant_docs, name=f"dim_{dim}", truncate_dim=dim,
+            mrr_at_k=[10], ndcg_at_k=[10], precision_recall_at_k=[10, 100], map_at_k=[100],
+            accuracy_at_k=[1], batch_size=batch_size, write_csv=False, main_score_function="cosine",
+        )
+        for dim in dims
+    ]
+    return SequentialEvaluator(evaluators, main_score_function=lambda scores: sum(scores) / len(scores))
+
+
+def val_metrics_from(evaluation: Mapping[str, float], dims: list[int], prefix: str = "eval_") -> dict[str, float]:
+    """``eval_dim_64_cosine_ndcg@10`` -> ``val_ndcg_at_10_dim_64`` for every reported metric found."""
+    found = {}
+    for dim in dims:
+        for metric in REPORT_METRICS:
+            value = evaluation.get(f"{prefix}dim_{dim}_cosine_{metric}")
+            if value is not None:
+                found[metric_key("val", metric, dim)] = float(value)
+    return found
+
+
+def training_arguments(settings: Settings, checkpoints: Path, device: str, epochs: float | None,
+                       max_steps: int | None) -> SentenceTransformerTrainingArguments:
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers, MultiDatasetBatchSamplers
+
+    cfg = settings.training
+    steps = max_steps or cfg.max_steps or -1
+    # evaluate (and checkpoint) at least once when the run is shorter than eval_steps
+    eval_steps = min(cfg.eval_steps, steps) if steps > 0 else cfg.eval_steps
+    on_gpu = device.startswith("cuda")
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=epochs or cfg.epochs,
+        max_steps=steps,
+        per_device_train_batch_size=cfg.gpu_batch_size if on_gpu else cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps (transformers 5)
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        multi_dataset_batch_sampler=MultiDatasetBatchSamplers(cfg.multi_dataset_sampler),
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        eval_on_start=True,  # the base model's validation scores become step 0 of every chart
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model=BEST_METRIC,
+        greater_is_better=True,
+        logging_steps=cfg.logging_steps,
+        report_to="none",  # MLflow logging is ours (MLflowStepLogger), with the project's metric names
+        use_cpu=not on_gpu,
+        **pick_precision(cfg.precision, device),
+    )
+
+
+def _hybrid_trainer_class():
+    """SentenceTransformerTrainer that also reports each objective's mean loss at every logging step."""
+    from sentence_transformers import SentenceTransformerTrainer
+
+    class HybridObjectiveTrainer(SentenceTransformerTrainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._objective_losses: dict[str, list[float]] = defaultdict(list)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            dataset_name = inputs.get("dataset_name")
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training and isinstance(dataset_name, str):
+                loss = result[0] if return_outputs else result
+                self._objective_losses[dataset_name].append(float(loss.detach()))
+            return result
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs:
+                for name, values in self._objective_losses.items():
+                    if values:
+                        logs[f"loss_{name}"] = sum(values) / len(values)
+                self._objective_losses.clear()
+            super().log(logs, start_time)
+
+    return HybridObjectiveTrainer
+
+
+def _mlflow_step_logger(dims: list[int]):
+    """A callback that sends the trainer's logs to the active MLflow run under the project's names."""
+    import mlflow
+    from transformers import TrainerCallback
+
+    class MLflowStepLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+            logs = logs or {}
+            metrics = val_metrics_from(logs, dims)
+            if BEST_METRIC in logs:
+                metrics["val_mean_ndcg_at_10"] = float(logs[BEST_METRIC])
+            for key, value in logs.items():
+                # eval_* are mapped above; the end-of-training train_loss is a mean that would add a
+                # misleading last point to the per-step train_loss chart
+                if key.startswith("eval_") or key == "train_loss" or not isinstance(value, (int, float)):
+                    continue
+                name = mlflow_name(key)
+                metrics[f"train_{name}" if name.startswith("loss") else name] = float(value)
+            if metrics:
+                mlflow.log_metrics(metrics, step=state.global_step)
+
+    return MLflowStepLogger()
+
+
+# ----- the run --------------------------------------------------------------------------------
+def system_info(device: str) -> dict[str, str]:
+    import sentence_transformers
+    import torch
+    import transformers
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": str(__import__("os").cpu_count()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "device": device,
+        "torch_threads": str(torch.get_num_threads()),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_params(settings: Settings, examples: Any, validation: ValidationData, dataset_version: str,
+               device: str, args: SentenceTransformerTrainingArguments, git_commit: str) -> dict[str, Any]:
+    cfg = settings.training
+    return {
+        "base_model": settings.model.base_model,
+        "dims": ",".join(map(str, settings.model.dims)),
+        "matryoshka_weights": ",".join(f"{w:g}" for w in matryoshka_weights(settings)),
+        "losses": "retrieval=MatryoshkaLoss(MultipleNegativesRankingLoss), "
+                  "ranking=MatryoshkaLoss(OnlineContrastiveLoss)",
+        "retrieval_weight": cfg.retrieval_weight,
+        "ranking_weight": cfg.ranking_weight,
+        "mnrl_scale": cfg.mnrl_scale,
+        "contrastive_margin": cfg.contrastive_margin,
+        "batch_size": args.per_device_train_batch_size,
+        "batch_sampler": "no_duplicates",
+        "multi_dataset_sampler": cfg.multi_dataset_sampler,
+        "learning_rate": cfg.learning_rate,
+        "warmup_ratio": cfg.warmup_ratio,
+        "weight_decay": cfg.weight_decay,
+        "epochs": args.num_train_epochs,
+        "max_steps": args.max_steps,
+        "eval_steps": args.eval_steps,
+        "seed": cfg.seed,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "device": device,
+        "dataset_version": dataset_version,
+        "train_triplets": len(examples.triplets) if getattr(examples, "triplets", None) is not None else 0,
+        "train_pairs": len(examples.pairs) if getattr(examples, "pairs", None) is not None else 0,
+        "val_queries": len(validation.queries),
+        "val_corpus": len(validation.corpus),
+        "git_commit": git_commit,
+    }
+
+
+def _train(trainer) -> None:
+    """``trainer.train()`` with out-of-memory turned into a one-line error that names the fix."""
+    import torch
+
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError as exc:
+        raise Near2Error(
+            f"out of GPU memory at batch size {trainer.args.per_device_train_batch_size}",
+            hint="lower training.gpu_batch_size (NEAR2_TRAINING__GPU_BATCH_SIZE) or training.max_seq_length",
+        ) from exc
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):
+            raise
+        raise Near2Error(f"out of memory at batch size {trainer.args.per_device_train_batch_size}",
+                         hint="lower training.batch_size or training.max_seq_length") from exc
+
+
+def _kept_checkpoint_metrics(state, dims: list[int]) -> dict[str, float]:
+    """Validation metrics logged at the step of the checkpoint the trainer kept (empty if none)."""
+    if not state.best_model_checkpoint:
+        return {}
+    step = int(state.best_model_checkpoint.rsplit("-", 1)[-1])
+    for entry in state.log_history:
+        if entry.get("step") == step and BEST_METRIC in entry:
+            return val_metrics_from(entry, dims)
+    return {}
+
+
+def _already_registered(settings: Settings, run_key: str, output_dir: Path) -> TrainResult | None:
+    """The result of an earlier, completed run with this run_key (its model copied to output_dir)."""
+    version = registry.find_version_by_run_key(settings, run_key)
+    if version is None:
+        return None
+    uri = registry.model_uri(settings, version.version)
+    log.info("run_key %r already trained and registered as version %s (run %s)", run_key, version.version,
+             version.run_id)
+    if not (output_dir / "modules.json").exists():
+        registry.load_model_from_mlflow(uri, device="cpu", settings=settings).save(str(output_dir))
+    run = registry.client(settings).get_run(version.run_id)
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("val_") and "_dim_" in k}
+    return TrainResult(version.run_id, str(version.version), uri, output_dir, metrics)
+
+
+def train_model(
+    settings: Settings,
+    examples: Any,
+    validation_data: Any,
+    dataset_version: str,
+    output_dir: str | Path,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    run_key: str | None = None,
+    reports: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Fine-tune ``settings.model.base_model`` with the NEAR² objective, log, register as challenger.
+
+    ``examples`` has ``triplets`` (anchor, positive, negative) and ``pairs`` (sentence1, sentence2,
+    label) frames and optionally ``counts``; ``validation_data`` is ``(queries, corpus, relevant_docs)``.
+    ``reports`` (e.g. the validation report) are stored as JSON artifacts of the run. With a ``run_key``
+    that already produced a registered version, nothing is retrained: that version is returned.
+    """
+    import mlflow
+    import transformers
+
+    from near2_tasks.embeddings import pick_device
+
+    cfg = settings.training
+    output_dir = Path(output_dir).expanduser().resolve()
+    check_nested_dims(settings.model.dims)
+    matryoshka_weights(settings)
+    check_examples(examples, cfg)
+    validation = check_validation(validation_data)
+    if output_dir.is_file():
+        raise Near2Error(f"output directory {output_dir} is an existing file", hint="give a directory path")
+
+    transformers.set_seed(cfg.seed)
+    device = pick_device(settings.model.device)
+    model = load_base_model(settings, device)  # checks the dims against the model's dimension
+    experiment_id = registry.configure_mlflow(settings)  # fail fast, before any training time is spent
+    if run_key and (done := _already_registered(settings, run_key, output_dir)) is not None:
+        return done
+
+    datasets = training_datasets(examples, cfg)
+    losses = hybrid_losses(model, settings)
+    validation = validation_sample(validation, cfg.val_max_queries, cfg.val_corpus_size, cfg.seed)
+    evaluator = nested_evaluator(validation, settings.model.dims, cfg.eval_batch_size)
+
+    git_commit = registry.current_git_commit()
+    tags = {"dataset_version": dataset_version, "git_commit": git_commit}
+    if run_key:
+        tags[registry.TAG_RUN_KEY] = run_key
+    checkpoints = settings.home / "checkpoints"
+    with mlflow.start_run(experiment_id=experiment_id, tags=tags, log_system_metrics=True) as run:
+        checkpoints = checkpoints / run.info.run_id
+        try:
+            args = training_arguments(settings, checkpoints, device, epochs, max_steps)
+            mlflow.log_params(run_params(settings, examples, validation, dataset_version, device, args, git_commit))
+            mlflow.log_dict(system_info(device), "system_info.json")
+            if getattr(examples, "counts", None) is not None:
+                mlflow.log_dict(json.loads(json.dumps(examples.counts, default=str)), "reports/training_examples.json")
+            for name, report in (reports or {}).items():
+                mlflow.log_dict(json.loads(json.dumps(report, default=str)), f"reports/{name}.json")
+
+            trainer = _hybrid_trainer_class()(
+                model=model, args=args, train_dataset=datasets, loss=losses, evaluator=evaluator,
+                callbacks=[_mlflow_step_logger(settings.model.dims)],
+            )
+            _train(trainer)
+            val_metrics = _kept_checkpoint_metrics(trainer.state, settings.model.dims)
+            if not val_metrics:
+                val_metrics = val_metrics_from(evaluator(model), settings.model.dims, prefix="")
+                mlflow.log_metrics(val_metrics, step=trainer.state.global_step)
+            mlflow.log_metric("best_step", int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
+                              if trainer.state.best_model_checkpoint else trainer.state.global_step)
+
+            model.save(str(output_dir))
+            info = registry.log_model(model, settings.model.dims[0],
+                                      metadata={"dims": settings.model.dims, "dataset_version": dataset_version})
+            version = registry.register_model(settings, info.model_uri, run.info.run_id, dataset_version,
+                                              settings.model.dims, run_key=run_key, git_commit=git_commit,
+                                              model_id=info.model_id)
+            mlflow.set_tag("model_version", version.version)
+        finally:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    uri = registry.model_uri(settings, version.version)
+    log.info("trained run %s, registered %s as %s", run.info.run_id, uri, "challenger")
+    return TrainResult(run.info.run_id, str(version.version), uri, output_dir, val_metrics)

@@ -1,0 +1,272 @@
+"""NEAR² training end to end: the real trainer, a real MLflow SQLite store and registry, the tiny encoder.
+
+One short training (module fixture) is shared by the checks on what it left behind; the bad-input
+tests stop before any training step, except the one that fails mid-run on purpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from near2_tasks.conventions import CHALLENGER, CHAMPION, metric_key, truncate
+from near2_tasks.errors import Near2Error, ServiceUnavailable
+from tests.tiny_model import TINY_DIMS
+
+# round-robin: the two steps alternate between the two objectives
+TRAINING = {"max_steps": 2, "multi_dataset_sampler": "round_robin", "batch_size": 8, "eval_steps": 1, "logging_steps": 1, "learning_rate": 1e-3,
+            "val_max_queries": 20, "val_corpus_size": 120}
+
+
+@dataclass
+class Examples:
+    """The shape ``examples.mine_examples`` returns."""
+
+    triplets: pd.DataFrame
+    pairs: pd.DataFrame
+    counts: dict = field(default_factory=dict)
+
+
+def synthetic_training_data(n_products: int = 240, n_queries: int = 60, seed: int = 3):
+    """Triplets, pairs and validation IR data from the synthetic catalog (queries split by parity)."""
+    from near2_tasks.data.synthetic import generate_catalog
+
+    data = generate_catalog(n_products, n_queries, seed)
+    title = data.products.set_index("product_id")["title"]
+    judgments = data.judgments
+    is_train = judgments["query_id"].str[1:].astype(int) % 2 == 0
+    train, val = judgments[is_train], judgments[~is_train]
+    triplets, pairs = [], []
+    for query, group in train.groupby("query"):
+        positives = group.loc[group["relevance"] >= 2.5, "product_id"].tolist()
+        negatives = group.loc[group["relevance"] < 2.0, "product_id"].tolist()
+        for i, pos in enumerate(positives):
+            if negatives:
+                triplets.append((query, title[pos], title[negatives[i % len(negatives)]]))
+            pairs.append((query, title[pos], 1))
+        pairs.extend((query, title[neg], 0) for neg in negatives)
+    examples = Examples(
+        pd.DataFrame(triplets, columns=["anchor", "positive", "negative"]),
+        pd.DataFrame(pairs, columns=["sentence1", "sentence2", "label"]),
+        {"triplets": len(triplets), "pairs": len(pairs)},
+    )
+    queries = dict(zip(val["query_id"], val["query"]))
+    relevant = {q: set(g.loc[g["relevance"] >= 2.0, "product_id"]) for q, g in val.groupby("query_id")}
+    return examples, (queries, title.to_dict(), relevant)
+
+
+def make_settings(home: Path, model_dir: Path, model: dict | None = None, training: dict | None = None,
+                  **overrides):
+    """Settings with the tiny encoder, a few training steps and an own MLflow SQLite store under home."""
+    from near2_tasks.config import load_settings
+
+    return load_settings(home=str(home), model={"base_model": str(model_dir), "dims": TINY_DIMS, **(model or {})},
+                         training={**TRAINING, **(training or {})}, **overrides)
+
+
+def registered_versions(settings) -> list:
+    from mlflow.exceptions import MlflowException
+
+    from near2_tasks import registry
+
+    if not (settings.home / "mlflow.db").exists():  # the store was never even created
+        return []
+    try:
+        return list(registry.client(settings).search_model_versions(f"name = '{settings.mlflow.registered_model}'"))
+    except MlflowException:
+        return []
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_training_data()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, data):
+    from near2_tasks.train import train_model
+
+    home = tmp_path_factory.mktemp("train-home")
+    settings = make_settings(home, tiny_model_dir)
+    examples, validation = data
+    result = train_model(settings, examples, validation, dataset_version="ds-test-1",
+                         output_dir=home / "model-out", run_key="dagrun-1", reports={"validation": {"ok": True}})
+    return settings, result
+
+
+def test_training_logs_a_complete_run(trained):
+    from near2_tasks import registry
+
+    settings, result = trained
+    client = registry.client(settings)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["dims"] == "64,32,16"
+    assert run.data.params["dataset_version"] == "ds-test-1"
+    assert int(run.data.params["train_triplets"]) > 0 and int(run.data.params["train_pairs"]) > 0
+    assert run.data.tags["run_key"] == "dagrun-1"
+    # per-dimension validation metrics: base model at step 0, then every eval_steps
+    for dim in TINY_DIMS:
+        for metric in ("ndcg@10", "mrr@10", "recall@100"):
+            history = client.get_metric_history(result.run_id, metric_key("val", metric, dim))
+            assert {m.step for m in history} == {0, 1, 2}
+            assert all(0.0 <= m.value <= 1.0 for m in history)
+        assert metric_key("val", "ndcg@10", dim) in result.val_metrics
+    # loss per objective, per step
+    for name in ("train_loss", "train_loss_retrieval", "train_loss_ranking"):
+        assert client.get_metric_history(result.run_id, name), name
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "reports")}
+    assert artifacts == {"reports/training_examples.json", "reports/validation.json"}
+
+
+def test_training_registers_challenger_with_tags_and_never_champion(trained):
+    from near2_tasks import registry
+
+    settings, result = trained
+    version = registry.get_version(settings, CHALLENGER)
+    assert str(version.version) == result.model_version
+    assert result.model_uri == registry.model_uri(settings, result.model_version)
+    assert version.run_id == result.run_id
+    assert version.tags["dataset_version"] == "ds-test-1"
+    assert version.tags["dims"] == "64,32,16"
+    assert len(version.tags["git_commit"]) >= 7
+    model = registry.client(settings).get_registered_model(settings.mlflow.registered_model)
+    assert CHAMPION not in model.aliases
+    with pytest.raises(Near2Error, match="no version 'champion'"):
+        registry.get_version(settings, CHAMPION)
+
+
+def test_registered_model_reloads_to_the_same_embeddings(trained, tiny_model_dir):
+    import mlflow
+    from sentence_transformers import SentenceTransformer
+
+    from near2_tasks.embeddings import encode, load_encoder
+
+    settings, result = trained
+    texts = ["cordless drill 20v", "Moen pull-down kitchen faucet", "DCD771C2"]
+    saved = encode(SentenceTransformer(str(result.output_dir), device="cpu"), texts)
+    from near2_tasks import registry
+
+    registry.configure_mlflow(settings)
+    reloaded = encode(load_encoder(f"models:/{settings.mlflow.registered_model}@{CHALLENGER}", device="cpu"), texts)
+    np.testing.assert_allclose(reloaded, saved, atol=1e-6)
+    # the training changed the weights
+    base = encode(SentenceTransformer(str(tiny_model_dir), device="cpu"), texts)
+    assert np.abs(base - saved).max() > 1e-3
+    # as a pyfunc the dimension is a parameter; the default is the full dimension
+    pyfunc = mlflow.pyfunc.load_model(result.model_uri)
+    np.testing.assert_allclose(np.asarray(pyfunc.predict(texts)), saved, atol=1e-5)
+    at_16 = np.asarray(pyfunc.predict(texts, params={"truncate_dim": 16}))
+    np.testing.assert_allclose(at_16, truncate(saved, 16), atol=1e-5)
+
+
+def test_same_run_key_returns_the_existing_version_without_training(trained, data, tmp_path):
+    from near2_tasks.train import train_model
+
+    settings, first = trained
+    examples, validation = data
+    runs_before = len(registered_versions(settings))
+    again = train_model(settings, examples, validation, "ds-test-1", tmp_path / "again", run_key="dagrun-1")
+    assert (again.run_id, again.model_version) == (first.run_id, first.model_version)
+    assert again.val_metrics == pytest.approx(first.val_metrics)
+    assert len(registered_versions(settings)) == runs_before
+    assert (tmp_path / "again" / "modules.json").exists()  # the model is where the caller asked
+
+
+# ----- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dims, problem", [
+    ([128, 64], "exceed the model's embedding dimension 64"),
+    ([32, 64, 16], "not in descending order"),
+    ([64, 32, 32], "repeat a dimension"),
+    ([32, 16], "must start at the model's full dimension 64"),
+])
+def test_bad_dims_fail_clearly_and_register_nothing(tmp_path, tiny_model_dir, data, dims, problem):
+    from near2_tasks.train import train_model
+
+    settings = make_settings(tmp_path / "home", tiny_model_dir)
+    # bypass the config validators, as a caller building settings in code could
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"dims": dims})})
+    with pytest.raises(Near2Error, match=problem):
+        train_model(settings, *data, dataset_version="x", output_dir=tmp_path / "out")
+    assert registered_versions(settings) == []
+
+
+def test_bad_dims_in_config_are_rejected_when_loading(tmp_path, tiny_model_dir):
+    with pytest.raises(Near2Error, match="descending"):
+        make_settings(tmp_path, tiny_model_dir, model={"dims": [16, 32, 64]})
+
+
+@pytest.mark.parametrize("which", ["triplets", "pairs"])
+def test_empty_training_split_fails_clearly(tmp_path, tiny_model_dir, data, which):
+    from near2_tasks.train import train_model
+
+    settings = make_settings(tmp_path / "home", tiny_model_dir)
+    examples, validation = data
+    empty = Examples(examples.triplets, examples.pairs)
+    setattr(empty, which, getattr(examples, which).iloc[:0])
+    with pytest.raises(Near2Error, match=f"no training {which}"):
+        train_model(settings, empty, validation, dataset_version="x", output_dir=tmp_path / "out")
+    assert registered_versions(settings) == []
+
+
+def test_unreachable_tracking_server_is_retried_then_reported(tmp_path, tiny_model_dir, data):
+    import socket
+
+    from near2_tasks.train import train_model
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = make_settings(tmp_path / "home", tiny_model_dir, mlflow={
+        "tracking_uri": f"http://127.0.0.1:{port}", "connect_retries": 2, "retry_backoff_s": 0.05})
+    with pytest.raises(ServiceUnavailable, match=f"127.0.0.1:{port} is unreachable after 3 attempts"):
+        train_model(settings, *data, dataset_version="x", output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_that_fails_mid_run_registers_nothing(trained, data, tmp_path):
+    """A max_seq_length beyond the tiny model's 128 positions breaks the first training step."""
+    from near2_tasks import registry
+    from near2_tasks.train import train_model
+
+    settings, _ = trained
+    settings = settings.model_copy(update={"training": settings.training.model_copy(update={"max_seq_length": 1000})})
+    versions_before = registered_versions(settings)
+    examples, validation = data
+    long_text = "heavy duty " * 200
+    broken = Examples(examples.triplets.assign(positive=long_text), examples.pairs.assign(sentence2=long_text))
+    with pytest.raises(RuntimeError):
+        train_model(settings, broken, validation, dataset_version="x", output_dir=tmp_path / "out",
+                    run_key="dagrun-broken")
+    latest = registry.client(settings).search_runs([registry.configure_mlflow(settings)],
+                                                   order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert latest.data.tags["run_key"] == "dagrun-broken" and latest.info.status == "FAILED"
+    assert registered_versions(settings) == versions_before
+    assert registry.find_version_by_run_key(settings, "dagrun-broken") is None
+    assert not (settings.home / "checkpoints" / latest.info.run_id).exists()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a GPU")
+def test_gpu_out_of_memory_names_the_batch_size(tmp_path, tiny_model_dir, data):
+    import torch
+
+    from near2_tasks.train import train_model
+
+    settings = make_settings(tmp_path / "home", tiny_model_dir, model={"device": "cuda"},
+                             training={"gpu_batch_size": 4096, "max_seq_length": 128})
+    examples, validation = data
+    many = Examples(pd.concat([examples.triplets.assign(anchor=examples.triplets["anchor"] + f" {i}")
+                               for i in range(60)]), examples.pairs)
+    torch.cuda.set_per_process_memory_fraction(0.002)
+    try:
+        with pytest.raises(Near2Error, match="out of GPU memory at batch size 4096"):
+            train_model(settings, many, validation, dataset_version="x", output_dir=tmp_path / "out")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert registered_versions(settings) == []
