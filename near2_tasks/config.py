@@ -195,6 +195,10 @@ class ElasticsearchSettings(Section):
     number_of_replicas: int = Field(0, ge=0, description="Replicas after the load (0 during it).")
     refresh_interval: str = Field("1s", description="Refresh interval after the load (-1 during it).")
     force_merge: bool = Field(False, description="Force-merge to one segment after the load (faster kNN).")
+    vectors_in_source: bool = Field(
+        False, description="Keep the embedding_<d> arrays in _source too (only needed to reindex from the index; "
+        "off, the index is several times smaller on disk)."
+    )
     verify_sample_size: int = Field(20, ge=1, description="Products whose own text must retrieve them.")
     verify_top_k: int = Field(10, ge=1)
     verify_min_self_hit_rate: float = Field(0.8, ge=0, le=1, description="Per dimension, share of the sample found in the top k.")
