@@ -270,3 +270,52 @@ def test_gpu_out_of_memory_names_the_batch_size(tmp_path, tiny_model_dir, data):
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert registered_versions(settings) == []
+
+
+# ----- the command line -----------------------------------------------------------------------
+def write_config(path: Path, home: Path, model_dir: Path, dims: list[int]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "home": str(home), "model": {"base_model": str(model_dir), "dims": dims},
+        "training": {**TRAINING, "val_max_queries": 10, "val_corpus_size": 60},
+    }))
+    return path
+
+
+def test_near2_train_command_trains_saves_and_registers(tmp_path, tiny_model_dir, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    from near2_tasks import registry
+    from near2_tasks.cli import main
+    from near2_tasks.config import load_settings
+    from near2_tasks.data.synthetic import write_catalog
+
+    catalog, judgments = write_catalog(tmp_path / "data", n_products=200, n_queries=45, seed=5)
+    config = write_config(tmp_path / "near2.yaml", tmp_path / "home", tiny_model_dir, TINY_DIMS)
+    main(["train", "--catalog", str(catalog), "--judgments", str(judgments), "--config", str(config),
+          "--max-steps", "1", "--output", str(tmp_path / "model")])
+    out = capsys.readouterr().out
+    run_id = out.split("run id: ", 1)[1].split()[0]
+    version = out.split("model version: ", 1)[1].split()[0]
+    settings = load_settings(config)
+    registered = registry.get_version(settings, CHALLENGER)
+    assert (str(registered.version), registered.run_id) == (version, run_id)
+    assert registry.client(settings).get_run(run_id).data.params["max_steps"] == "1"
+    assert SentenceTransformer(str(tmp_path / "model"), device="cpu").get_embedding_dimension() == 64
+
+
+def test_near2_train_command_rejects_bad_dims_in_one_line(tmp_path, tiny_model_dir, capsys):
+    from near2_tasks.cli import main
+    from near2_tasks.data.synthetic import write_catalog
+
+    catalog, judgments = write_catalog(tmp_path / "data", n_products=50, n_queries=10, seed=5)
+    config = write_config(tmp_path / "near2.yaml", tmp_path / "home", tiny_model_dir, [16, 32, 64])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--catalog", str(catalog), "--judgments", str(judgments), "--config", str(config),
+              "--output", str(tmp_path / "model")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("near2: error: invalid configuration: model.dims") and "descending" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "home" / "mlflow.db").exists() and not (tmp_path / "model").exists()
