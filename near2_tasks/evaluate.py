@@ -525,9 +525,9 @@ def log_evaluation(settings: Settings, report: EvaluationReport, files: ReportFi
     if report.run_id:
         run = mlflow.start_run(run_id=report.run_id)
     else:
-        run = mlflow.start_run(run_name=f"evaluate {report.display_name}"[:250])
+        run = mlflow.start_run(run_name=f"evaluate {report.display_name}"[:250],
+                               tags={"near2.stage": "evaluate", "near2.evaluated_model": report.model[:5000]})
     with run:
-        mlflow.set_tags({"near2.stage": "evaluate", "near2.evaluated_model": report.model[:5000]})
         mlflow.log_metrics(mlflow_metrics(report))
         for path in files.all() if files else []:
             mlflow.log_artifact(str(path), artifact_path="evaluation")

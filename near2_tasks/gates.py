@@ -136,6 +136,12 @@ def _fmt(value: float | None) -> str:
 
 
 # ----- the decision (pure) -------------------------------------------------------------------------------
+def _configured(rule: MetricGate) -> list[tuple[CheckKind, float]]:
+    kinds: list[tuple[CheckKind, float | None]] = [
+        ("floor", rule.floor), ("max_drop", rule.max_drop), ("max_relative_drop", rule.max_relative_drop)]
+    return [(kind, limit) for kind, limit in kinds if limit is not None]
+
+
 def _checks_for(rule: MetricGate, *, dim: int, metric: str, slice_name: str | None, value: float | None,
                 reference: float | None, reference_label: str, tolerance: float) -> list[GateCheck]:
     where = f"dim {dim} {metric}" + ("" if slice_name is None else f" on slice {slice_name}")
@@ -198,12 +204,13 @@ def decide(challenger: EvaluationReport, reference: EvaluationReport | None, gat
     for dim in sorted(challenger.dims, reverse=True):
         for slice_name, rules in scopes:
             for metric, rule in rules.rules_at(dim).items():
-                value = challenger.value(metric, dim, slice_name)
                 if slice_name is not None and not challenger.slices[slice_name]:
-                    checks.append(GateCheck(dim=dim, metric=metric, slice=slice_name, kind="floor", limit=0.0,
-                                            value=None, reference=None, passed=None,
-                                            reason=f"slice {slice_name} is empty: no query to judge"))
+                    checks.extend(
+                        GateCheck(dim=dim, metric=metric, slice=slice_name, kind=kind, limit=limit, value=None,
+                                  reference=None, passed=None, reason=f"slice {slice_name} is empty: no query to judge")
+                        for kind, limit in _configured(rule))
                     continue
+                value = challenger.value(metric, dim, slice_name)
                 theirs = None
                 if reference is not None and dim in reference.dims:
                     theirs = reference.value(metric, dim, slice_name)
