@@ -278,6 +278,12 @@ def validate_catalog(runner: ExpectationRunner, table: RawTable, settings: Setti
             Check("price_non_negative", "rows", gxe.ExpectColumnValuesToBeBetween(column="price", min_value=0),
                   "price is negative"),
         ]
+    if "updated_at" in present:
+        parsed = pd.to_datetime(frame["updated_at"], errors="coerce", utc=True, format="mixed")
+        frame["_updated_at_is_time"] = frame["updated_at"].isna() | parsed.notna()
+        checks.append(Check("updated_at_is_time", "rows",
+                            gxe.ExpectColumnValuesToBeInSet(column="_updated_at_is_time", value_set=[True]),
+                            "updated_at is present but not a date/time (ISO 8601 expected)"))
     vocabularies = {"category": ("allowed_categories", vs.allowed_categories),
                     "brand": ("allowed_brands", vs.allowed_brands)}
     for column, (setting, allowed) in vocabularies.items():

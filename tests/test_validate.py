@@ -244,6 +244,15 @@ def test_bounded_vocabulary(tmp_path):
         "products.csv:6": ["brand_in_vocabulary"], "products.csv:7": ["brand_in_vocabulary"]}
 
 
+def test_updated_at_must_be_a_time(tmp_path):
+    catalog = tmp_path / "products.csv"
+    catalog.write_text("product_id,title,updated_at\np1,a,2024-01-05\np2,b,2024-01-05T10:00:00Z\np3,c,yesterday\n"
+                       "p4,d,\n")
+    result = validate_dataset(cfg(tmp_path, max_rejected_fraction=1.0), catalog, report_dir=tmp_path / "r")
+    assert quarantine(result.quarantine_paths["catalog"]) == {"products.csv:4": ["updated_at_is_time"]}
+    assert result.products["product_id"].tolist() == ["p1", "p2", "p4"]
+
+
 # --------------------------------------------------------------------------------------- adapters end to end
 
 
