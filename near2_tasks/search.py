@@ -52,6 +52,16 @@ class NoServingIndex(Near2Error):
     exit_code = 3
 
 
+def _finite_number(value: Any) -> bool:
+    """An int or float (not a bool) with a finite float value; a huge int overflows, it is not a crash."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True)
 class SearchFilters:
     """Filters applied inside the kNN search."""
@@ -68,14 +78,17 @@ class SearchFilters:
             return cls()
         if isinstance(filters, dict):
             known = set(cls.__dataclass_fields__)
-            unknown = sorted(set(filters) - known)
+            unknown = sorted(set(filters) - known, key=repr)  # keys of any type (repr: no str/int comparison)
             if unknown:
                 raise BadSearchRequest(f"unknown filter(s) {unknown}", hint=f"filters are {sorted(known)}")
             filters = cls(**{key: value for key, value in filters.items() if value is not None})
+        if not isinstance(filters, cls):
+            raise BadSearchRequest(f"filters must be a mapping, got {type(filters).__name__}",
+                                   hint="e.g. {'category': 'Tools', 'price_max': 100}")
         for name in ("price_min", "price_max"):
             value = getattr(filters, name)
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
-                raise BadSearchRequest(f"{name} must be a finite number, got {value!r}")
+            if value is not None and not _finite_number(value):
+                raise BadSearchRequest(f"{name} must be a finite number, got {value!r}"[:200])
         for name in ("category", "brand"):
             value = getattr(filters, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
