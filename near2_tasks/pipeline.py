@@ -505,7 +505,8 @@ def smoke_search(ctx: StepContext, validation: Result, swapped: Result) -> Resul
                                  hint="another run moved the alias; check `near2 index status`")
             if not response.hits:
                 raise Near2Error(f"smoke search {query!r} at dim {dim} returned nothing from {response.index}")
-            answers.append({"query": query, "dim": dim, "titles": [hit.title for hit in response.hits[:3]]})
+            answers.append({"query": query, "dim": dim, "titles": [hit.title for hit in response.hits[:3]],
+                            "took_ms": response.timings_ms.get("total")})
     return _record(ctx, "smoke_search", {"index": swapped["index"], "answers": answers})
 
 
