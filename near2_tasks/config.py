@@ -323,10 +323,6 @@ class DemoSettings(Section):
     max_steps: int = Field(40, gt=0, description="Training steps (the real MiniLM, CPU).")
     val_corpus_size: int = Field(
         300, gt=0, description="Validation corpus while training (each validation encodes it once per dim).")
-    show_queries: int = Field(3, ge=0, description="Storefront queries printed at the end.")
-    show_dims: list[int] = Field(
-        default_factory=list, description="Dimensions the queries are answered at; empty: largest, middle, smallest."
-    )
 
 
 class EvaluationSettings(Section):
