@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 
     from near2_tasks.config import ElasticsearchSettings, Settings
 
-#: HTTP statuses worth retrying: overload and gateway hiccups.
-TRANSIENT_STATUSES = (429, 502, 503, 504)
 
 
 def redact_url(url: str) -> str:
@@ -89,10 +87,11 @@ def error_reason(exc: Exception) -> str:
 
 
 @contextmanager
-def es_errors(url: str, action: str = "") -> Iterator[None]:
-    """Turn transport failures into ServiceUnavailable and authorization failures into Near2Error.
+def es_errors(url: str, action: str = "", keep_not_found: bool = False) -> Iterator[None]:
+    """Turn transport failures into ServiceUnavailable, and refusals (auth, 4xx) into Near2Error.
 
-    Other API errors (404, 400) pass through unchanged: callers decide what those mean.
+    ``keep_not_found``: let NotFoundError through, for callers that treat a vanished index as a
+    signal (search re-reads the alias).
     """
     from elasticsearch import (
         AuthenticationException,
@@ -117,4 +116,8 @@ def es_errors(url: str, action: str = "") -> Iterator[None]:
     except ApiError as exc:
         if exc.meta.status in (502, 503, 504):
             raise unavailable(url, f"HTTP {exc.meta.status}") from exc
-        raise
+        if keep_not_found and exc.meta.status == 404:
+            raise
+        raise Near2Error(
+            f"Elasticsearch refused {action or 'the request'} (HTTP {exc.meta.status}): {error_reason(exc)}"
+        ) from exc

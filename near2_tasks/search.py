@@ -23,6 +23,8 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -150,6 +152,13 @@ class SearchResponse:
         return data
 
 
+@dataclass
+class Retrieved:
+    hits: list[Hit]
+    timings_ms: dict[str, float]
+    shortlist_size: int | None = None
+
+
 @dataclass(frozen=True)
 class ServingIndex:
     """The concrete index behind the alias, and what its ``_meta`` says about the model."""
@@ -185,6 +194,26 @@ def encoder_for(model_uri: str, device: str = "auto", cache_size: int = 2) -> Se
         while len(_ENCODERS) > cache_size:
             _ENCODERS.popitem(last=False)
         return model
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch threads, then restore. One query is too small to split: with the
+    default thread pool it took ~840 ms instead of ~37 ms on a busy 2-core host (BENCHMARKS.md)."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class Searcher:
@@ -304,40 +333,51 @@ class Searcher:
         began = time.perf_counter()
         model = self.encoder(served)
         loaded = time.perf_counter()
-        full = encode(model, [query], batch_size=1)[0]
+        with torch_threads(self.settings.serving.encode_threads):
+            full = encode(model, [query], batch_size=1)[0]
         encoded = time.perf_counter()
-        clauses = filters.clauses()
-        timings: dict[str, float] = {"model_load": loaded - began, "encode": encoded - loaded}
+        retrieved = self.retrieve(served, full, k, dim, shortlist_dim, filters.clauses(), num_candidates)
+        done = time.perf_counter()
+        timings = {"model_load": round((loaded - began) * 1000, 3), "encode": round((encoded - loaded) * 1000, 3),
+                   **retrieved.timings_ms, "total": round((done - began) * 1000, 3)}
+        return SearchResponse(
+            query=query, k=k, dim=dim, mode=mode, index=served.name, model_name=served.model_name,
+            model_version=served.model_version, model_uri=served.model_uri, hits=retrieved.hits,
+            timings_ms=timings, filters=filters.active(), shortlist_dim=shortlist_dim,
+            shortlist_size=retrieved.shortlist_size)
+
+    def retrieve(self, served: ServingIndex, full_vector, k: int, dim: int, shortlist_dim: int | None = None,
+                 clauses: list[dict[str, Any]] | None = None, num_candidates: int = 100) -> Retrieved:
+        """The Elasticsearch part of a search, for a query vector already encoded at full dimension:
+        kNN at ``dim``, or (``shortlist_dim`` given) the funnel. No input checks: callers validate."""
+        clauses = clauses or []
+        began = time.perf_counter()
+        timings: dict[str, float] = {}
         shortlist_size = None
-        with es_errors(self.settings.elasticsearch.url, "search"):
+        with es_errors(self.settings.elasticsearch.url, "search", keep_not_found=True):
             if shortlist_dim is None:
                 response = self.client.search(index=served.name, **knn_body(
-                    dim, conventions.truncate(full, dim), k, num_candidates, clauses))
+                    dim, conventions.truncate(full_vector, dim), k, num_candidates, clauses))
                 took = response["took"]
             else:
                 shortlist_size = min(max(k, self.settings.serving.funnel_shortlist_size),
                                      self.settings.serving.max_num_candidates)
                 first = self.client.search(index=served.name, **knn_body(
-                    shortlist_dim, conventions.truncate(full, shortlist_dim), shortlist_size,
+                    shortlist_dim, conventions.truncate(full_vector, shortlist_dim), shortlist_size,
                     max(shortlist_size, num_candidates), clauses, source=False))
-                timings["shortlist"] = time.perf_counter() - encoded
+                timings["shortlist"] = round((time.perf_counter() - began) * 1000, 3)
                 ids = [hit["_id"] for hit in first["hits"]["hits"]]
                 took = first["took"]
                 response = {"hits": {"hits": []}}
-                if ids:
+                if ids:  # exact scores at the larger dimension, over the shortlist only
                     response = self.client.search(index=served.name, **knn_body(
-                        dim, conventions.truncate(full, dim), min(k, len(ids)), len(ids),
+                        dim, conventions.truncate(full_vector, dim), min(k, len(ids)), len(ids),
                         [{"ids": {"values": ids}}]))
                     took += response["took"]
-        done = time.perf_counter()
-        timings.update(search=done - encoded, total=done - began)
-        timings = {name: round(seconds * 1000, 3) for name, seconds in timings.items()}
+        timings["search"] = round((time.perf_counter() - began) * 1000, 3)
         timings["es_took"] = float(took)
-        return SearchResponse(
-            query=query, k=k, dim=dim, mode=mode, index=served.name, model_name=served.model_name,
-            model_version=served.model_version, model_uri=served.model_uri,
-            hits=[_hit(h) for h in response["hits"]["hits"]], timings_ms=timings, filters=filters.active(),
-            shortlist_dim=shortlist_dim, shortlist_size=shortlist_size)
+        return Retrieved(hits=[_hit(h) for h in response["hits"]["hits"]], timings_ms=timings,
+                         shortlist_size=shortlist_size)
 
 
 def knn_body(dim: int, vector, k: int, num_candidates: int, filters: list[dict[str, Any]],

@@ -132,7 +132,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if not info.indices:
         click.echo("no indices")
     for row in info.indices:
-        flags = ("* serving" if row.serving else "") + ("" if row.verified else " unverified")
+        flags = ("  * serving" if row.serving else "") + ("" if row.verified else " unverified")
         click.echo(f"  {row.name}  model {row.model_name} v{row.model_version}  dims {row.dims}  "
                    f"{row.docs} docs  {row.size_bytes / 2**20:.1f} MiB  built {row.built_at}{flags}")
 

@@ -1,0 +1,132 @@
+"""The HTTP search service (FastAPI TestClient) against the real Elasticsearch."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+
+from near2_tasks.config import load_settings
+from near2_tasks.index import build_verify_swap
+from near2_tasks.service import create_app
+from tests.serving_support import serving_settings, titled_catalog, with_sections
+from tests.tiny_model import TINY_DIMS
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, es_url, es_client, tiny_model_dir):
+    alias = f"test-products-{uuid.uuid4().hex[:8]}"
+    settings = serving_settings(load_settings(
+        home=str(tmp_path_factory.mktemp("service-home")), elasticsearch={"url": es_url, "alias": alias},
+        model={"base_model": str(tiny_model_dir), "dims": TINY_DIMS}))
+    products = titled_catalog(80)
+    built = build_verify_swap(settings, str(tiny_model_dir), products, model_version=1)
+    yield settings, products, built.index.name
+    es_client.indices.delete(index=f"{alias}-*", ignore_unavailable=True)
+
+
+@pytest.fixture(scope="module")
+def api(served):
+    settings, _, _ = served
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_search_returns_ranked_products_with_model_and_timings(api, served):
+    _, products, index = served
+    response = api.get("/search", params={"q": products.title[4], "k": 5, "dim": 32})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["hits"][0]["product_id"] == products.product_id[4]
+    assert (body["dim"], body["mode"], body["k"], body["index"], body["model_version"]) == (32, "knn", 5, index, "1")
+    assert len(body["hits"]) == 5 and {"encode", "search", "total"} <= set(body["timings_ms"])
+    assert "model_uri" not in body  # a local path is an internal detail
+
+    funnel = api.get("/search", params={"q": products.title[4], "k": 3, "mode": "funnel",
+                                        "category": products.category[4]}).json()
+    assert funnel["mode"] == "funnel" and funnel["shortlist_dim"] == min(TINY_DIMS)
+    assert funnel["hits"][0]["product_id"] == products.product_id[4]
+    assert all(hit["category"] == products.category[4] for hit in funnel["hits"])
+
+
+def test_health_and_openapi(api, served):
+    _, _, index = served
+    health = api.get("/health").json()
+    assert health == {"status": "ok", "alias": served[0].elasticsearch.alias, "index": index,
+                      "model_name": "model", "model_version": "1", "dims": TINY_DIMS, "error": None}
+    spec = api.get("/openapi.json").json()
+    parameters = {p["name"]: p for p in spec["paths"]["/search"]["get"]["parameters"]}
+    assert set(parameters) == {"q", "k", "dim", "mode", "category", "brand", "price_min", "price_max",
+                               "num_candidates"}
+    assert parameters["k"]["schema"]["maximum"] == 100
+    assert "/health" in spec["paths"]
+
+
+@pytest.mark.parametrize("params, status, message", [
+    ({}, 422, "q: Field required"),
+    ({"q": ""}, 422, "q: String should have at least 1 character"),
+    ({"q": "   "}, 400, "the query is empty"),
+    ({"q": "x" * 257}, 422, "q: String should have at most 256 characters"),
+    ({"q": "drill", "k": 0}, 422, "k: Input should be greater than or equal to 1"),
+    ({"q": "drill", "k": 101}, 422, "k: Input should be less than or equal to 100"),
+    ({"q": "drill", "k": "ten"}, 422, "k: Input should be a valid integer"),
+    ({"q": "drill", "dim": 48}, 400, "dim 48 is not served"),
+    ({"q": "drill", "mode": "hybrid"}, 422, "mode: Input should be 'knn' or 'funnel'"),
+    ({"q": "drill", "colour": "red"}, 400, "unknown parameter(s) ['colour']"),
+    ({"q": "drill", "price_min": 50, "price_max": 10}, 400, "price_min 50.0 is above price_max 10.0"),
+    ({"q": "drill", "price_max": "nan"}, 422, "price_max"),
+    ({"q": "drill", "num_candidates": 100000}, 422, "num_candidates: Input should be less than or equal to 1000"),
+    ({"q": "drill", "mode": "funnel", "dim": 16}, 400, "shortlist dimension below the rescore dimension"),
+])
+def test_bad_input_is_a_4xx_with_a_clear_message(api, params, status, message):
+    response = api.get("/search", params=params)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_repeated_parameters_and_oversized_requests_are_refused(api):
+    repeated = api.get("/search?q=drill&k=3&k=4")
+    assert repeated.status_code == 400 and "given more than once" in repeated.json()["error"]
+    long_url = api.get("/search", params={"q": "drill", "category": "c" * 9000})
+    assert long_url.status_code == 414
+    big_body = api.request("GET", "/search", params={"q": "drill"}, content=b"x" * 10_000)
+    assert big_body.status_code == 413 and "larger than 8192 bytes" in big_body.json()["error"]
+
+    def chunks():
+        for _ in range(10):
+            yield b"y" * 1000
+
+    chunked = api.request("GET", "/search", params={"q": "drill"}, content=chunks())
+    assert chunked.status_code == 413
+    small = api.request("GET", "/search", params={"q": "drill", "k": 2}, content=b"{}")
+    assert small.status_code == 200
+
+
+def test_service_errors_reveal_no_hostnames_or_traces(served):
+    settings, _, _ = served
+    down = with_sections(settings, elasticsearch={"url": "http://es-internal.example:9", "max_retries": 0,
+                                                  "request_timeout": 2})
+    with TestClient(create_app(down), raise_server_exceptions=False) as client:
+        for path in ("/search?q=drill", "/health"):
+            response = client.get(path)
+            assert response.status_code == 503
+            assert "es-internal" not in response.text and "Traceback" not in response.text
+    missing = with_sections(settings, elasticsearch={"alias": f"absent-{uuid.uuid4().hex[:6]}"})
+    with TestClient(create_app(missing), raise_server_exceptions=False) as client:
+        response = client.get("/search", params={"q": "drill"})
+        assert response.status_code == 503 and response.json()["error"] == "no product index is being served yet"
+
+
+def test_service_follows_an_alias_move_to_a_new_model(tiny_settings, tiny_model_dir, second_tiny_model_dir):
+    settings = serving_settings(tiny_settings)
+    products = titled_catalog(50)
+    build_verify_swap(settings, str(tiny_model_dir), products, model_version=1)
+    with TestClient(create_app(settings)) as client:
+        first = client.get("/search", params={"q": products.title[2], "k": 3}).json()
+        assert first["model_version"] == "1"
+        moved = build_verify_swap(settings, str(second_tiny_model_dir), products, model_version=2)
+        second = client.get("/search", params={"q": products.title[2], "k": 3}).json()
+        assert second["model_version"] == "2" and second["index"] == moved.index.name
+        assert second["hits"][0]["product_id"] == products.product_id[2]
+        assert client.get("/health").json()["model_version"] == "2"
