@@ -100,7 +100,7 @@ def test_rejected_writes_fail_cleanly_and_rerun_converges(
     bulk_requests = faulty_proxy.seen["bulk"]
     assert "\n" not in message
     if fault == "read_only":
-        assert "read_only_allow_delete" in message or "read-only" in message
+        assert "read-only" in message and "index.blocks" in message, "the hint names the block, not overload"
     else:
         assert "429" in message
     # retried (more than one bulk request for the first chunk), and bounded
