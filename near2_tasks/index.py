@@ -31,7 +31,7 @@ import pandas as pd
 
 from near2_tasks import conventions
 from near2_tasks.errors import Near2Error
-from near2_tasks.es_client import TRANSIENT_STATUSES, error_reason, es_errors, make_client, unavailable
+from near2_tasks.es_client import error_reason, es_errors, make_client, unavailable
 
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch
@@ -127,12 +127,12 @@ class SwapResult:
 
 # ----- products and mapping ------------------------------------------------------------------
 
-def prepare_products(products: pd.DataFrame, text_template: str = "{title}") -> pd.DataFrame:
+def prepare_products(products: pd.DataFrame, text_template: str | None = None) -> pd.DataFrame:
     """The accepted catalog rows as indexed: string ids, optional fields filled, a ``text`` to embed.
 
-    ``text`` is the caller's column when present, else ``text_template`` filled per product
-    (``dataset.text_template``: the same text training and evaluation embed; for a catalog with
-    titles only, the title). Raises Near2Error for what would make the index disagree with the catalog (missing columns,
+    ``text`` is the caller's column when present, else ``text_template`` filled per product (pass
+    ``settings.dataset.text_template``; None: its default). Training and evaluation embed the same
+    text; a catalog with titles only embeds its titles. Raises Near2Error for what would make the index disagree with the catalog (missing columns,
     empty or repeated ids, empty titles).
     """
     missing = [c for c in ("product_id", "title") if c not in products.columns]
@@ -152,9 +152,10 @@ def prepare_products(products: pd.DataFrame, text_template: str = "{title}") -> 
         if column not in frame.columns:
             frame[column] = None
     if "text" not in frame.columns:
+        from near2_tasks.config import DatasetSettings
         from near2_tasks.data.text import product_texts
 
-        frame["text"] = product_texts(frame, text_template)
+        frame["text"] = product_texts(frame, text_template or DatasetSettings().text_template)
     frame["text"] = frame.text.fillna(frame.title).astype(str)
     return frame.reset_index(drop=True)
 
@@ -197,10 +198,14 @@ def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dic
     }
     for dim in dims:
         properties[conventions.vector_field(dim)] = vector_mapping(settings, dim)
+    mappings: dict[str, Any] = {"dynamic": "strict", "_meta": meta, "properties": properties}
+    if not settings.elasticsearch.vectors_in_source:
+        # kNN reads the vector index, never _source: JSON floats there would double the disk
+        mappings["_source"] = {"excludes": [conventions.vector_field(d) for d in dims]}
     return {
         "settings": {"index": {"number_of_shards": settings.elasticsearch.number_of_shards,
                                "number_of_replicas": 0, "refresh_interval": "-1"}},
-        "mappings": {"dynamic": "strict", "_meta": meta, "properties": properties},
+        "mappings": mappings,
     }
 
 
