@@ -375,6 +375,9 @@ def prepare_data(products: pd.DataFrame, judgments: pd.DataFrame, text_template:
     _require_columns(judgments, ["query", "product_id", "relevance"], "the judgments")
     if products.empty:
         raise Near2Error("the catalog is empty", hint="evaluate against the accepted catalog of `near2 validate`")
+    if judgments.empty:
+        raise Near2Error("the judgments are empty: there is no query to evaluate",
+                         hint="pass graded (query, product, relevance) judgments")
     product_ids = products["product_id"].astype(str)
     duplicated = product_ids[product_ids.duplicated()]
     if len(duplicated):

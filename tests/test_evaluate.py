@@ -178,6 +178,7 @@ def test_an_empty_slice_is_reported_as_empty_not_nan(tiny_settings, tiny_model_d
     ("no_overlap", "none of the .* judgments refers to a product in the catalog"),
     ("missing_column", r"the judgments lack the column\(s\) \['relevance'\]"),
     ("bad_relevance", "1 judgment\\(s\\) have a missing or non-numeric relevance"),
+    ("no_judgments", "the judgments are empty"),
 ])
 def test_bad_input_fails_with_a_clear_message(case, message, tiny_settings, tiny_model_dir, catalog, tmp_path):
     products, judgments = catalog.products, catalog.judgments.copy()
@@ -192,6 +193,8 @@ def test_bad_input_fails_with_a_clear_message(case, message, tiny_settings, tiny
         judgments["product_id"] = "other-" + judgments["product_id"].astype(str)
     elif case == "missing_column":
         judgments = judgments.drop(columns=["relevance"])
+    elif case == "no_judgments":
+        judgments = judgments.iloc[:0]
     elif case == "bad_relevance":
         judgments["relevance"] = judgments["relevance"].astype(object)
         judgments.loc[0, "relevance"] = "high"
