@@ -163,12 +163,18 @@ def _sample_unjudged(rng: random.Random, product_ids: list[str], judged: set[str
 
 
 def mine_examples(products: pd.DataFrame, train_judgments: pd.DataFrame, settings: Settings,
-                  model: SentenceTransformer | str | None = None, model_key: str | None = None) -> TrainingExamples:
+                  model: SentenceTransformer | str | None = None, model_key: str | None = None,
+                  product_vectors: np.ndarray | None = None) -> TrainingExamples:
     """Triplets and labelled pairs from the training split (see module doc); deterministic per seed.
 
     ``model`` (a loaded encoder or a reference for :func:`near2_tasks.embeddings.load_encoder`) turns
-    on model-mined hard negatives; ``model_key`` caches its product embeddings on disk.
+    on model-mined hard negatives; ``model_key`` caches its product embeddings on disk, and
+    ``product_vectors`` (the model's normalised vectors of ``products``, row for row) skips encoding
+    the catalog when a caller already has them.
     """
+    if product_vectors is not None and len(product_vectors) != len(products):
+        raise Near2Error(f"product_vectors has {len(product_vectors)} rows for {len(products)} products",
+                         hint="pass the vectors of exactly these products, in the same order")
     ex = settings.examples
     strong_min, hard_max = _grade_bounds(settings)
     rng = random.Random(ex.seed)
@@ -184,8 +190,8 @@ def mine_examples(products: pd.DataFrame, train_judgments: pd.DataFrame, setting
     if model is not None and ex.mined_negatives_per_query > 0 and len(queries):
         encoder, key = _resolve_model(model, model_key)
         texts = [text_of[pid] for pid in product_ids]
-        vectors = None
-        if key:
+        vectors = product_vectors
+        if vectors is None and key:
             from near2_tasks.embeddings import encode_cached
 
             cache = ex.embedding_cache_dir or settings.home / "cache" / "embeddings"

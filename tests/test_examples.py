@@ -147,6 +147,11 @@ def test_model_mined_hard_negatives(accepted, tiny_model_dir, tmp_path):
     for qid, pid, _ in kinds.itertuples(index=False):
         assert grades[(qid, pid)] < settings.dataset.relevant_threshold and pid in top[qid]
     assert mined.counts["mined_unjudged_negatives"] == 0
+    # vectors a caller already has give the same examples without encoding the catalog again
+    same = mine_examples(products, train, cfg, model=model, product_vectors=vectors)
+    pd.testing.assert_frame_equal(same.pair_sources, mined.pair_sources)
+    with pytest.raises(Near2Error, match="product_vectors"):
+        mine_examples(products, train, cfg, model=model, product_vectors=vectors[:5])
     # unjudged top-ranked products only when the config says so
     loose = mine_examples(products, train, with_examples(cfg, mined_unjudged_as_negatives=True, mined_skip_top=2),
                           model=model, model_key="tiny-test")
