@@ -42,13 +42,15 @@ DEFAULT_ALIAS = "products"  # = near2_tasks.config.ElasticsearchSettings.alias (
 
 def role_definitions(alias: str) -> dict[str, dict[str, Any]]:
     """The privileges of each principal: the one place they are written down."""
-    indices = [alias, f"{alias}-*"]
+    def indices() -> list[str]:  # a fresh list per role: the roles never share (or alias) objects
+        return [alias, f"{alias}-*"]
+
     return {
         INDEXER: {
             # monitor: cluster health while waiting for a new index to be ready
             "cluster": ["monitor"],
             "indices": [{
-                "names": indices,
+                "names": indices(),
                 # manage: aliases, refresh, settings, force-merge, delete of old indices
                 "privileges": ["create_index", "manage", "write", "read", "view_index_metadata"],
             }],
@@ -57,7 +59,7 @@ def role_definitions(alias: str) -> dict[str, dict[str, Any]]:
         STOREFRONT: {
             "cluster": [],
             "indices": [{
-                "names": indices,
+                "names": indices(),
                 # read: kNN search; view_index_metadata: resolve the alias and read the mapping's _meta
                 "privileges": ["read", "view_index_metadata"],
             }],

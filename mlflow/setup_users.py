@@ -42,6 +42,21 @@ def ensure_user(auth, username: str, password: str) -> str:
     return "password set"
 
 
+def ensure_permission(auth, username: str, resource_type: str, resource_id: str, permission: str) -> None:
+    """Give ``username`` exactly ``permission`` on the resource (grant, or replace a different grant)."""
+    from mlflow.exceptions import RestException
+
+    if auth.get_user_permission(username, resource_type, resource_id).permission == permission:
+        return
+    try:
+        auth.grant_user_permission(username, resource_type, resource_id, permission)
+    except RestException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        auth.revoke_user_permission(username, resource_type, resource_id)
+        auth.grant_user_permission(username, resource_type, resource_id, permission)
+
+
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -99,8 +114,8 @@ def main(env: dict[str, str] | None = None) -> int:
     for prefix, permission in grants.items():
         username = env[f"{prefix}_USERNAME"]
         what = ensure_user(auth, username, env[f"{prefix}_PASSWORD"])
-        auth.grant_user_permission(username, "experiment", experiment_id, permission)
-        auth.grant_user_permission(username, "registered_model", model, permission)
+        ensure_permission(auth, username, "experiment", experiment_id, permission)
+        ensure_permission(auth, username, "registered_model", model, permission)
         print(f"mlflow-setup: user {username}: {what}; {permission} on experiment {experiment!r} "
               f"(id {experiment_id}) and registered model {model!r}", flush=True)
     return 0

@@ -11,7 +11,6 @@ start-server.sh, es-certs.sh) are exercised against real servers in tests/test_s
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -26,7 +25,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.stack_support import REPO, load_script
+
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 
@@ -46,14 +46,6 @@ VARIABLE_REF = re.compile(r"(?<!\$)\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?
 
 
 # ----- loading ---------------------------------------------------------------------------------------
-def load_script(path: Path) -> ModuleType:
-    """Import one of the stack's scripts (docker/, mlflow/ are not packages)."""
-    spec = importlib.util.spec_from_file_location(f"near2_stack_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def read_env_file(path: Path) -> dict[str, str]:
     values = {}
     for line in path.read_text().splitlines():
@@ -442,6 +434,27 @@ def test_es_setup_roles_give_the_storefront_read_access_only():
     assert {"create_index", "write", "manage"} <= indexer
     for role in roles.values():  # scoped to the serving alias and its versioned indices only
         assert all(set(entry["names"]) == {"products", "products-*"} for entry in role["indices"])
+
+
+def test_es_setup_key_files_are_private_and_replaced_atomically(tmp_path, capsys):
+    """What can be checked without a native realm: the local server lacks the module the .security
+    index needs, so the API-key calls themselves run only in the compose stack."""
+    import base64
+
+    es_setup = load_script(REPO / "docker" / "es_setup.py")
+    encoded = base64.b64encode(b"key-id-123:secret-part").decode()
+    assert es_setup.key_id(encoded) == "key-id-123"
+    assert es_setup.key_id("not base64!") == ""
+    path = tmp_path / "es-storefront" / "api_key"
+    es_setup.write_key(path, encoded)
+    es_setup.write_key(path, encoded)  # replacing a read-only file works (rename, not rewrite)
+    assert es_setup.read_key(path) == encoded
+    assert stat.S_IMODE(path.stat().st_mode) == 0o440
+    assert [p.name for p in path.parent.iterdir()] == ["api_key"], "no temporary file left behind"
+    with pytest.raises(SystemExit, match="refusing to revoke them all"):
+        es_setup.invalidate_stale(None, es_setup.STOREFRONT, tmp_path / "missing")
+    assert es_setup.main([], env={"ELASTICSEARCH_URL": "https://elasticsearch:9200"}) == 78
+    assert "ELASTIC_PASSWORD is not set" in capsys.readouterr().err
 
 
 # ----- MLflow ----------------------------------------------------------------------------------------------
