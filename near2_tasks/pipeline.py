@@ -453,20 +453,40 @@ def verify_index(ctx: StepContext, validation: Result, built: Result) -> Result:
 
 
 def swap_alias(ctx: StepContext, built: Result) -> Result:
-    """Point the serving alias at the verified index (compare-and-swap), then prune old indices."""
+    """Point the serving alias at the verified index (compare-and-swap), then prune old indices.
+
+    Only the champion's index is served, even with two runs at once: a run whose model is no longer the
+    champion (a later run promoted another version) ends here, "not served", leaving the alias alone.
+    If another run moved the alias after this one read it (AliasChanged) to an index whose model is not
+    the champion, while this run's model is, the swap is retried against that new target.
+    """
     from near2_tasks import index as idx
     from near2_tasks.es_client import es_errors, make_client
 
     settings = ctx.settings
-    alias, new = settings.elasticsearch.alias, built["index"]
+    alias, new, version = settings.elasticsearch.alias, built["index"], str(built["model_version"])
     client = make_client(settings)
+    champion = _champion_version(settings)
+    if champion is not None and champion != version:
+        skip_rest(f"not served: v{version} is no longer the champion (v{champion} is); the alias {alias} "
+                  f"was left where it is")
     with es_errors(settings.elasticsearch.url, "reading the alias"):
         current = idx.current_target(client, alias)
     if current == new:
         log.info("alias %s already points at %s", alias, new)
         previous = built["expected_current"]
     else:
-        previous = idx.swap_alias(client, alias, new, built["expected_current"])
+        try:
+            previous = idx.swap_alias(client, alias, new, built["expected_current"])
+        except idx.AliasChanged:
+            with es_errors(settings.elasticsearch.url, "reading the alias"):
+                current = idx.current_target(client, alias)
+                serving = str(idx._meta_of(client, current).get("model_version")) if current else None
+            if champion != version or serving == champion:
+                raise  # nothing says the other run's index is stale: leave it
+            log.warning("alias %s moved to %s (v%s, not the champion) meanwhile; swapping from there",
+                        alias, current, serving)
+            previous = idx.swap_alias(client, alias, new, current)
     deleted = idx.prune_indices(settings, client)
     return _record(ctx, "swap_alias", {
         "alias": alias, "index": new, "previous": previous, "deleted": deleted,
