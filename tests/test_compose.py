@@ -660,6 +660,38 @@ def test_storefront_runs_the_real_serve_command_on_its_published_port(services):
     assert as_list(storefront["entrypoint"])[-1] == "near2-env"
 
 
+def near2_image_services(services: dict[str, dict]) -> dict[str, dict]:
+    return {name: svc for name, svc in services.items()
+            if (svc.get("build") or {}).get("dockerfile") == "docker/airflow.Dockerfile"}
+
+
+def test_a_container_that_loads_an_api_key_starts_after_es_setup_and_mounts_it(services):
+    near2 = near2_image_services(services)
+    assert set(near2) == {*AIRFLOW_COMPONENTS, "airflow-init", "storefront", "es-setup"}
+    for name, service in near2.items():
+        key_file = environment(service).get("ES_API_KEY_FILE")
+        if not key_file:
+            continue
+        assert depends_on(service).get("es-setup") == "service_completed_successfully", name
+        assert any(key_file.startswith(target + "/") for _, target, _ in volumes(service)), name
+
+
+def test_writable_volumes_of_the_near2_image_are_directories_it_owns(services):
+    """A fresh named volume takes the owner of the image directory it is mounted on: a mount point the
+    image does not create would be root's, and the airflow user (uid 50000) could not write there."""
+    dockerfile = (REPO / "docker" / "airflow.Dockerfile").read_text().replace("\\\n", " ")
+    created = {path for block in re.findall(r"mkdir -p ([^&]+)", dockerfile) for path in block.split()}
+    owned = {path for block in re.findall(r"chown -R airflow:0 ([^&]+)", dockerfile) for path in block.split()}
+    writable_in_base_image = {"/opt/airflow/logs"}  # created and owned by apache/airflow itself
+    for name, service in near2_image_services(services).items():
+        for source, target, read_only in volumes(service):
+            if read_only or source.startswith((".", "/")):
+                continue
+            assert target in writable_in_base_image or (
+                target in created and any(target == o or target.startswith(o + "/") for o in owned)), \
+                f"{name}: volume {source} on {target}, which the image does not create for the airflow user"
+
+
 # ----- health and start order ------------------------------------------------------------------------------
 def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_restart(services):
     for name, service in services.items():
