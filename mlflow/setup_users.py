@@ -13,7 +13,10 @@ basic-auth server, after it is healthy. Idempotent, and the way to rotate a pass
   index, can change nothing. With ``default_permission = NO_PERMISSIONS`` it sees nothing else.
 
 Names come from the same variables near2 reads (``NEAR2_MLFLOW__EXPERIMENT``,
-``NEAR2_MLFLOW__REGISTERED_MODEL``, ``NEAR2_MLFLOW__ARTIFACT_LOCATION``), with near2's defaults.
+``NEAR2_MLFLOW__REGISTERED_MODEL``), with near2's defaults. The experiment gets the server's default
+artifact root, ``mlflow-artifacts:/<experiment id>``: the basic-auth app reads the experiment id from
+proxied artifact paths to apply its permissions, so a custom root would lock everyone but the admin out
+of the artifacts.
 """
 
 from __future__ import annotations
@@ -57,11 +60,11 @@ def ensure_permission(auth, username: str, resource_type: str, resource_id: str,
         auth.grant_user_permission(username, resource_type, resource_id, permission)
 
 
-def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+def ensure_experiment(client, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name)
 
 
 def ensure_registered_model(client, name: str) -> None:
@@ -107,7 +110,7 @@ def main(env: dict[str, str] | None = None) -> int:
 
     experiment = env.get("NEAR2_MLFLOW__EXPERIMENT") or DEFAULT_EXPERIMENT
     model = env.get("NEAR2_MLFLOW__REGISTERED_MODEL") or DEFAULT_REGISTERED_MODEL
-    experiment_id = ensure_experiment(client, experiment, env.get("NEAR2_MLFLOW__ARTIFACT_LOCATION") or None)
+    experiment_id = ensure_experiment(client, experiment)
     ensure_registered_model(client, model)
 
     grants = {"MLFLOW_PIPELINE": "MANAGE", "MLFLOW_STOREFRONT": "READ"}

@@ -613,7 +613,9 @@ def test_near2_settings_land_where_the_stack_points_them(service_name, services,
     assert str(settings.elasticsearch.ca_certs) == env["NEAR2_ELASTICSEARCH__CA_CERTS"]
     assert settings.elasticsearch.alias == env["NEAR2_ELASTICSEARCH__ALIAS"]
     assert settings.tracking_uri == "http://mlflow:5000"
-    assert settings.artifact_location == env["NEAR2_MLFLOW__ARTIFACT_LOCATION"]
+    # unset: with a tracking server near2 then leaves the artifact root to the server (mlflow-artifacts:/<id>),
+    # which the basic-auth app needs to apply experiment permissions to artifacts
+    assert settings.mlflow.artifact_location is None
     home_volume = next(src for src, target, _ in volumes(services[service_name]) if target == env["NEAR2_HOME"])
     assert settings.home == Path(env["NEAR2_HOME"]) and home_volume, "NEAR2_HOME must be on a volume"
     assert prepared["MLFLOW_TRACKING_PASSWORD"], "the MLflow client authenticates from the environment"
@@ -636,8 +638,7 @@ def test_airflow_connections_agree_with_the_near2_settings(services, tmp_path, m
     assert overrides["elasticsearch"] == {
         "url": expected.elasticsearch.url, "api_key": expected.elasticsearch.api_key,
         "ca_certs": str(expected.elasticsearch.ca_certs), "alias": expected.elasticsearch.alias}
-    assert overrides["mlflow"] == {"tracking_uri": expected.tracking_uri,
-                                   "artifact_location": expected.artifact_location}
+    assert overrides["mlflow"] == {"tracking_uri": expected.tracking_uri}
     assert json.loads(prepared[near2_env.MLFLOW_CONNECTION_ENV])["login"] == env["MLFLOW_TRACKING_USERNAME"]
 
 

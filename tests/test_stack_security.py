@@ -296,7 +296,7 @@ def run_setup_users(mlflow_server, **overrides: str) -> subprocess.CompletedProc
            "MLFLOW_TRACKING_PASSWORD": mlflow_server["env"]["MLFLOW_AUTH_ADMIN_PASSWORD"],
            "MLFLOW_PIPELINE_USERNAME": "near2-pipeline", "MLFLOW_PIPELINE_PASSWORD": "pipeline-pass-1",
            "MLFLOW_STOREFRONT_USERNAME": "near2-storefront", "MLFLOW_STOREFRONT_PASSWORD": "storefront-pass-1",
-           "NEAR2_MLFLOW__ARTIFACT_LOCATION": "mlflow-artifacts:/near2", **overrides}
+           **overrides}
     return subprocess.run([sys.executable, str(REPO / "mlflow" / "setup_users.py")], env=env,
                           capture_output=True, text=True, timeout=180)
 
@@ -340,7 +340,7 @@ def test_pipeline_user_manages_and_storefront_user_only_reads(mlflow_users):
                      params={"experiment_name": defaults.experiment})
     assert experiment.status_code == 200, experiment.text
     experiment = experiment.json()["experiment"]
-    assert experiment["artifact_location"] == "mlflow-artifacts:/near2"
+    assert experiment["artifact_location"] == f"mlflow-artifacts:/{experiment['experiment_id']}"
     model = {"name": defaults.registered_model}
     assert api(mlflow_users, "GET", "registered-models/get", STOREFRONT, params=model).status_code == 200
 
@@ -359,6 +359,17 @@ def test_pipeline_user_manages_and_storefront_user_only_reads(mlflow_users):
         response = api(mlflow_users, method, path, STOREFRONT, json=body)
         assert response.status_code == 403, f"storefront may not {path}: {response.status_code}"
     assert api(mlflow_users, "GET", "registered-models/get", PIPELINE, params=model).status_code == 200
+
+    # artifacts go through the server's proxy (mlflow-artifacts:/): the pipeline uploads, the storefront
+    # downloads (how it loads the champion model) but cannot overwrite
+    info = run.json()["run"]["info"]
+    assert info["artifact_uri"].startswith(experiment["artifact_location"] + "/")
+    url = f"{mlflow_users['url']}/api/2.0/mlflow-artifacts/artifacts/{info['artifact_uri'].split(':/', 1)[1]}/model.txt"
+    assert requests.put(url, data=b"weights", auth=PIPELINE, timeout=30).status_code == 200
+    download = requests.get(url, auth=STOREFRONT, timeout=30)
+    assert (download.status_code, download.content) == (200, b"weights")
+    assert requests.get(url, timeout=30).status_code == 401
+    assert requests.put(url, data=b"tampered", auth=STOREFRONT, timeout=30).status_code == 403
 
 
 def test_setup_users_rerun_sets_the_configured_passwords(mlflow_users):
