@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import threading
 import time
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args()
     began = time.monotonic()
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s", level=logging.WARNING)
+    logging.getLogger("near2_tasks").setLevel(logging.INFO)  # training progress lines with the ETA
 
     from near2_tasks.config import load_settings
     from near2_tasks.evaluate import evaluate_model, resolve_model

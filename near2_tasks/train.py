@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import random
 import shutil
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,6 +339,29 @@ def _mlflow_step_logger(dims: list[int]):
     return MLflowStepLogger()
 
 
+def _progress_logger():
+    """One log line per logging step with the ETA: readable in Airflow task logs, where bars are not."""
+    from transformers import TrainerCallback
+
+    class ProgressLogger(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs) -> None:
+            self.began = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+            if not logs or "loss" not in logs or not state.max_steps:
+                return
+            elapsed = time.monotonic() - self.began
+            eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+            log.info("step %d/%d (%.0f%%) loss %.4f, %s elapsed, ETA %s", state.global_step, state.max_steps,
+                     100 * state.global_step / state.max_steps, logs["loss"], _minutes(elapsed), _minutes(eta))
+
+    return ProgressLogger()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
 # ----- the run --------------------------------------------------------------------------------
 def system_info(device: str) -> dict[str, str]:
     import sentence_transformers
@@ -346,7 +371,7 @@ def system_info(device: str) -> dict[str, str]:
     info = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_count": str(__import__("os").cpu_count()),
+        "cpu_count": str(os.cpu_count()),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "sentence_transformers": sentence_transformers.__version__,
@@ -498,7 +523,7 @@ def train_model(
 
             trainer = _hybrid_trainer_class()(
                 model=model, args=args, train_dataset=datasets, loss=losses, evaluator=evaluator,
-                callbacks=[_mlflow_step_logger(settings.model.dims)],
+                callbacks=[_mlflow_step_logger(settings.model.dims), _progress_logger()],
             )
             _train(trainer)
             val_metrics = _kept_checkpoint_metrics(trainer.state, settings.model.dims)
