@@ -12,7 +12,9 @@
 
 Idempotency: a ``run_key`` (e.g. the Airflow dag_run id) is stored as the version tag ``run_key``, set
 *last*, after the alias, as a commit marker. Registering again with the same key returns that version
-instead of creating a duplicate. If registration fails part-way, the half-made version is deleted.
+instead of creating a duplicate. If registration fails part-way, the half-made version is deleted; if
+even that fails (the tracking server went away), the next registration under the same key deletes it,
+found by the tag ``run_key_started`` that every version gets when it is created.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Version tag holding the idempotency key of the registration (e.g. the Airflow dag_run id).
 TAG_RUN_KEY = "run_key"
+#: Version tag set at creation, before the alias and ``run_key``: finds versions a failed registration left.
+TAG_RUN_KEY_STARTED = "run_key_started"
 #: Name of the logged model inside its run.
 MODEL_NAME_IN_RUN = "model"
 #: Distributions a served model needs; pinned to the versions it was trained with.
@@ -218,6 +222,9 @@ def register_model(
         TAG_DIMS: ",".join(str(d) for d in dims),
         TAG_GIT_COMMIT: git_commit or current_git_commit(),
     }
+    if run_key:
+        _delete_unfinished(settings, run_key)
+        tags[TAG_RUN_KEY_STARTED] = run_key
     version = mlflow_client.create_model_version(name, source=source_uri, run_id=run_id, tags=tags,
                                                  model_id=model_id)
     try:
@@ -228,6 +235,20 @@ def register_model(
         mlflow_client.delete_model_version(name, version.version)
         raise
     return mlflow_client.get_model_version(name, version.version)
+
+
+def _delete_unfinished(settings: Settings, run_key: str) -> None:
+    """Delete versions an earlier registration under ``run_key`` created but never finished (no commit tag
+    ``run_key``), so that a re-run leaves exactly one version for the run."""
+    mlflow_client = client(settings)
+    name = settings.mlflow.registered_model
+    escaped = run_key.replace("'", "\\'")
+    query = f"name = '{name}' and tags.{TAG_RUN_KEY_STARTED} = '{escaped}'"
+    for version in mlflow_client.search_model_versions(query):
+        if version.tags.get(TAG_RUN_KEY) != run_key:
+            log.warning("deleting version %s: an earlier registration under run_key %r did not finish",
+                        version.version, run_key)
+            mlflow_client.delete_model_version(name, version.version)
 
 
 def get_version(settings: Settings, alias_or_version: str | int) -> ModelVersion:

@@ -3,6 +3,7 @@ and the index steps of a pipeline run, called the way the DAG calls them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from near2_tasks import pipeline
@@ -58,3 +59,49 @@ def index_steps(ctx: pipeline.StepContext, validation: dict, model: dict) -> dic
 def local_model(model_dir, version: str) -> dict:
     """A model step result for an encoder saved in a directory (no registry involved)."""
     return {"model_uri": str(model_dir), "model_version": version, "run_id": None}
+
+
+# ----- a few seconds of real training ------------------------------------------------------------
+
+#: The smallest real training: one step, a few validation queries (what the trainer is tested on elsewhere).
+TINY_TRAINING = {"max_steps": 1, "batch_size": 8, "eval_steps": 1, "logging_steps": 1, "learning_rate": 1e-3,
+                 "val_max_queries": 8, "val_corpus_size": 40}
+
+
+@dataclass
+class TrainingExamples:
+    """The shape the trainer takes (``examples.mine_examples`` returns the same fields)."""
+
+    triplets: Any
+    pairs: Any
+    counts: dict
+
+
+def tiny_training_inputs(validation: dict, limit: int = 16) -> tuple[TrainingExamples, tuple, str]:
+    """(examples, validation data, dataset version) from the validate step's accepted tables: top-graded
+    products as positives, low-graded ones as negatives, their product texts as documents."""
+    import pandas as pd
+
+    products, judgments = pipeline._accepted(validation)
+    text = dict(zip(products.product_id, products.text))
+    triplets, pairs = [], []
+    for query, group in judgments.groupby("query"):
+        positives = group.product_id[group.relevance >= 2.5].tolist()
+        negatives = group.product_id[group.relevance < 2.0].tolist()
+        for pos, neg in zip(positives, negatives):
+            triplets.append((query, text[pos], text[neg]))
+            pairs += [(query, text[pos], 1), (query, text[neg], 0)]
+    queries = dict(zip(judgments.query_id, judgments["query"]))
+    relevant = {q: set(g.product_id[g.relevance >= 2.0]) for q, g in judgments.groupby("query_id")}
+    examples = TrainingExamples(pd.DataFrame(triplets[:limit], columns=["anchor", "positive", "negative"]),
+                                pd.DataFrame(pairs[:limit], columns=["sentence1", "sentence2", "label"]),
+                                {"triplets": min(limit, len(triplets)), "pairs": min(limit, len(pairs))})
+    return examples, (queries, text, relevant), validation["dataset_version"]
+
+
+def with_sections(settings: Settings, **sections: dict[str, Any]) -> Settings:
+    """``settings`` with some keys of some sections replaced, validated like any configuration."""
+    data = settings.model_dump()
+    for name, values in sections.items():
+        data[name] = {**data[name], **values}
+    return Settings(**data)
