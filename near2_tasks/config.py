@@ -158,6 +158,13 @@ class ExamplesSettings(Section):
         3, ge=0, description="With mined_unjudged_as_negatives: skip this many top unjudged hits (likely relevant).")
     embedding_cache_dir: Path | None = Field(None, description="Product embeddings cache; None: home/cache/embeddings.")
 
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, fractions: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be non-negative and sum to 1, got {list(fractions)}")
+        return fractions
+
 
 class VectorFieldOptions(Section):
     """Mapping of one ``embedding_<d>`` field."""
