@@ -259,7 +259,8 @@ def test_env_file_is_git_ignored_and_example_is_not():
 # ----- no secret in the files ------------------------------------------------------------------------
 SECRET_KEY_NAME = r"\b[A-Za-z0-9_.]*(?i:password|passwd|secret|token|api_key|private_key|fernet_key)"
 #: In YAML / env / ini / shell: NAME=value, NAME = value, NAME: value (a YAML mapping needs ": ").
-CONFIG_ASSIGNMENT = re.compile(rf"""(?P<name>{SECRET_KEY_NAME})["']?(?:\s*=\s*|:\s+)(?P<value>"[^"]*"|'[^']*'|[^\s#,)]+)""")
+CONFIG_ASSIGNMENT = re.compile(
+    rf"""(?P<name>{SECRET_KEY_NAME})["']?(?:\s*=\s*|:\s+)(?P<value>"[^"]*"|'[^']*'|[^\s#,)]+)""")
 #: In Python: a secret-named name, key or keyword given a string literal.
 PYTHON_ASSIGNMENT = re.compile(rf"""(?P<name>{SECRET_KEY_NAME})["']?\]?\s*[:=]\s*(?P<q>["'])(?P<value>[^"']+)(?P=q)""")
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/:@'\"]+:(?P<password>[^\s/@'\"]+)@", re.I)

@@ -319,11 +319,11 @@ STOREFRONT = ("near2-storefront", "storefront-pass-1")
 def test_mlflow_requires_credentials_and_an_allowed_host(mlflow_users):
     from near2_tasks.config import MLflowSettings
 
-    name = MLflowSettings().experiment
-    assert api(mlflow_users, "GET", "experiments/get-by-name", None, params={"experiment_name": name}).status_code == 401
+    params = {"experiment_name": MLflowSettings().experiment}
+    assert api(mlflow_users, "GET", "experiments/get-by-name", None, params=params).status_code == 401
     assert api(mlflow_users, "GET", "experiments/get-by-name", ("near2-pipeline", "wrong"),
-               params={"experiment_name": name}).status_code == 401
-    rebinding = api(mlflow_users, "GET", "experiments/get-by-name", PIPELINE, params={"experiment_name": name},
+               params=params).status_code == 401
+    rebinding = api(mlflow_users, "GET", "experiments/get-by-name", PIPELINE, params=params,
                     headers={"Host": "attacker.example:5000"})
     assert rebinding.status_code == 403
     rendered = Path(mlflow_users["env"]["MLFLOW_AUTH_CONFIG_PATH"])
