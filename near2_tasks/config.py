@@ -43,6 +43,16 @@ class ModelSettings(Section):
     )
     encode_batch_size: int = Field(64, gt=0)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    # inference speed (near2_tasks.backends; measured in bench/encode_benchmark.py, BENCHMARKS.md)
+    backend: Literal["torch", "onnx", "openvino"] = Field(
+        "torch", description="Runtime for catalog and query encoding; onnx/openvino use an exported copy "
+                             "of the model logged next to it in MLflow (`near2 backend export`).")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: dynamic int8 weight quantisation (onnx/openvino only).")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Compute precision. auto: torch fp16 on a GPU, fp32 on CPU; openvino bf16 on "
+                            "CPUs with native bf16, else fp32; onnx fp32.")
+    threads: int | None = Field(None, gt=0, description="CPU threads for inference; None: all usable cores.")
 
     @field_validator("dims")
     @classmethod
@@ -56,6 +66,17 @@ class ModelSettings(Section):
         if dims != sorted(dims, reverse=True):
             raise ValueError(f"dims must be in descending order (full dimension first), got {dims}")
         return dims
+
+    @model_validator(mode="after")
+    def _backend_options_fit(self) -> ModelSettings:
+        if self.quantize != "none" and self.backend == "torch":
+            raise ValueError("quantize: int8 needs backend onnx or openvino (torch runs fp32/fp16/bf16)")
+        allowed = {"torch": {"auto", "fp32", "fp16", "bf16"}, "onnx": {"auto", "fp32"},
+                   "openvino": {"auto", "fp32", "bf16"}}[self.backend]
+        if self.precision not in allowed:
+            raise ValueError(f"precision {self.precision} is not available with backend {self.backend}; "
+                             f"use one of {sorted(allowed)}")
+        return self
 
     @property
     def full_dim(self) -> int:

@@ -93,9 +93,15 @@ def check_dims(dims: list[int], model_dim: int) -> None:
 
 def encode(model: SentenceTransformer, texts: list[str], batch_size: int = 64,
            show_progress: bool = False) -> np.ndarray:
-    """Full-dimension, L2-normalised float32 embeddings, one row per text."""
+    """Full-dimension, L2-normalised float32 embeddings, one row per text.
+
+    ``model`` is a ``SentenceTransformer`` or an exported fast backend from
+    :func:`near2_tasks.backends.load_inference_encoder` (which brings its own ``encode_normalized``).
+    """
     if not texts:
         return np.zeros((0, model_dimension(model)), dtype=np.float32)
+    if hasattr(model, "encode_normalized"):  # hook: ONNX Runtime / OpenVINO backends (backends.py)
+        return model.encode_normalized(list(texts), batch_size=batch_size)
     vectors = model.encode(
         list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
         show_progress_bar=show_progress,
@@ -118,6 +124,8 @@ def encode_cached(model: SentenceTransformer, model_key: str, texts: list[str], 
     ``model_key`` must change whenever the weights do (an MLflow version, a run id, a path plus
     its mtime); the texts are fingerprinted, so a changed catalog is re-encoded.
     """
+    # an exported backend (e.g. int8) gives slightly different vectors: never share the fp32 file
+    model_key += f"-{model.variant}" if hasattr(model, "encode_normalized") else ""
     safe_key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_key)
     path = Path(cache_dir) / f"{safe_key}-{texts_fingerprint(texts)}.npy"
     if path.exists():

@@ -14,7 +14,7 @@ import click
 from near2_tasks.errors import Near2Error
 
 #: Modules of ``near2_tasks.cli`` that each expose ``COMMANDS``: a list of click commands.
-COMMAND_MODULES = ["es", "index", "search", "data", "evaluate", "demo", "train"]
+COMMAND_MODULES = ["es", "index", "search", "data", "evaluate", "demo", "train", "backends"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
