@@ -306,14 +306,14 @@ def _build(settings, model_ref, products, model_version, run_id, catalog_version
         "catalog_version": catalog_version or catalog_fingerprint(products),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if vectors is None:  # before the index exists: a failed encode leaves nothing behind
+        log.info("encoding %d products with %s", len(products), model_ref)
+        vectors = encode(model, products.text.tolist(), batch_size=settings.model.encode_batch_size,
+                         show_progress=progress is not None)
     client = client or make_client(settings)
     url = settings.elasticsearch.url
     with es_errors(url, "index creation"):
         name = _create_or_reuse(client, settings, dims, meta, index_name, model_version)
-    if vectors is None:
-        log.info("encoding %d products with %s", len(products), model_ref)
-        vectors = encode(model, products.text.tolist(), batch_size=settings.model.encode_batch_size,
-                         show_progress=progress is not None)
     began = time.monotonic()
     with es_errors(url, f"bulk load of {name}"):
         _bulk_load(client, settings, name, products, vectors, dims, progress)

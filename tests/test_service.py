@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from near2_tasks.config import load_settings
 from near2_tasks.index import build_verify_swap
+from near2_tasks.search import Searcher
 from near2_tasks.service import create_app
 from tests.serving_support import serving_settings, titled_catalog, with_sections
 from tests.tiny_model import TINY_DIMS
@@ -130,3 +131,15 @@ def test_service_follows_an_alias_move_to_a_new_model(tiny_settings, tiny_model_
         assert second["model_version"] == "2" and second["index"] == moved.index.name
         assert second["hits"][0]["product_id"] == products.product_id[2]
         assert client.get("/health").json()["model_version"] == "2"
+
+
+def test_an_unexpected_failure_is_a_bare_500(served):
+    settings, _, _ = served
+
+    class BrokenSearcher(Searcher):
+        def search(self, *args, **kwargs):
+            raise RuntimeError("bug near http://es-internal.example:9200 in /srv/near2/search.py")
+
+    with TestClient(create_app(settings, searcher=BrokenSearcher(settings)), raise_server_exceptions=False) as client:
+        response = client.get("/search", params={"q": "drill"})
+    assert response.status_code == 500 and response.json() == {"error": "internal error"}
