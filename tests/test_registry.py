@@ -78,7 +78,7 @@ def test_register_tags_the_version_and_moves_only_challenger(store):
     first = registry.register_model(settings, info.model_uri, run_id, "ds-1", [64, 32, 16], run_key="k-first",
                                     git_commit="abc1234", model_id=info.model_id)
     assert first.tags == {"dataset_version": "ds-1", "dims": "64,32,16", "git_commit": "abc1234",
-                          "run_key": "k-first"}
+                          "run_key_started": "k-first", "run_key": "k-first"}
     assert str(registry.get_version(settings, CHALLENGER).version) == str(first.version)
     # promotion (another module) makes it champion; a newer registration must leave that alone
     client.set_registered_model_alias(name, CHAMPION, first.version)
