@@ -7,7 +7,8 @@
   requests, a crash on the n-th bulk request, ...).
 - ``mlflow_server``: a real ``mlflow server`` with a SQLite store in tmp, stopped and restarted at will.
 - ``fault_settings``: tiny everything (catalog, model, retries, backoffs) pointed at ``dedicated_es``.
-- ``validation``: the validate step's result for a small synthetic catalog (once per session).
+- ``validation``, ``examples``: the validate and mine_examples steps' results for a small synthetic
+  catalog (once per session).
 - ``fault_record``: the counts a test saw before and after its fault, printed at teardown (``pytest -rP``)
   and appended as a JSON line to ``$NEAR2_FAULTS_REPORT`` when set.
 """
@@ -129,6 +130,17 @@ def validation(tmp_path_factory) -> dict:
     settings = load_settings(home=str(tmp_path_factory.mktemp("faults-validation")),
                              dataset={"synthetic_products": 200, "synthetic_queries": 40})
     return pipeline.validate(pipeline.StepContext(settings=settings, run_id="faults-validation"))
+
+
+@pytest.fixture(scope="session")
+def examples(validation, tmp_path_factory) -> dict:
+    """The mine_examples step's result for ``validation`` (judged negatives only: no model mining)."""
+    from near2_tasks import pipeline
+    from near2_tasks.config import load_settings
+
+    settings = load_settings(home=str(tmp_path_factory.mktemp("faults-examples")),
+                             examples={"mined_negatives_per_query": 0})
+    return pipeline.mine_examples(pipeline.StepContext(settings=settings, run_id="faults-examples"), validation)
 
 
 @pytest.fixture

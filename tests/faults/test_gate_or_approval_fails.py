@@ -1,0 +1,91 @@
+"""Fault 4: the challenger fails its gate, is rejected, or is never approved (the approval wait times out).
+
+v1 is the champion and its index serves. A second run registers v2, evaluates it and gates it (the real
+evaluate and gate steps), then reaches promotion:
+
+* ``gate_fails``: an NDCG@10 floor no model reaches (1.01);
+* ``rejected``: the gate passes, the reviewer sets ``approval=rejected``;
+* ``approval_times_out``: the gate passes and nobody answers (the DAG's approval sensor times out;
+  the version stays ``pending``).
+
+Each time the run ends with a one-line reason and nothing moves: the champion, the alias target, the
+served index and its document count, the set of indices. Only the registry gains v2 (with its gate
+tags), which is what a reviewer needs to see why.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from near2_tasks import pipeline, promotion, registry
+from near2_tasks.conventions import CHAMPION, PENDING, REJECTED, TAG_GATE
+from near2_tasks.errors import Near2Error
+from near2_tasks.gates import current_champion
+from tests.faults.support import alias_indices, alias_target, doc_count, index_steps, with_sections
+
+LENIENT = {"overall": {"metrics": {"ndcg@10": {"max_drop": 1.0}}}}  # any model passes
+IMPOSSIBLE = {"overall": {"metrics": {"ndcg@10": {"floor": 1.01}}}}  # no model passes
+
+
+def _trained(settings, version: str) -> dict:
+    """The train step's result for a version registered directly (no training needed here)."""
+    return {"model_version": version, "model_uri": registry.model_uri(settings, version),
+            "run_id": registry.get_version(settings, version).run_id}
+
+
+def _state(settings, client) -> dict:
+    alias = settings.elasticsearch.alias
+    target = alias_target(client, alias)
+    versions = registry.client(settings).search_model_versions(f"name = '{settings.mlflow.registered_model}'")
+    return {"champion": str(current_champion(settings).version), "alias_target": target,
+            "docs": doc_count(client, target), "indices": alias_indices(client, alias),
+            "versions": sorted((str(v.version) for v in versions), key=int)}
+
+
+@pytest.mark.parametrize("fault", ["gate_fails", "rejected", "approval_times_out"])
+def test_failed_gate_or_missing_approval_moves_nothing(
+    fault, fault_settings, validation, examples, fault_es_client, tiny_model_dir, second_tiny_model_dir,
+    register_model_dir, fault_record,
+):
+    settings = with_sections(fault_settings, gates=LENIENT)
+    client = fault_es_client
+
+    # a first run made v1 champion and serves it
+    first = pipeline.StepContext(settings, run_id="first")
+    trained_v1 = _trained(settings, register_model_dir(settings, tiny_model_dir))
+    assert pipeline.gate(first, trained_v1, pipeline.evaluate(first, validation, examples, trained_v1))["passed"]
+    promotion.set_approval(settings, trained_v1["model_version"])
+    index_steps(first, validation, pipeline.promote(first, trained_v1))
+    before = _state(settings, client)
+    assert before["champion"] == trained_v1["model_version"] and before["docs"] == validation["products"]
+
+    # the second run: v2 is evaluated and gated, then stops before promotion
+    second = pipeline.StepContext(with_sections(settings, gates=IMPOSSIBLE if fault == "gate_fails" else LENIENT),
+                                  run_id="second")
+    trained_v2 = _trained(settings, register_model_dir(settings, second_tiny_model_dir))
+    v2 = trained_v2["model_version"]
+    gate = pipeline.gate(second, trained_v2, pipeline.evaluate(second, validation, examples, trained_v2))
+    assert gate["passed"] is (fault != "gate_fails")
+    if fault == "rejected":
+        promotion.set_approval(settings, v2, approved=False)
+    approval = pipeline.approval_status(second, trained_v2)
+    with pytest.raises(Near2Error) as stopped:  # the DAG would not even call promote after a failed gate
+        pipeline.promote(second, trained_v2)
+    reason = str(stopped.value)
+
+    after = _state(settings, client)
+    assert "\n" not in reason and f"version {v2}" in reason
+    if fault == "gate_fails":
+        assert gate["reasons"] and any("1.01" in r for r in gate["reasons"]) and "failed its gate" in reason
+        assert registry.get_version(settings, v2).tags[TAG_GATE] == "fail"
+    elif fault == "rejected":
+        assert approval["state"] == REJECTED and isinstance(stopped.value, pipeline.SkipRest)
+        assert "rejected" in reason
+    else:
+        assert approval["state"] == PENDING and "awaits approval" in reason
+    assert after == {**before, "versions": sorted(before["versions"] + [v2], key=int)}
+    aliases = registry.client(settings).get_registered_model(settings.mlflow.registered_model).aliases
+    assert str(aliases[CHAMPION]) == before["champion"]
+
+    fault_record.update(fault=fault, gate_passed=gate["passed"], approval=approval["state"], reason=reason,
+                        gate_reasons=gate["reasons"][:3], before=before, after=after)
