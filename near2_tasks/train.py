@@ -115,9 +115,12 @@ def check_examples(examples: Any, cfg: TrainingSettings) -> None:
         _check_frame(getattr(examples, "triplets", None), TRIPLET_COLUMNS, "triplets")
     if cfg.ranking_weight > 0:
         _check_frame(getattr(examples, "pairs", None), PAIR_COLUMNS, "pairs")
-        labels = set(examples.pairs["label"].unique())
-        if not labels <= {0, 1}:
-            raise Near2Error(f"pair labels must be 0 or 1, got {sorted(labels)}")
+        import pandas as pd
+
+        labels = examples.pairs["label"]
+        bad = sorted(set(labels[~pd.to_numeric(labels, errors="coerce").isin([0, 1])].astype(str)))
+        if bad:
+            raise Near2Error(f"pair labels must be 0 or 1, got {bad[:5]}")
 
 
 def check_validation(validation_data: Any) -> ValidationData:

@@ -213,6 +213,26 @@ def test_empty_training_split_fails_clearly(tmp_path, tiny_model_dir, data, whic
     assert registered_versions(settings) == []
 
 
+def test_other_unusable_inputs_fail_before_any_work(tmp_path, tiny_model_dir, data):
+    from near2_tasks.train import train_model
+
+    examples, (queries, corpus, relevant) = data
+    settings = make_settings(tmp_path / "home", tiny_model_dir)
+    cases = [
+        (settings, examples, (queries, corpus, {}), "validation split has no query with a relevant product"),
+        (settings, Examples(examples.triplets, examples.pairs.assign(label=2)), (queries, corpus, relevant),
+         r"pair labels must be 0 or 1, got \['2'\]"),
+        (make_settings(tmp_path / "home", tiny_model_dir, training={"matryoshka_weights": [1, 1]}), examples,
+         (queries, corpus, relevant), "matryoshka_weights has 2 entries for 3 dims"),
+        (make_settings(tmp_path / "home", tiny_model_dir, training={"retrieval_weight": 0, "ranking_weight": 0}),
+         examples, (queries, corpus, relevant), "both 0: nothing to train"),
+    ]
+    for case_settings, case_examples, validation, problem in cases:
+        with pytest.raises(Near2Error, match=problem):
+            train_model(case_settings, case_examples, validation, dataset_version="x", output_dir=tmp_path / "out")
+    assert not (tmp_path / "home" / "mlflow.db").exists() and not (tmp_path / "out").exists()
+
+
 def test_unreachable_tracking_server_is_retried_then_reported(tmp_path, tiny_model_dir, data):
     import socket
 
