@@ -277,7 +277,12 @@ class Searcher:
         try:
             return self._search(self.serving_index(), query, k, dim, mode, filters, num_candidates)
         except NotFoundError:  # the index was deleted right after the alias moved: follow the alias
+            pass
+        try:
             return self._search(self.serving_index(refresh=True), query, k, dim, mode, filters, num_candidates)
+        except NotFoundError as exc:
+            raise Near2Error(f"the index behind alias {self.settings.elasticsearch.alias!r} vanished twice "
+                             "during the search", hint="check `near2 index status`") from exc
 
     def _validate(self, query, k, mode, filters, num_candidates):
         serving = self.settings.serving
