@@ -146,7 +146,7 @@ def tiny_prefix_variants(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def register_model_dir():
     """``register(settings, model_dir) -> version``: log a saved encoder to MLflow (real store) and
     register it as a new version of ``settings.mlflow.registered_model`` (it becomes ``challenger``)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.harness import DedicatedElasticsearch, FaultyProxy, MlflowServer
+from tests.faults.support import drop_alias_indices, make_fault_settings
 
 REPO = Path(__file__).resolve().parents[2]
 FAULT_ES_PORT = int(os.environ.get("NEAR2_FAULTS_ES_PORT", "9261"))
@@ -72,15 +73,10 @@ def fault_es_client(dedicated_es):
 
 @pytest.fixture
 def fault_alias(dedicated_es) -> str:
-    """A fresh alias on the dedicated server; its indices and templates are deleted after the test."""
-    from elasticsearch import Elasticsearch
-
+    """A fresh alias on the dedicated server; its indices are deleted after the test."""
     alias = f"faults-{uuid.uuid4().hex[:8]}"
     yield alias
-    dedicated_es.ensure_running()
-    with Elasticsearch(dedicated_es.url, request_timeout=30) as client:
-        client.indices.delete(index=f"{alias}-*", ignore_unavailable=True, allow_no_indices=True)
-        client.options(ignore_status=404).indices.delete_index_template(name=f"{alias}-*")
+    drop_alias_indices(dedicated_es, alias)
 
 
 @pytest.fixture
@@ -105,20 +101,7 @@ def mlflow_server(tmp_path, monkeypatch):
 @pytest.fixture
 def fault_settings(tmp_path, dedicated_es, fault_alias, tiny_model_dir):
     """Tiny, fast-failing settings against the dedicated Elasticsearch and a private MLflow store."""
-    from near2_tasks.config import load_settings
-    from tests.tiny_model import TINY_DIMS
-
-    return load_settings(
-        home=str(tmp_path / "home"),
-        model={"base_model": str(tiny_model_dir), "dims": TINY_DIMS, "device": "cpu"},
-        dataset={"synthetic_products": 200, "synthetic_queries": 40},
-        elasticsearch={
-            "url": dedicated_es.url, "alias": fault_alias, "request_timeout": 10,
-            "max_retries": 1, "bulk_chunk_size": 50, "bulk_max_retries": 2,
-            "bulk_initial_backoff_s": 0.05, "bulk_max_backoff_s": 0.2,
-        },
-        mlflow={"connect_retries": 2, "retry_backoff_s": 0.1},
-    )
+    return make_fault_settings(tmp_path / "home", dedicated_es.url, fault_alias, tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

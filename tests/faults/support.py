@@ -1,14 +1,44 @@
-"""What the fault tests read before and after a fault (alias target, document counts, ids, ``_meta``)
-and the index steps of a pipeline run, called the way the DAG calls them."""
+"""Helpers of the fault tests: their settings, what they read before and after a fault (alias target,
+document counts, ids, ``_meta``), the index steps of a run called the way the DAG calls them, and
+a few seconds of real training."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from near2_tasks import pipeline
 from near2_tasks.config import Settings
 from near2_tasks.index import VERIFIED_AT, alias_targets
+
+
+def make_fault_settings(home: Path, es_url: str, alias: str, model_dir: Path, **sections):
+    """Tiny, fast-failing settings: the tiny encoder, small retries and backoffs, own MLflow store in home."""
+    from near2_tasks.config import load_settings
+    from tests.tiny_model import TINY_DIMS
+
+    return load_settings(
+        home=str(home),
+        model={"base_model": str(model_dir), "dims": TINY_DIMS, "device": "cpu"},
+        dataset={"synthetic_products": 200, "synthetic_queries": 40},
+        elasticsearch={
+            "url": es_url, "alias": alias, "request_timeout": 10,
+            "max_retries": 1, "bulk_chunk_size": 50, "bulk_max_retries": 2,
+            "bulk_initial_backoff_s": 0.05, "bulk_max_backoff_s": 0.2,
+        },
+        mlflow={"connect_retries": 2, "retry_backoff_s": 0.1},
+        **sections,
+    )
+
+
+def drop_alias_indices(es, alias: str) -> None:
+    """Delete every index of ``alias`` (the server is brought back first if a test left it down)."""
+    from elasticsearch import Elasticsearch
+
+    es.ensure_running()
+    with Elasticsearch(es.url, request_timeout=30) as client:
+        client.indices.delete(index=f"{alias}-*", ignore_unavailable=True, allow_no_indices=True)
 
 
 def with_es_url(settings: Settings, url: str) -> Settings:

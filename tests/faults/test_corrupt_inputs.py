@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings as hypothesis_settings, strategies as st
 
 from near2_tasks.errors import Near2Error
+from tests.faults.support import drop_alias_indices
 
 # no shrinking: a validation run takes about a second, and shrinking would take minutes
 NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
@@ -279,8 +280,6 @@ def test_random_bytes_never_crash(catalog_body, judgment_body, keep_headers):
 @pytest.fixture(scope="module")
 def served_settings(_dedicated_es_session, tiny_model_dir, tmp_path_factory):
     """A served index of 60 products (tiny encoder) on the dedicated Elasticsearch, for the API tests."""
-    from elasticsearch import Elasticsearch
-
     from near2_tasks.config import load_settings
     from near2_tasks.data.synthetic import generate_catalog
     from near2_tasks.index import build_verify_swap
@@ -297,8 +296,7 @@ def served_settings(_dedicated_es_session, tiny_model_dir, tmp_path_factory):
     products = generate_catalog(60, 5, seed=11).products
     build_verify_swap(settings, str(tiny_model_dir), products, "1")
     yield settings
-    with Elasticsearch(_dedicated_es_session.url) as client:
-        client.indices.delete(index=f"{alias}-*", ignore_unavailable=True, allow_no_indices=True)
+    drop_alias_indices(_dedicated_es_session, alias)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ REJECTED = {"type": "es_rejected_execution_exception",
 
 def _request_429(request) -> CannedResponse | None:
     if request.is_bulk:
-        return CannedResponse(429, json.dumps({"error": {**REJECTED, "root_cause": [REJECTED]}, "status": 429}).encode())
+        body = {"error": {**REJECTED, "root_cause": [REJECTED]}, "status": 429}
+        return CannedResponse(429, json.dumps(body).encode())
     return None
 
 

@@ -1,7 +1,8 @@
 """Fault 4: the challenger fails its gate, is rejected, or is never approved (the approval wait times out).
 
-v1 is the champion and its index serves. A second run registers v2, evaluates it and gates it (the real
-evaluate and gate steps), then reaches promotion:
+v1 is the champion and its index serves (set up once by a first run, shared by the cases). Another
+run registers a challenger, evaluates and gates it (the real evaluate and gate steps), then reaches
+promotion:
 
 * ``gate_fails``: an NDCG@10 floor no model reaches (1.01);
 * ``rejected``: the gate passes, the reviewer sets ``approval=rejected``;
@@ -9,11 +10,13 @@ evaluate and gate steps), then reaches promotion:
   the version stays ``pending``).
 
 Each time the run ends with a one-line reason and nothing moves: the champion, the alias target, the
-served index and its document count, the set of indices. Only the registry gains v2 (with its gate
+served index and its document count, the set of indices. Only the registry gains the challenger (with its gate
 tags), which is what a reviewer needs to see why.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 
@@ -21,7 +24,15 @@ from near2_tasks import pipeline, promotion, registry
 from near2_tasks.conventions import CHAMPION, PENDING, REJECTED, TAG_GATE
 from near2_tasks.errors import Near2Error
 from near2_tasks.gates import current_champion
-from tests.faults.support import alias_indices, alias_target, doc_count, index_steps, with_sections
+from tests.faults.support import (
+    alias_indices,
+    alias_target,
+    doc_count,
+    drop_alias_indices,
+    index_steps,
+    make_fault_settings,
+    with_sections,
+)
 
 LENIENT = {"overall": {"metrics": {"ndcg@10": {"max_drop": 1.0}}}}  # any model passes
 IMPOSSIBLE = {"overall": {"metrics": {"ndcg@10": {"floor": 1.01}}}}  # no model passes
@@ -42,48 +53,58 @@ def _state(settings, client) -> dict:
             "versions": sorted((str(v.version) for v in versions), key=int)}
 
 
-@pytest.mark.parametrize("fault", ["gate_fails", "rejected", "approval_times_out"])
-def test_failed_gate_or_missing_approval_moves_nothing(
-    fault, fault_settings, validation, examples, fault_es_client, tiny_model_dir, second_tiny_model_dir,
-    register_model_dir, fault_record,
-):
-    settings = with_sections(fault_settings, gates=LENIENT)
-    client = fault_es_client
-
-    # a first run made v1 champion and serves it
+@pytest.fixture(scope="module")
+def champion_serving(_dedicated_es_session, validation, examples, tiny_model_dir, register_model_dir,
+                     tmp_path_factory):
+    """Settings whose registry has champion v1, evaluated, gated, approved, promoted and served by a
+    first run (shared by the cases below: none of them may change any of it)."""
+    alias = f"faults-gate-{uuid.uuid4().hex[:8]}"
+    _dedicated_es_session.ensure_running()
+    settings = make_fault_settings(tmp_path_factory.mktemp("faults-gate") / "home", _dedicated_es_session.url,
+                                   alias, tiny_model_dir, gates=LENIENT)
     first = pipeline.StepContext(settings, run_id="first")
     trained_v1 = _trained(settings, register_model_dir(settings, tiny_model_dir))
     assert pipeline.gate(first, trained_v1, pipeline.evaluate(first, validation, examples, trained_v1))["passed"]
     promotion.set_approval(settings, trained_v1["model_version"])
     index_steps(first, validation, pipeline.promote(first, trained_v1))
-    before = _state(settings, client)
-    assert before["champion"] == trained_v1["model_version"] and before["docs"] == validation["products"]
+    yield settings
+    drop_alias_indices(_dedicated_es_session, alias)
 
-    # the second run: v2 is evaluated and gated, then stops before promotion
-    second = pipeline.StepContext(with_sections(settings, gates=IMPOSSIBLE if fault == "gate_fails" else LENIENT),
-                                  run_id="second")
-    trained_v2 = _trained(settings, register_model_dir(settings, second_tiny_model_dir))
-    v2 = trained_v2["model_version"]
-    gate = pipeline.gate(second, trained_v2, pipeline.evaluate(second, validation, examples, trained_v2))
+
+@pytest.mark.parametrize("fault", ["gate_fails", "rejected", "approval_times_out"])
+def test_failed_gate_or_missing_approval_moves_nothing(
+    fault, champion_serving, validation, examples, fault_es_client, second_tiny_model_dir, register_model_dir,
+    fault_record,
+):
+    settings, client = champion_serving, fault_es_client
+    before = _state(settings, client)
+    assert before["docs"] == validation["products"]
+
+    # another run: its challenger is evaluated and gated, then the run stops before promotion
+    run = pipeline.StepContext(with_sections(settings, gates=IMPOSSIBLE if fault == "gate_fails" else LENIENT),
+                               run_id=f"second-{fault}")
+    trained = _trained(settings, register_model_dir(settings, second_tiny_model_dir))
+    version = trained["model_version"]
+    gate = pipeline.gate(run, trained, pipeline.evaluate(run, validation, examples, trained))
     assert gate["passed"] is (fault != "gate_fails")
     if fault == "rejected":
-        promotion.set_approval(settings, v2, approved=False)
-    approval = pipeline.approval_status(second, trained_v2)
+        promotion.set_approval(settings, version, approved=False)
+    approval = pipeline.approval_status(run, trained)
     with pytest.raises(Near2Error) as stopped:  # the DAG would not even call promote after a failed gate
-        pipeline.promote(second, trained_v2)
+        pipeline.promote(run, trained)
     reason = str(stopped.value)
 
     after = _state(settings, client)
-    assert "\n" not in reason and f"version {v2}" in reason
+    assert "\n" not in reason and f"version {version}" in reason
     if fault == "gate_fails":
         assert gate["reasons"] and any("1.01" in r for r in gate["reasons"]) and "failed its gate" in reason
-        assert registry.get_version(settings, v2).tags[TAG_GATE] == "fail"
+        assert registry.get_version(settings, version).tags[TAG_GATE] == "fail"
     elif fault == "rejected":
         assert approval["state"] == REJECTED and isinstance(stopped.value, pipeline.SkipRest)
         assert "rejected" in reason
     else:
         assert approval["state"] == PENDING and "awaits approval" in reason
-    assert after == {**before, "versions": sorted(before["versions"] + [v2], key=int)}
+    assert after == {**before, "versions": sorted(before["versions"] + [version], key=int)}
     aliases = registry.client(settings).get_registered_model(settings.mlflow.registered_model).aliases
     assert str(aliases[CHAMPION]) == before["champion"]
 

@@ -41,7 +41,7 @@ def _aliases(settings) -> dict[str, str]:
 
 def _model_loads(settings, alias: str) -> bool:
     model = registry.load_model_from_mlflow(f"models:/{settings.mlflow.registered_model}@{alias}", settings=settings)
-    return model.get_sentence_embedding_dimension() == settings.model.dims[0]
+    return model.get_embedding_dimension() == settings.model.dims[0]
 
 
 def _summary(settings) -> dict:
