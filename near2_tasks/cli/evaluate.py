@@ -6,12 +6,23 @@ format; the accepted Parquet files of ``near2 validate`` work too).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import click
 
 from near2_tasks.cli import settings_from
+
+
+def _show_progress() -> None:
+    """Print near2's INFO log lines (stages, per-dimension results) on stderr: evaluations take minutes."""
+    logger = logging.getLogger("near2_tasks")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -82,6 +93,7 @@ def evaluate(ctx: click.Context, model_ref: str, catalog: str, judgments: str, f
     from near2_tasks.evaluate import EvaluationReport, evaluate_model, log_evaluation, render_markdown, write_report
 
     began = time.monotonic()
+    _show_progress()
     settings = settings_from(ctx)
     reference_reports = {label: EvaluationReport.read_json(path) for label, path in references.items()}
     products, judged = _load_frames(settings, catalog, judgments, fmt)
@@ -110,6 +122,7 @@ def gate(ctx: click.Context, catalog: str, judgments: str, fmt: str | None, vers
     """
     from near2_tasks.gates import gate_version
 
+    _show_progress()
     settings = settings_from(ctx)
     products, judged = _load_frames(settings, catalog, judgments, fmt)
     result = gate_version(settings, products, judged, version=version,
