@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def _dedicated_es_session(tmp_path_factory):
         pytest.fail(f"the dedicated Elasticsearch for fault tests could not start: {exc}", pytrace=False)
     yield es
     es.stop()
+    shutil.rmtree(es.data_dir, ignore_errors=True)
 
 
 @pytest.fixture

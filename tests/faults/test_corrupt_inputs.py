@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, Phase, example, given, settings as hypothesis_settings, strategies as st
 
 from near2_tasks.errors import Near2Error
 from tests.faults.support import drop_alias_indices
@@ -324,6 +324,8 @@ LEAK_MARKERS = ("Traceback", 'File "', "/work/", "site-packages", "127.0.0.1", "
 @API_EXAMPLES
 @given(params=st.lists(st.tuples(PARAM_NAMES, PARAM_VALUES), max_size=6), with_query=st.booleans(),
        body=st.one_of(st.none(), st.binary(max_size=20_000)))
+@example(params=[("brand", "b" * 9000)], with_query=True, body=None)  # always one oversized URL ...
+@example(params=[], with_query=True, body=b"{" * 9000)  # ... and one oversized body
 def test_search_api_answers_every_request_without_a_500(api, served_settings, params, with_query, body):
     if with_query:
         params = [("q", "cordless drill"), *params]
@@ -333,6 +335,11 @@ def test_search_api_answers_every_request_without_a_500(api, served_settings, pa
         response = api.request("GET", "/search", params=params, content=body)
     limits = served_settings.serving
     assert response.status_code in (200, 400, 413, 414, 422), (response.status_code, response.text[:300])
+    url_bytes = len(response.request.url.raw_path.replace(b"?", b"", 1))  # path + query, as the server counts
+    if url_bytes > limits.max_request_bytes:
+        assert response.status_code == 414, "an oversized URL is refused before anything else"
+    elif body is not None and len(body) > limits.max_request_bytes:
+        assert response.status_code == 413, "an oversized body is refused before anything else"
     payload = response.json()
     if response.status_code == 200:
         assert 1 <= payload["k"] <= limits.k_max and len(payload["hits"]) <= payload["k"]
