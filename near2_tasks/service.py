@@ -13,11 +13,13 @@ Run it with ``near2 serve`` (uvicorn), or ``create_app(settings)`` in any ASGI s
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from near2_tasks.config import Settings, load_settings
@@ -84,8 +86,8 @@ def _backend_error(exc: Exception) -> JSONResponse:
 
 
 class RequestSizeLimit:
-    """ASGI middleware: 414 for a URL longer than ``max_bytes``, 413 for a body larger than it
-    (declared by Content-Length, or counted while a chunked body arrives)."""
+    """ASGI middleware: 414 for a URL longer than ``max_bytes``, 431 for headers larger than it, 413 for
+    a body larger than it (declared by Content-Length, or counted while a chunked body arrives)."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
@@ -98,7 +100,11 @@ class RequestSizeLimit:
         if len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > self.max_bytes:
             await _error(414, f"request URL longer than {self.max_bytes} bytes")(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
+        raw_headers = scope.get("headers") or []
+        if sum(len(name) + len(value) for name, value in raw_headers) > self.max_bytes:
+            await _error(431, f"request headers larger than {self.max_bytes} bytes")(scope, receive, send)
+            return
+        headers = dict(raw_headers)
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit() or int(length) > self.max_bytes:
@@ -131,7 +137,19 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     """The FastAPI app; ``settings`` default to ``load_settings()`` (NEAR2_CONFIG, env vars)."""
     settings = settings or load_settings()
     limits = settings.serving
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # load the serving model before the first shopper waits for it; a cluster that is not up yet
+        # is not fatal: /health says so and the first query retries
+        try:
+            searcher = app.state.searcher
+            await run_in_threadpool(lambda: searcher.encoder(searcher.serving_index()))
+        except Near2Error as exc:
+            log.warning("could not preload the serving model: %s", exc)
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="near2 storefront search",
         description="Semantic product search over nested (Matryoshka) embeddings in Elasticsearch. "
                     "Queries are encoded by the model that built the index behind the alias.",
@@ -162,7 +180,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     error_responses: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorOut, "description": text} for code, text in (
             (400, "Bad search request (unserved dim, empty query, unknown parameter, ...)"),
-            (413, "Request body too large"), (414, "Request URL too long"),
+            (413, "Request body too large"), (414, "Request URL too long"), (431, "Request headers too large"),
             (422, "Parameter of the wrong type or out of bounds"), (503, "Search backend unavailable"))}
 
     @app.get("/search", response_model=SearchOut, responses=error_responses, summary="Search products")

@@ -91,6 +91,8 @@ def test_repeated_parameters_and_oversized_requests_are_refused(api):
     assert repeated.status_code == 400 and "given more than once" in repeated.json()["error"]
     long_url = api.get("/search", params={"q": "drill", "category": "c" * 9000})
     assert long_url.status_code == 414
+    big_headers = api.get("/search", params={"q": "drill"}, headers={"x-padding": "p" * 9000})
+    assert big_headers.status_code == 431
     big_body = api.request("GET", "/search", params={"q": "drill"}, content=b"x" * 10_000)
     assert big_body.status_code == 413 and "larger than 8192 bytes" in big_body.json()["error"]
 
