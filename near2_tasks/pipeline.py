@@ -93,10 +93,6 @@ class StepContext:
         """Idempotency key of this run's registrations (the MLflow version tag ``run_key``)."""
         return f"{self.dag_id}/{self.run_id}"
 
-    @property
-    def auto_approve(self) -> bool:
-        return self.settings.gates.auto_approve
-
 
 class SkipRest(Near2Error):
     """Not an error: the run ends here, deliberately, and the steps after this one do not run."""
@@ -113,7 +109,7 @@ def run_directory(settings: Settings, dag_id: str, run_id: str) -> Path:
     return settings.home / "runs" / dag_id / safe
 
 
-def _with_section(settings: Settings, name: str, values: Mapping[str, Any]) -> Settings:
+def with_section(settings: Settings, name: str, values: Mapping[str, Any]) -> Settings:
     """``settings`` with some keys of one section replaced, validated like the section itself."""
     from pydantic import ValidationError
 
@@ -133,7 +129,7 @@ def settings_for_run(params: RunParams, connections: Mapping[str, Mapping[str, A
 
     settings = load_settings(params.config_file)
     for section, values in (connections or {}).items():
-        settings = _with_section(settings, section, values)
+        settings = with_section(settings, section, values)
     dataset: dict[str, Any] = {}
     if params.catalog_path:
         dataset["catalog_path"] = params.catalog_path
@@ -142,14 +138,14 @@ def settings_for_run(params: RunParams, connections: Mapping[str, Mapping[str, A
     if params.dataset_format:
         dataset["format"] = params.dataset_format
     if dataset:
-        settings = _with_section(settings, "dataset", dataset)
+        settings = with_section(settings, "dataset", dataset)
     if params.dims:
-        settings = _with_section(settings, "model", {"dims": params.dims})
+        settings = with_section(settings, "model", {"dims": params.dims})
     training = {k: v for k, v in (("epochs", params.epochs), ("max_steps", params.max_steps)) if v is not None}
     if training:
-        settings = _with_section(settings, "training", training)
+        settings = with_section(settings, "training", training)
     if params.auto_approve is not None:
-        settings = _with_section(settings, "gates", {"auto_approve": params.auto_approve})
+        settings = with_section(settings, "gates", {"auto_approve": params.auto_approve})
     return settings
 
 
@@ -534,8 +530,7 @@ def smoke_search(ctx: StepContext, validation: Result, swapped: Result) -> Resul
 def reindex_needed(ctx: StepContext, validation: Result) -> Result:
     """The champion to index with, and whether the alias already serves it on this catalog."""
     from near2_tasks import registry
-    from near2_tasks.es_client import es_errors, make_client
-    from near2_tasks.index import _meta_of, current_target
+    from near2_tasks.index import index_status
 
     settings = ctx.settings
     champion = _champion_version(settings)
@@ -543,14 +538,13 @@ def reindex_needed(ctx: StepContext, validation: Result) -> Result:
         raise Near2Error(f"registered model {settings.mlflow.registered_model!r} has no champion yet",
                          hint="run the near2_retrain DAG first (or `near2 promote`)")
     version = registry.get_version(settings, champion)
-    client = make_client(settings)
-    with es_errors(settings.elasticsearch.url, "reading the alias"):
-        target = current_target(client, settings.elasticsearch.alias)
-        meta = _meta_of(client, target) if target else {}
-    serving = (str(meta.get("model_version")) == champion
-               and meta.get("catalog_version") == validation["catalog_version"])
+    status = index_status(settings)
+    serving = next((info for info in status.indices if info.name == status.target), None)
+    up_to_date = (serving is not None and serving.model_version == champion
+                  and serving.catalog_version == validation["catalog_version"])
+    target = status.target
     result = _record(ctx, "reindex_needed", {
-        "needed": ctx.params.force or not serving, "serving": target, "model_version": champion,
+        "needed": ctx.params.force or not up_to_date, "serving": target, "model_version": champion,
         "model_uri": registry.model_uri(settings, champion), "run_id": version.run_id,
         "links": {"MLflow model version": mlflow_version_url(settings, champion)},
     })

@@ -153,7 +153,7 @@ def test_run_params_override_config_and_environment(monkeypatch, tmp_path):
                          "epochs": None}, "scheduled__2026", "near2_retrain")
     assert ctx.settings.model.dims == [384, 64]
     assert ctx.settings.training.max_steps == 7
-    assert ctx.auto_approve is True
+    assert ctx.settings.gates.auto_approve is True
     assert ctx.run_dir == tmp_path / "runs" / "near2_retrain" / "scheduled__2026"
 
 

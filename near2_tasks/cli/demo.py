@@ -71,15 +71,15 @@ def airflow_env(settings, demo_config: Path) -> dict[str, str]:
 def demo_settings(settings):
     """The user's settings with the demo's sizes: the synthetic catalog (unless a catalog is configured),
     ``demo.max_steps`` training steps on a ``demo.val_corpus_size`` validation corpus, auto-approval."""
-    from near2_tasks.pipeline import _with_section
+    from near2_tasks.pipeline import with_section
 
     if settings.dataset.catalog_path is None:
-        settings = _with_section(settings, "dataset", {"synthetic_products": settings.demo.products,
+        settings = with_section(settings, "dataset", {"synthetic_products": settings.demo.products,
                                                        "synthetic_queries": settings.demo.queries})
-    settings = _with_section(settings, "training", {
+    settings = with_section(settings, "training", {
         "max_steps": settings.demo.max_steps,
         "val_corpus_size": min(settings.training.val_corpus_size, settings.demo.val_corpus_size)})
-    return _with_section(settings, "gates", {"auto_approve": True})
+    return with_section(settings, "gates", {"auto_approve": True})
 
 
 def check_elasticsearch(settings) -> None:
