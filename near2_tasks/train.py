@@ -347,11 +347,14 @@ def _progress_logger():
     from transformers import TrainerCallback
 
     class ProgressLogger(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs) -> None:
-            self.began = time.monotonic()
+        began: float | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs) -> None:
+            if self.began is None:  # after the step-0 validation, so it does not skew the rate
+                self.began = time.monotonic()
 
         def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-            if not logs or "loss" not in logs or not state.max_steps:
+            if not logs or "loss" not in logs or not state.max_steps or self.began is None:
                 return
             elapsed = time.monotonic() - self.began
             eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
