@@ -218,9 +218,9 @@ def pin_model_uri(settings: Settings, model_ref: str, model_version: str) -> str
     if match:
         name, alias = match.group(1), match.group(2)
         try:
-            from mlflow import MlflowClient
+            from near2_tasks.registry import client as registry_client
 
-            client = MlflowClient(tracking_uri=settings.tracking_uri)
+            client = registry_client(settings)
             if alias:
                 version = client.get_model_version_by_alias(name, alias).version
             else:
@@ -236,6 +236,17 @@ def pin_model_uri(settings: Settings, model_ref: str, model_version: str) -> str
         return model_ref
     local = Path(model_ref).expanduser()
     return str(local.resolve()) if local.exists() else model_ref
+
+
+def load_meta_model(settings: Settings, model_uri: str) -> SentenceTransformer:
+    """The encoder an index's ``_meta.model_uri`` names; MLflow URIs read the configured store."""
+    from near2_tasks.embeddings import load_encoder, pick_device
+
+    if model_uri.startswith(("models:/", "runs:/")):
+        from near2_tasks.registry import load_model_from_mlflow
+
+        return load_model_from_mlflow(model_uri, device=pick_device(settings.model.device), settings=settings)
+    return load_encoder(model_uri, device=settings.model.device)
 
 
 def default_model_name(model_ref: str) -> str:
@@ -279,7 +290,7 @@ def build_index(
 
 def _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors, *,
            model_name, index_name, client, progress) -> tuple[BuiltIndex, SentenceTransformer | None]:
-    from near2_tasks.embeddings import check_dims, encode, load_encoder, model_dimension
+    from near2_tasks.embeddings import check_dims, encode, model_dimension
 
     products = prepare_products(products, settings.dataset.text_template)
     dims = list(dims or settings.model.dims)
@@ -287,7 +298,7 @@ def _build(settings, model_ref, products, model_version, run_id, catalog_version
         raise Near2Error(f"dims must be distinct, positive and descending, got {dims}")
     model = None
     if vectors is None:
-        model = load_encoder(model_ref, device=settings.model.device)
+        model = load_meta_model(settings, model_ref)
         check_dims(dims, model_dimension(model))
     else:
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -484,7 +495,7 @@ def verify_index(settings: Settings, index_name: str, products: pd.DataFrame,
     model named in ``_meta`` (or ``model``, the same weights already loaded). Raises
     IndexVerificationFailed (alias untouched) with the report when a check fails.
     """
-    from near2_tasks.embeddings import encode, load_encoder
+    from near2_tasks.embeddings import encode
 
     es = settings.elasticsearch
     products = prepare_products(products, settings.dataset.text_template)
@@ -510,7 +521,7 @@ def verify_index(settings: Settings, index_name: str, products: pd.DataFrame,
         if unmapped or not dims:
             report.problems.append(f"dims {unmapped or dims} have no vector field")
         if not report.problems:
-            model = model or load_encoder(meta["model_uri"], device=settings.model.device)
+            model = model or load_meta_model(settings, meta["model_uri"])
             rng = np.random.default_rng(0)
             sample = products.iloc[np.sort(rng.choice(len(products), report.sample_size, replace=False))]
             queries = encode(model, sample.text.tolist(), batch_size=settings.model.encode_batch_size)

@@ -180,18 +180,18 @@ _ENCODERS: OrderedDict[tuple[str, str], SentenceTransformer] = OrderedDict()
 _ENCODERS_LOCK = threading.Lock()
 
 
-def encoder_for(model_uri: str, device: str = "auto", cache_size: int = 2) -> SentenceTransformer:
-    """The query encoder for ``model_uri``, loaded once (LRU of ``cache_size`` models)."""
-    from near2_tasks.embeddings import load_encoder
+def encoder_for(settings: Settings, model_uri: str) -> SentenceTransformer:
+    """The query encoder for ``model_uri``, loaded once (LRU of ``serving.encoder_cache_size`` models)."""
+    from near2_tasks.index import load_meta_model
 
-    key = (model_uri, device)
+    key = (model_uri, settings.model.device)
     with _ENCODERS_LOCK:
         if key in _ENCODERS:
             _ENCODERS.move_to_end(key)
             return _ENCODERS[key]
-        model = load_encoder(model_uri, device=device)
+        model = load_meta_model(settings, model_uri)
         _ENCODERS[key] = model
-        while len(_ENCODERS) > cache_size:
+        while len(_ENCODERS) > settings.serving.encoder_cache_size:
             _ENCODERS.popitem(last=False)
         return model
 
@@ -264,7 +264,7 @@ class Searcher:
                             model_name=meta.get("model_name"), model_version=meta.get("model_version"))
 
     def encoder(self, serving: ServingIndex) -> SentenceTransformer:
-        return encoder_for(serving.model_uri, self.settings.model.device, self.settings.serving.encoder_cache_size)
+        return encoder_for(self.settings, serving.model_uri)
 
     # ----- search ----------------------------------------------------------------------------
     def search(self, query: str, k: int = 10, dim: int | None = None, mode: Mode | None = None,

@@ -230,3 +230,18 @@ def test_impossible_requests_are_refused_before_any_work(cfg, products, tiny_mod
     with pytest.raises(Near2Error, match="vectors have shape"):
         build_index(cfg, str(tiny_model_dir), products, model_version=1, vectors=np.zeros((3, 64)))
     assert es_client.indices.get(index=f"{cfg.elasticsearch.alias}-*", allow_no_indices=True) == {}
+
+
+def test_a_registry_alias_is_pinned_to_its_version_in_meta(cfg, products, es_client, tiny_model_dir,
+                                                           register_model_dir):
+    from near2_tasks.search import search
+
+    version = register_model_dir(cfg, tiny_model_dir)
+    name = cfg.mlflow.registered_model
+    built = build_verify_swap(cfg, f"models:/{name}@challenger", products, model_version=version).index
+    assert built.meta["model_uri"] == f"models:/{name}/{version}" and built.meta["model_name"] == name
+    # the storefront loads exactly that version from the registry, whatever the alias does later
+    response = search(cfg, products.title[3], k=3)
+    assert response.model_uri == f"models:/{name}/{version}" and response.hits[0].product_id == products.product_id[3]
+    with pytest.raises(Near2Error, match=f"is version {version}, but model_version=99"):
+        build_index(cfg, f"models:/{name}@challenger", products, model_version=99)
