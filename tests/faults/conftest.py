@@ -1,8 +1,9 @@
 """Fixtures for the fault-injection tests: services we are allowed to break.
 
-- ``dedicated_es``: an Elasticsearch of our own on port 9261 (``NEAR2_FAULTS_ES_PORT``), started once
-  per session with an empty data directory, and running again before every test (a test that kills it
-  restarts it, or the next test does). Never the shared server (9200) or the test server (9251).
+- ``dedicated_es``: an Elasticsearch of our own on a free port (``NEAR2_FAULTS_ES_PORT`` to choose one),
+  started once per session with an empty data directory, and running again before every test (a test
+  that kills it restarts it, or the next test does). Never the shared server (9200) or the test server
+  (9251), nor another session's.
 - ``faulty_proxy``: a loopback HTTP proxy in front of it whose ``rule`` a test sets (429 for bulk
   requests, a crash on the n-th bulk request, ...).
 - ``mlflow_server``: a real ``mlflow server`` with a SQLite store in tmp, stopped and restarted at will.
@@ -17,17 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import DedicatedElasticsearch, FaultyProxy, MlflowServer
+from tests.faults.harness import DedicatedElasticsearch, FaultyProxy, MlflowServer, free_elasticsearch_port
 from tests.faults.support import drop_alias_indices, make_fault_settings
 
 REPO = Path(__file__).resolve().parents[2]
-FAULT_ES_PORT = int(os.environ.get("NEAR2_FAULTS_ES_PORT", "9261"))
 
 
 def _runtime_dir(tmp_path_factory) -> Path:
@@ -41,8 +40,10 @@ def _runtime_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def _dedicated_es_session(tmp_path_factory):
     home = Path(os.environ.get("NEAR2_HOME", REPO / ".near2"))
+    # a port of its own per session: two sessions at once (a developer and CI) must not stop each other's
+    port = int(os.environ.get("NEAR2_FAULTS_ES_PORT") or free_elasticsearch_port())
     es = DedicatedElasticsearch(
-        port=FAULT_ES_PORT,
+        port=port,
         runtime_dir=_runtime_dir(tmp_path_factory),
         cache_dir=home / "cache" / "elasticsearch",
         home=tmp_path_factory.mktemp("faults-es-home"),
@@ -53,7 +54,7 @@ def _dedicated_es_session(tmp_path_factory):
         pytest.fail(f"the dedicated Elasticsearch for fault tests could not start: {exc}", pytrace=False)
     yield es
     es.stop()
-    shutil.rmtree(es.data_dir, ignore_errors=True)
+    es.wipe()
 
 
 @pytest.fixture

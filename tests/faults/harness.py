@@ -2,8 +2,8 @@
 ``mlflow server``, and a loopback HTTP proxy that misbehaves in front of Elasticsearch.
 
 None of these touch the shared server on 9200 or the test server on 9251: the dedicated
-Elasticsearch has its own port and its own runtime directory, and every process here is one we
-started and stop by its own id.
+Elasticsearch has its own (free, per-session) port and its own runtime directory, and every process
+here is one we started and stop by its own id. Two test sessions at once do not meet.
 """
 
 from __future__ import annotations
@@ -35,6 +35,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_elasticsearch_port() -> int:
+    """A free HTTP port whose transport port (+100, see elasticsearch_local) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 100 < 65536 and port_is_free(port + 100):
+            return port
+    raise RuntimeError("no free port pair for a dedicated Elasticsearch")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
@@ -69,15 +87,31 @@ class DedicatedElasticsearch:
         self.url = f"http://127.0.0.1:{port}"
         self.kills = 0
 
+    def _path(self, kind: str) -> Path:  # the layout of elasticsearch_local: <runtime>/<kind>-<port>
+        return elasticsearch_local.runtime_dir(self.settings) / f"{kind}-{self.settings.local_elasticsearch.port}"
+
     @property
     def data_dir(self) -> Path:
-        return elasticsearch_local.runtime_dir(self.settings) / f"data-{self.settings.local_elasticsearch.port}"
+        return self._path("data")
+
+    @property
+    def pid_file(self) -> Path:
+        return elasticsearch_local.runtime_dir(self.settings) / f"es-{self.settings.local_elasticsearch.port}.pid"
 
     def start_fresh(self) -> None:
-        """Stop a leftover of an aborted earlier session (ours, by its pid file), wipe its data, start."""
-        elasticsearch_local.stop(self.settings)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        """Start on an empty data directory.
+
+        Nothing listens on the port (the caller picked a free one), so whatever an aborted earlier session
+        left under it is stale: its files are removed, and the pid it names is never signalled (reused)."""
+        if not port_is_free(self.settings.local_elasticsearch.port):
+            raise RuntimeError(f"port {self.settings.local_elasticsearch.port} is taken: choose another")
+        self.wipe()
         self.start()
+
+    def wipe(self) -> None:
+        for directory in (self.data_dir, self._path("logs")):
+            shutil.rmtree(directory, ignore_errors=True)
+        self.pid_file.unlink(missing_ok=True)
 
     def start(self) -> None:
         elasticsearch_local.start(self.settings)
@@ -95,9 +129,8 @@ class DedicatedElasticsearch:
         self.kills += 1
 
     def pid(self) -> int | None:
-        pid_file = elasticsearch_local.runtime_dir(self.settings) / f"es-{self.settings.local_elasticsearch.port}.pid"
         try:
-            pid = int(pid_file.read_text().strip())
+            pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
         return pid if _alive(pid) else None
@@ -106,12 +139,13 @@ class DedicatedElasticsearch:
         return elasticsearch_local.health(self.url) is not None
 
     def ensure_running(self) -> None:
-        if not self.is_up():
+        """Start it if its process is gone (a slow health answer is not a reason to start a second
+        node on the same data), then wait until every primary is assigned again."""
+        if self.pid() is None:
             self.start()
-        # after a crash the shards recover first: wait until every primary is assigned again
         wait_until(
-            lambda: (elasticsearch_local.health(self.url) or {}).get("status") in ("green", "yellow"),
-            120, "the dedicated Elasticsearch did not become yellow",
+            lambda: (elasticsearch_local.health(self.url, timeout=10) or {}).get("status") in ("green", "yellow"),
+            180, "the dedicated Elasticsearch did not become yellow",
         )
 
 
