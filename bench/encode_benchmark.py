@@ -56,10 +56,12 @@ class Config:
     backend: str  # torch | onnx | onnx-int8 | openvino | openvino-int8
     precision: str  # fp32 | bf16
     batch_size: int
+    threads: int | None = None  # None: --threads
 
 
 def default_configs() -> list[Config]:
-    configs = [Config(BASELINE, "torch", "fp32", 64), Config("torch bf16 b64", "torch", "bf16", 64)]
+    configs = [Config(BASELINE, "torch", "fp32", 64), Config("torch fp32 b64 1 thread", "torch", "fp32", 64, 1),
+               Config("torch bf16 b64", "torch", "bf16", 64)]
     configs += [Config(f"onnx fp32 b{b}", "onnx", "fp32", b) for b in (32, 64, 128)]
     configs += [Config(f"onnx int8 b{b}", "onnx-int8", "fp32", b) for b in (16, 32, 64, 128)]
     configs += [Config("openvino fp32 b64", "openvino", "fp32", 64)]
@@ -77,13 +79,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="default: every usable core")
     parser.add_argument("--only", nargs="*", help="names of configurations to run (baseline always runs)")
     parser.add_argument("--ndcg", action="store_true", help="also the NDCG@10 guard on the whole catalog")
+    parser.add_argument("--query-latency", type=int, default=300,
+                        help="judged queries encoded one at a time on one thread (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser.parse_args()
 
 
 def make_encoders(model, configs: list[Config], export_root: Path, threads: int
-                  ) -> tuple[dict[str, Callable[[list[str]], np.ndarray]], dict[str, float]]:
+                  ) -> tuple[dict[str, Callable[[list[str]], np.ndarray]], dict[str, Path], dict[str, float]]:
     """One ``texts -> vectors`` function per configuration; exports each backend variant once."""
     import copy
 
@@ -98,9 +102,9 @@ def make_encoders(model, configs: list[Config], export_root: Path, threads: int
         if config.backend == "torch":
             if config.precision == "bf16":
                 bf16_model = bf16_model or copy.deepcopy(model).to(torch.bfloat16)
-                runners[config.name] = lambda texts, m=bf16_model, b=config.batch_size: encode(m, texts, b)
-            else:
-                runners[config.name] = lambda texts, b=config.batch_size: encode(model, texts, b)
+            chosen = bf16_model if config.precision == "bf16" else model
+            runners[config.name] = with_torch_threads(
+                lambda texts, m=chosen, b=config.batch_size: encode(m, texts, b), config.threads or threads)
             continue
         backend, _, quantize = config.backend.partition("-")
         spec = BackendSpec(backend, "int8" if quantize else "none")  # type: ignore[arg-type]
@@ -109,12 +113,28 @@ def make_encoders(model, configs: list[Config], export_root: Path, threads: int
             artefacts[spec.variant] = export_artifact(model, spec, export_root / spec.variant,
                                                       source=f"benchmark: {model}")
             export_s[spec.variant] = round(time.perf_counter() - started, 1)
-        encoder = load_artifact(artefacts[spec.variant], threads=threads, precision=config.precision)
+        encoder = load_artifact(artefacts[spec.variant], threads=config.threads or threads,
+                                precision=config.precision)
         if getattr(encoder, "precision", config.precision) != config.precision:
             print(f"skipping {config.name}: this CPU runs it as {encoder.precision}", file=sys.stderr)
             continue
         runners[config.name] = lambda texts, e=encoder, b=config.batch_size: e.encode_normalized(texts, b)
-    return runners, export_s
+    return runners, artefacts, export_s
+
+
+def with_torch_threads(run: Callable[[list[str]], np.ndarray], threads: int) -> Callable[[list[str]], np.ndarray]:
+    """``run`` with torch using ``threads`` threads (a process-wide setting), restored afterwards."""
+    import torch
+
+    def wrapped(texts: list[str]) -> np.ndarray:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run(texts)
+        finally:
+            torch.set_num_threads(previous)
+
+    return wrapped
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -151,6 +171,29 @@ def measure(runners: dict[str, Callable], texts: list[str], repeats: int, seed: 
             "seconds": seconds[name],
         }
     return results
+
+
+def query_latency(model, artefacts: dict[str, Path], queries: list[str]) -> dict[str, Any]:
+    """One query at a time on one thread, as the search service encodes (``serving.encode_threads``):
+    p50/p99 ms per backend, interleaved query by query."""
+    encoders: dict[str, Callable[[list[str]], np.ndarray]] = {
+        "torch fp32": with_torch_threads(lambda texts: encode(model, texts, 1), 1)}
+    for variant, directory in artefacts.items():
+        encoder = load_artifact(directory, threads=1)
+        name = f"{encoder.variant}" if variant.startswith("openvino") else variant
+        encoders[name] = lambda texts, e=encoder: e.encode_normalized(texts, 1)
+    seconds: dict[str, list[float]] = {name: [] for name in encoders}
+    for run in encoders.values():  # warm-up
+        run(queries[:5])
+    for i, query in enumerate(queries):
+        names = list(encoders)
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            started = time.perf_counter()
+            encoders[name]([query])
+            seconds[name].append(time.perf_counter() - started)
+    return {name: {"p50_ms": float(np.percentile(v, 50) * 1000), "p99_ms": float(np.percentile(v, 99) * 1000)}
+            for name, v in seconds.items()}
 
 
 def ndcg_guard(model, runners: dict[str, Callable], configs: list[Config], data_dir: Path) -> dict[str, Any]:
@@ -196,7 +239,7 @@ def ndcg_guard(model, runners: dict[str, Callable], configs: list[Config], data_
     return report
 
 
-def print_tables(results: dict[str, Any], ndcg: dict[str, Any] | None) -> None:
+def print_tables(results: dict[str, Any], ndcg: dict[str, Any] | None, latency: dict[str, Any] | None) -> None:
     print("| configuration | titles/s (median) | speed-up vs torch fp32 b64 (median of rounds) | range | "
           "cosine mean | cosine min |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -211,6 +254,12 @@ def print_tables(results: dict[str, Any], ndcg: dict[str, Any] | None) -> None:
         for name, r in ndcg.items():
             if isinstance(r, dict) and "ndcg" in r:
                 print(f"| {name} | " + " | ".join(f"{r['ndcg'][d]:.4f}" for d in DIMS) + f" | {r['max_abs_delta']:.4f} |")
+    if latency:
+        print()
+        print("| one query, one thread | p50 ms | p99 ms |")
+        print("| --- | ---: | ---: |")
+        for name, r in latency.items():
+            print(f"| {name} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
 
 
 def main() -> None:
@@ -225,17 +274,23 @@ def main() -> None:
     titles = pd.read_csv(products)["title"].astype(str).sample(args.titles, random_state=args.seed).tolist()
     model = load_encoder(args.model, device="cpu")
     with tempfile.TemporaryDirectory() as scratch:
-        runners, export_s = make_encoders(model, configs, Path(scratch), threads)
+        runners, artefacts, export_s = make_encoders(model, configs, Path(scratch), threads)
         results = measure(runners, titles, args.repeats, args.seed)
+        latency = None
+        if args.query_latency:
+            judged = pd.read_csv(args.data_dir / "judgments.csv")["query"].astype(str).drop_duplicates()
+            latency = query_latency(model, artefacts,
+                                    judged.sample(min(args.query_latency, len(judged)), random_state=args.seed).tolist())
         ndcg = ndcg_guard(model, runners, configs, args.data_dir) if args.ndcg else None
     machine = {"cpu": platform.processor() or platform.machine(), "usable_cores": threads,
                "load_average_end": os.getloadavg(), "python": platform.python_version()}
-    print_tables(results, ndcg)
+    print_tables(results, ndcg, latency)
     print(f"\nexport seconds per variant: {export_s}; machine: {machine}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine,
-                                        "export_seconds": export_s, "results": results, "ndcg": ndcg},
+                                        "export_seconds": export_s, "results": results, "ndcg": ndcg,
+                                        "query_latency": latency},
                                        indent=2, default=str))
 
 
