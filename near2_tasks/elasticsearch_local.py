@@ -144,7 +144,7 @@ def _java_major(java: Path) -> int:
     return int(match.group(2)) if major == 1 else major
 
 
-def _ensure_user() -> pwd.struct_passwd:
+def ensure_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(ES_USER)
     except KeyError:
@@ -234,7 +234,10 @@ def start(settings: Settings) -> LocalServer:
     data_dir, log_dir, pid_file = _paths(settings)
     es_home = install(settings)
     pid = _read_pid(pid_file)
-    if pid and health(url):
+    if pid:
+        # our process is alive: it is up, or still starting, or busy; wait for it rather than
+        # starting a second node that would fight over the data directory's lock
+        _wait_healthy(url, pid_file, log_dir, local.start_timeout_s)
         return LocalServer(url, pid, local.version, es_home, data_dir, log_dir / "near2-local.log")
     if health(url):
         raise Near2Error(
@@ -264,7 +267,7 @@ def start(settings: Settings) -> LocalServer:
         "-E", "action.destructive_requires_name=false",
     ]
     if _is_root():
-        user = _ensure_user()
+        user = ensure_user()
         _chown_tree(runtime_dir(settings), user.pw_uid, user.pw_gid)
         runuser = shutil.which("runuser") or "/usr/sbin/runuser"
         command = [runuser, "-u", ES_USER, "--", "env", *[f"{k}={v}" for k, v in env.items()], *command]
@@ -275,18 +278,23 @@ def start(settings: Settings) -> LocalServer:
             f"Elasticsearch failed to start: {(result.stderr or result.stdout).strip()[-800:]}",
             hint=f"see the logs in {log_dir}",
         )
-    deadline = started + local.start_timeout_s
+    _wait_healthy(url, pid_file, log_dir, local.start_timeout_s - (time.monotonic() - started))
+    pid = _read_pid(pid_file) or 0
+    return LocalServer(url, pid, local.version, es_home, data_dir, log_dir / "near2-local.log")
+
+
+def _wait_healthy(url: str, pid_file: Path, log_dir: Path, timeout_s: float) -> None:
+    """Wait until the cluster is green or yellow; fail early if the process died."""
+    deadline = time.monotonic() + max(timeout_s, 1.0)
     while time.monotonic() < deadline:
-        status = health(url)
+        status = health(url, timeout=5.0)
         if status and status.get("status") in ("green", "yellow"):
-            pid = _read_pid(pid_file) or 0
-            return LocalServer(url, pid, local.version, es_home, data_dir, log_dir / "near2-local.log")
+            return
         if pid_file.exists() and _read_pid(pid_file) is None:
             break  # it started and died
         time.sleep(0.5)
     raise ServiceUnavailable(
-        f"Elasticsearch did not become healthy on {url} within {local.start_timeout_s:.0f}s: "
-        f"{_log_tail(log_dir)}",
+        f"Elasticsearch did not become healthy on {url} within {timeout_s:.0f}s: {_log_tail(log_dir)}",
         hint=f"see the logs in {log_dir}",
     )
 

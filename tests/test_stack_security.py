@@ -101,7 +101,7 @@ def _start_secured_es(es_home: Path, java_home: Path, base: Path, pid_file: Path
     base.chmod(0o755)
     from near2_tasks import elasticsearch_local
 
-    user = elasticsearch_local._ensure_user() if as_root else pwd.getpwuid(os.geteuid())
+    user = elasticsearch_local.ensure_user() if as_root else pwd.getpwuid(os.geteuid())
     owner = f"{user.pw_uid}:{user.pw_gid}"
     conf = base / "config"
     shutil.copytree(es_home / "config", conf, ignore=shutil.ignore_patterns("elasticsearch.keystore"))
