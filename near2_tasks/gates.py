@@ -289,8 +289,12 @@ def current_champion(settings: Settings):
 
     try:
         return client(settings).get_model_version_by_alias(settings.mlflow.registered_model, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        # "no such model" / "no such alias" mean no champion yet; anything else (the tracking
+        # server down, say) must not silently turn the gate into a comparison with the base model
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataFrame,
