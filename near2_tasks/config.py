@@ -187,11 +187,20 @@ class ExamplesSettings(Section):
         return fractions
 
 
+def default_index_type(dim: int) -> str:
+    """The measured default (BENCHMARKS.md, "Serving"): from 128 dims bbq_hnsw keeps kNN recall@10 at
+    0.97-0.99 with about 1/12 of float HNSW's memory; below, float hnsw (int8/int4 lose 14-28 points of
+    recall at 64 and 32 dims, and BBQ needs at least 64)."""
+    return "bbq_hnsw" if dim >= 128 else "hnsw"
+
+
 class VectorFieldOptions(Section):
     """Mapping of one ``embedding_<d>`` field."""
 
     similarity: Literal["cosine", "dot_product", "l2_norm", "max_inner_product"] = "dot_product"
-    index_type: str = Field("hnsw", description="hnsw, int8_hnsw, int4_hnsw, bbq_hnsw, flat, int8_flat, ...")
+    index_type: str | None = Field(
+        None, description="hnsw, int8_hnsw, int4_hnsw, bbq_hnsw, flat, int8_flat, ...; None: default_index_type(dim)."
+    )
     m: int | None = None
     ef_construction: int | None = None
 
@@ -232,7 +241,11 @@ class ElasticsearchSettings(Section):
     verify_min_self_hit_rate: float = Field(0.8, ge=0, le=1, description="Per dimension, share of the sample found in the top k.")
 
     def field_options(self, dim: int) -> VectorFieldOptions:
-        return self.index_options.get(dim, VectorFieldOptions())
+        """The options of ``embedding_<dim>``, with the measured default index type filled in."""
+        options = self.index_options.get(dim, VectorFieldOptions())
+        if options.index_type is None:
+            options = options.model_copy(update={"index_type": default_index_type(dim)})
+        return options
 
 
 class ServingSettings(Section):
