@@ -14,7 +14,9 @@ What is measured (single client, sequential requests, after a warm-up):
   raw floats, quantized copy and HNSW graph), the bytes per vector that must stay in RAM (ES sizing
   formula) and the index's store size. All configs are timed side by side, query by query;
 * funnel (shortlist at a small dim, rescored at the full dim) against kNN at one dimension: NDCG@10 on
-  the Home Depot judgments and QPS, on the float hnsw index.
+  the held-out test queries of the team's query split (``examples.split_by_query``; the trained model
+  never saw them), with exact search's NDCG@10 at the same dimension for reference, and latency/QPS, on
+  an index with the configured per-dimension defaults (``--funnel-index``).
 
 Indices are built with ``near2_tasks.index.build_index`` from the team's cached base-model title
 embeddings (``<cache>/minilm-base-*.npy``) and force-merged to one segment. With ``--trained-model``
@@ -64,9 +66,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model-key", default="minilm-base", help="encode_cached key of the base model")
     parser.add_argument("--trained-model", type=Path, default=REPO / ".near2" / "bench" / "trained-homedepot")
     parser.add_argument("--dims", default=",".join(map(str, DIMS)))
-    parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--options", default=",".join(OPTIONS), help="index options of the kNN table ('' skips it)")
+    parser.add_argument("--funnel-index", default="default",
+                        help="index option of the funnel/NDCG rows ('default': the configured per-dimension defaults)")
+    parser.add_argument("--skip-base-funnel", action="store_true", help="funnel/NDCG rows of the trained model only")
     parser.add_argument("--queries", type=int, default=300, help="queries timed per (option, dim)")
-    parser.add_argument("--ndcg-queries", type=int, default=1000, help="judged queries for the funnel NDCG rows")
+    parser.add_argument("--ndcg-queries", type=int, default=0,
+                        help="cap on the test-split queries of the funnel NDCG rows (0: all of them)")
     parser.add_argument("--shortlist", type=int, default=100)
     parser.add_argument("--out", type=Path, default=REPO / ".near2" / "bench" / "serving_benchmark.json")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark indices afterwards")
@@ -137,10 +143,11 @@ def bytes_per_vector(client, index: str, dims: list[int], docs: int) -> tuple[di
 
 def build(settings, model_ref: str, products: pd.DataFrame, vectors: np.ndarray, option: str, dims: list[int],
           version: str) -> tuple[str, float]:
-    per_dim = {d: {"index_type": option} for d in dims}
+    """Build with ``option`` on every dimension ("default": the configured per-dimension defaults)."""
+    index_options = {} if option == "default" else {
+        d: settings.elasticsearch.field_options(d).model_copy(update={"index_type": option}) for d in dims}
     opt_settings = settings.model_copy(update={"elasticsearch": settings.elasticsearch.model_copy(update={
-        "index_options": {d: settings.elasticsearch.field_options(d).model_copy(update=o) for d, o in per_dim.items()},
-        "alias": f"bench-serving-{option.replace('_', '-')}"})})
+        "index_options": index_options, "alias": f"bench-serving-{option.replace('_', '-')}"})})
     began = time.monotonic()
     built = build_index(opt_settings, model_ref, products, version, dims=dims, vectors=vectors,
                         catalog_version="homedepot")
@@ -152,7 +159,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("elastic_transport").setLevel(logging.WARNING)
     dims = [int(d) for d in args.dims.split(",")]
-    options = args.options.split(",")
+    options = [o for o in args.options.split(",") if o]
     server_settings = None
     if args.start_local_es:
         from near2_tasks import elasticsearch_local
@@ -213,7 +220,7 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
     built_indices = []
     try:
         exact = {d: exact_top_k(doc_vectors, query_vectors, d, K) for d in dims}
-        configs, meta = [], []
+        configs, meta, served_by_option = [], [], {}
         for option in options:
             option_dims = [d for d in dims if not option.startswith("bbq") or d > 64]
             name, build_s = build(settings, args.model, products, doc_vectors, option, option_dims, "base")
@@ -226,8 +233,7 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
                 meta.append({"option": option, "dim": dim, "bytes_per_vector": size_per_vector[dim],
                              "ram_bytes_per_vector": ram_estimate(option, dim),
                              "index_store_mib": round(store / 2**20, 1), "build_s": round(build_s, 1)})
-            if option == "hnsw":
-                hnsw = served
+            served_by_option[option] = served
         log.info("timing %d configs side by side on %d queries", len(configs), len(query_vectors))
         for info, (ids, seconds) in zip(meta, timed_side_by_side(searcher, configs, query_vectors)):
             truth = exact[info["dim"]]
@@ -241,9 +247,16 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
                    f"recall@{K}": round(float(recall), 4), **{k: v for k, v in info.items() if k not in ("option", "dim")}}
             log.info("%s", row)
             results["knn"].append(row)
-        if "hnsw" in options:
-            results["funnel"] += funnel_rows(searcher, hnsw, model, judgments, queries, products, row_of, args, dims,
-                                             "all-MiniLM-L6-v2 (base)")
+        test_queries = test_split(settings, judgments, args.ndcg_queries)
+        if not args.skip_base_funnel:
+            served = served_by_option.get(args.funnel_index)
+            if served is None:
+                name, _ = build(settings, args.model, products, doc_vectors, args.funnel_index, dims, "base")
+                built_indices.append(name)
+                served = ServingIndex(alias=name, name=name, dims=dims, model_uri=args.model,
+                                      model_name="all-MiniLM-L6-v2", model_version="base")
+            results["funnel"] += funnel_rows(searcher, served, model, doc_vectors, judgments, test_queries, products,
+                                             row_of, args, dims, "all-MiniLM-L6-v2 (base)")
         trained = args.trained_model
         if trained and trained.exists():
             log.info("trained model found at %s: encoding the catalog with it", trained)
@@ -252,23 +265,34 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
 
             key = resolve_model(settings, str(trained)).cache_key  # the evaluation's key: reuse its vectors
             trained_vectors = encode_cached(trained_model, key, titles, args.cache_dir, show_progress=True)
-            name, _ = build(settings, str(trained), products, trained_vectors, "hnsw", dims, "trained")
+            name, _ = build(settings, str(trained), products, trained_vectors, args.funnel_index, dims, "trained")
             built_indices.append(name)
             served = ServingIndex(alias=name, name=name, dims=dims, model_uri=str(trained),
                                   model_name="trained-homedepot", model_version="trained")
-            results["funnel"] += funnel_rows(searcher, served, trained_model, judgments, queries, products, row_of,
-                                             args, dims, "NEAR² trained (trained-homedepot)")
+            results["funnel"] += funnel_rows(searcher, served, trained_model, trained_vectors, judgments, test_queries,
+                                             products, row_of, args, dims, "NEAR² trained (trained-homedepot)")
     finally:
         if not args.keep and built_indices:
             client.indices.delete(index=",".join(built_indices), ignore_unavailable=True)
     return results
 
 
-def funnel_rows(searcher, served, model, judgments, queries, products, row_of, args, dims, label) -> list[dict]:
-    """NDCG@10 and QPS of kNN at each dimension and of funnels rescored at the full dimension."""
-    rng = np.random.default_rng(1)
-    sample = queries.iloc[np.sort(rng.choice(len(queries), min(args.ndcg_queries, len(queries)), replace=False))]
-    sample = sample.reset_index(drop=True)
+def test_split(settings, judgments: pd.DataFrame, cap: int) -> pd.DataFrame:
+    """The held-out test queries of the team's query split (the trained model never saw them)."""
+    from near2_tasks.examples import split_by_query
+
+    ex = settings.examples
+    test = split_by_query(judgments, ex.seed, tuple(ex.split_fractions)).test
+    queries = test.drop_duplicates("query_id")[["query_id", "query"]].reset_index(drop=True)
+    if cap and cap < len(queries):
+        queries = queries.sample(cap, random_state=1).sort_index().reset_index(drop=True)
+    return queries
+
+
+def funnel_rows(searcher, served, model, doc_vectors, judgments, sample, products, row_of, args, dims,
+                label) -> list[dict]:
+    """NDCG@10 and QPS of kNN at each dimension and of funnels rescored at the full dimension, with the
+    NDCG@10 of exact search at the same (final) dimension for reference."""
     with torch_threads(None):
         vectors = encode(model, sample["query"].tolist(), batch_size=64)
     number = {qid: i for i, qid in enumerate(sample.query_id)}
@@ -278,6 +302,8 @@ def funnel_rows(searcher, served, model, judgments, queries, products, row_of, a
     full = max(dims)
     configs = [(d, None) for d in dims] + [(full, s) for s in dims if s < full and s <= 128]
     rows = []
+    exact = {d: mean_over(ndcg_at(qrels.ranked_relevance(exact_top_k(doc_vectors, vectors, d, K)), qrels, 1.0, K))
+             for d in dims}
     timed = timed_side_by_side(searcher, [(served, dim, shortlist) for dim, shortlist in configs], vectors)
     for (dim, shortlist_dim), (ids, seconds) in zip(configs, timed):
         ranking = np.full((len(sample), K), -1, dtype=np.int64)
@@ -286,7 +312,8 @@ def funnel_rows(searcher, served, model, judgments, queries, products, row_of, a
         ndcg = mean_over(ndcg_at(qrels.ranked_relevance(ranking), qrels, 1.0, K))
         row = {"model": label, "mode": "knn" if shortlist_dim is None else "funnel", "dim": dim,
                "shortlist_dim": shortlist_dim, "shortlist": args.shortlist if shortlist_dim else None,
-               f"ndcg@{K}": round(ndcg, 4), "p50_ms": percentile_ms(seconds, 50),
+               f"ndcg@{K}": round(ndcg, 4), f"exact_ndcg@{K}": round(exact[dim], 4), "index": args.funnel_index,
+               "p50_ms": percentile_ms(seconds, 50),
                "p99_ms": percentile_ms(seconds, 99), "qps": round(len(seconds) / sum(seconds), 1),
                "queries": len(sample)}
         log.info("%s", row)
@@ -306,12 +333,12 @@ def markdown(results: dict) -> str:
                      f"{r['p50_ms_with_encoding']} | {r['p99_ms_with_encoding']} | {r['qps_with_encoding']} | "
                      f"{r['recall@10']} | {r['bytes_per_vector']} | {r['ram_bytes_per_vector']:g} | "
                      f"{r['index_store_mib']} |")
-    lines += ["", "| model | mode | dim | shortlist | NDCG@10 | p50 ms | p99 ms | QPS |",
-              "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines += ["", "| model | mode | dim | shortlist | NDCG@10 | exact NDCG@10 at dim | p50 ms | p99 ms | QPS |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in results["funnel"]:
         shortlist = f"{r['shortlist']} @ {r['shortlist_dim']}" if r["shortlist_dim"] else "-"
-        lines.append(f"| {r['model']} | {r['mode']} | {r['dim']} | {shortlist} | {r['ndcg@10']} | {r['p50_ms']} | "
-                     f"{r['p99_ms']} | {r['qps']} |")
+        lines.append(f"| {r['model']} | {r['mode']} | {r['dim']} | {shortlist} | {r['ndcg@10']} | "
+                     f"{r['exact_ndcg@10']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} |")
     return "\n".join(lines)
 
 
