@@ -81,6 +81,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max-seq-length", type=int, default=48, help="99.9%% of the titles fit in 48 tokens")
     parser.add_argument("--eval-steps", type=int, default=None, help="default: --max-steps (validate at start and end)")
+    parser.add_argument("--sampler", choices=["proportional", "round_robin"], default="proportional",
+                        help="how batches alternate between the retrieval and ranking datasets")
+    parser.add_argument("--val-queries", type=int, default=100, help="validation queries (checkpoint choice)")
+    parser.add_argument("--val-corpus", type=int, default=600, help="validation corpus size")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args()
@@ -104,7 +108,8 @@ def main() -> None:
         training={"max_steps": args.max_steps, "batch_size": args.batch_size, "gpu_batch_size": args.batch_size,
                   "learning_rate": args.lr, "eval_steps": args.eval_steps or args.max_steps,
                   "max_seq_length": args.max_seq_length, "logging_steps": 10,
-                  "val_max_queries": 100, "val_corpus_size": 600},
+                  "multi_dataset_sampler": args.sampler,
+                  "val_max_queries": args.val_queries, "val_corpus_size": args.val_corpus},
     )
     import pandas as pd
 
@@ -148,7 +153,8 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.lr,
-        "max_seq_length": args.max_seq_length, "catalog_products": len(catalog),
+        "max_seq_length": args.max_seq_length, "multi_dataset_sampler": args.sampler,
+        "catalog_products": len(catalog),
         "precision": run.data.params.get("precision"),
         "train_triplets": len(examples.triplets), "train_pairs": len(examples.pairs),
         "examples_counts": examples.counts,
@@ -174,7 +180,8 @@ def markdown(results: dict) -> str:
     for d in DIMS:
         lines.append(f"| {d} | " + " | ".join(f"{table[d][m]:.4f}" for m in METRICS for table in (base, trained)) + " |")
     lines.append(
-        f"\nTraining: {results['max_steps']} steps × batch {results['batch_size']} on {results['device']}"
+        f"\nTraining: {results['max_steps']} steps × batch {results['batch_size']}, lr {results['learning_rate']:g}, "
+        f"{results['multi_dataset_sampler']} sampling, on {results['device']}"
         f"{' (' + results['gpu'] + ')' if results['gpu'] else ''}, {results['precision']}; "
         f"train_model {results['train_model_wall_s']} s (trainer loop {results['trainer_loop_s']} s), "
         f"peak RSS {results['peak_rss_mib']} MiB"

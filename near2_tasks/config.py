@@ -302,7 +302,10 @@ class TrainingSettings(Section):
     )
     mnrl_scale: float = Field(20.0, gt=0, description="Similarity scale of MultipleNegativesRankingLoss.")
     contrastive_margin: float = Field(0.5, gt=0, description="Margin of OnlineContrastiveLoss.")
-    multi_dataset_sampler: Literal["proportional", "round_robin"] = "proportional"
+    multi_dataset_sampler: Literal["proportional", "round_robin"] = Field(
+        "round_robin", description="round_robin: every optimizer step sums one batch of each objective, so the "
+                                   "weights are exact even under gradient clipping; proportional: one objective "
+                                   "per step, each dataset used in full (weights then barely matter).")
     max_seq_length: int | None = Field(None, gt=0, description="None: the base model's own limit.")
     eval_steps: int = Field(200, gt=0, description="Validate and checkpoint every N steps.")
     logging_steps: int = Field(20, gt=0)

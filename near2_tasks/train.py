@@ -11,8 +11,9 @@ The hybrid objective (NEAR², arXiv 2506.19743), trained together with the multi
   pulls labelled positives together and pushes the hard negatives apart (local comparison).
 
 The objective weights (``training.retrieval_weight`` / ``ranking_weight``) multiply each Matryoshka
-loss's per-dimension weights, so the summed gradient is ``w_obj · Σ_d w_d · loss_d``; a weight of 0
-drops that objective. The checkpoint kept is the one with the best mean validation NDCG@10 over all
+loss's per-dimension weights; a weight of 0 drops that objective. With the default round-robin sampling
+every optimizer step accumulates one batch of each objective, so the step follows
+``w_r·∇L_retrieval + w_k·∇L_ranking`` and the weights stay exact under gradient-norm clipping. The checkpoint kept is the one with the best mean validation NDCG@10 over all
 dimensions (one ``InformationRetrievalEvaluator`` per dimension, with ``truncate_dim``).
 
 Everything goes into one MLflow run: parameters, per-step losses (total and per objective), per-dimension
@@ -257,6 +258,11 @@ def training_arguments(settings: Settings, checkpoints: Path, device: str, epoch
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers, MultiDatasetBatchSamplers
 
     cfg = settings.training
+    objectives = sum(weight > 0 for weight in (cfg.retrieval_weight, cfg.ranking_weight))
+    # round-robin alternates the datasets batch by batch; accumulating one batch of each per optimizer step
+    # makes the update w_r·∇L_retrieval + w_k·∇L_ranking, so the weights survive gradient-norm clipping
+    # (with one objective per step, clipping would rescale each step and cancel its weight)
+    accumulate = objectives if cfg.multi_dataset_sampler == "round_robin" else 1
     steps = max_steps or cfg.max_steps or -1
     # evaluate (and checkpoint) at least once when the run is shorter than eval_steps
     eval_steps = min(cfg.eval_steps, steps) if steps > 0 else cfg.eval_steps
@@ -266,6 +272,7 @@ def training_arguments(settings: Settings, checkpoints: Path, device: str, epoch
         num_train_epochs=epochs or cfg.epochs,
         max_steps=steps,
         per_device_train_batch_size=cfg.gpu_batch_size if on_gpu else cfg.batch_size,
+        gradient_accumulation_steps=accumulate,
         per_device_eval_batch_size=cfg.eval_batch_size,
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps (transformers 5)
@@ -405,6 +412,7 @@ def run_params(settings: Settings, examples: Any, validation: ValidationData, da
         "batch_size": args.per_device_train_batch_size,
         "batch_sampler": "no_duplicates",
         "multi_dataset_sampler": cfg.multi_dataset_sampler,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "learning_rate": cfg.learning_rate,
         "warmup_ratio": cfg.warmup_ratio,
         "weight_decay": cfg.weight_decay,

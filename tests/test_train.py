@@ -17,8 +17,7 @@ from near2_tasks.conventions import CHALLENGER, CHAMPION, metric_key, truncate
 from near2_tasks.errors import Near2Error, ServiceUnavailable
 from tests.tiny_model import TINY_DIMS
 
-# round-robin: the two steps alternate between the two objectives
-TRAINING = {"max_steps": 2, "multi_dataset_sampler": "round_robin", "batch_size": 8, "eval_steps": 1, "logging_steps": 1, "learning_rate": 1e-3,
+TRAINING = {"max_steps": 2, "batch_size": 8, "eval_steps": 1, "logging_steps": 1, "learning_rate": 1e-3,
             "val_max_queries": 20, "val_corpus_size": 120}
 
 
@@ -116,9 +115,10 @@ def test_training_logs_a_complete_run(trained):
             assert {m.step for m in history} == {0, 1, 2}
             assert all(0.0 <= m.value <= 1.0 for m in history)
         assert metric_key("val", "ndcg@10", dim) in result.val_metrics
-    # loss per objective, per step
+    # loss per objective at every step: round-robin + accumulation puts one batch of each into every step
     for name in ("train_loss", "train_loss_retrieval", "train_loss_ranking"):
-        assert client.get_metric_history(result.run_id, name), name
+        assert {m.step for m in client.get_metric_history(result.run_id, name)} == {1, 2}, name
+    assert run.data.params["gradient_accumulation_steps"] == "2"
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "reports")}
     assert artifacts == {"reports/training_examples.json", "reports/validation.json"}
 
