@@ -66,7 +66,6 @@ def default_configs() -> list[Config]:
     configs += [Config(f"onnx int8 b{b}", "onnx-int8", "fp32", b) for b in (16, 32, 64, 128)]
     configs += [Config("openvino fp32 b64", "openvino", "fp32", 64)]
     configs += [Config(f"openvino bf16 b{b}", "openvino", "bf16", b) for b in (16, 32, 64, 128, 256)]
-    configs += [Config("openvino int8 b64", "openvino-int8", "fp32", 64)]
     return configs
 
 

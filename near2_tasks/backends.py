@@ -1,4 +1,4 @@
-"""Fast inference backends for the encoder: ONNX Runtime and OpenVINO, fp32 or int8.
+"""Fast inference backends for the encoder: ONNX Runtime (fp32 or int8) and OpenVINO (fp32 or bf16).
 
 Why our own export instead of sentence-transformers' ``backend="onnx"`` / ``"openvino"``: those need
 ``optimum-onnx`` (every release caps ``transformers<4.58``) or ``optimum-intel`` (2.0 caps
@@ -10,8 +10,8 @@ Why our own export instead of sentence-transformers' ``backend="onnx"`` / ``"ope
    its weight matrices to int8 (dynamic quantisation), and refuses the result unless its embeddings
    match the fp32 model's (mean cosine >= :data:`MIN_MEAN_COSINE`).
 2. :func:`export_backend` does that for a registered model version and logs the artefact to the
-   version's MLflow run under ``backends/<variant>`` (``variant`` = ``onnx-int8``, ``openvino-fp32``,
-   ...), so serving never exports at request time.
+   version's MLflow run under ``backends/<variant>`` (``variant`` = ``onnx``, ``onnx-int8`` or
+   ``openvino``), so serving never exports at request time.
 3. :func:`load_inference_encoder` gives catalog encoding and the search service the encoder that
    ``model.backend`` / ``model.quantize`` in config ask for. Its result works with
    :func:`near2_tasks.embeddings.encode` and ``encode_cached`` like a ``SentenceTransformer``.
@@ -173,6 +173,9 @@ def export_artifact(model: SentenceTransformer, spec: BackendSpec, out_dir: Path
 
     if spec.backend == "torch":
         raise Near2Error("the torch backend has nothing to export", hint="pick backend onnx or openvino")
+    if spec.quantize == "int8" and spec.backend != "onnx":
+        raise Near2Error(f"int8 is offered with backend onnx only, not {spec.backend}",
+                         hint="use backend onnx with quantize int8, or quantize none (BENCHMARKS.md)")
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -9,7 +9,7 @@ from near2_tasks.cli import settings_from
 
 @click.group("backend")
 def backend() -> None:
-    """Fast inference backends for the encoder (ONNX Runtime, OpenVINO, int8)."""
+    """Fast inference backends for the encoder (ONNX Runtime fp32/int8, OpenVINO fp32/bf16)."""
 
 
 @backend.command("export")
@@ -18,7 +18,7 @@ def backend() -> None:
 @click.option("--backend", "backend_name", type=click.Choice(["onnx", "openvino"]), default=None,
               help="Default: model.backend from config.")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default=None,
-              help="Default: model.quantize from config.")
+              help="Default: model.quantize from config (int8: onnx only).")
 @click.pass_context
 def export(ctx: click.Context, model_ref: str, backend_name: str | None, quantize: str | None) -> None:
     """Export, check against the fp32 model (cosine), log to the version's MLflow run; print the URI.
