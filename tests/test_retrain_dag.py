@@ -8,6 +8,7 @@ the state it left: a champion serving behind the alias.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,12 @@ def _champion(settings) -> str | None:
     return None if champion is None else str(champion.version)
 
 
+def _versions(settings) -> list:
+    from near2_tasks.registry import client as mlflow_client
+
+    return mlflow_client(settings).search_model_versions(f"name='{settings.mlflow.registered_model}'")
+
+
 def _run_dir(settings, dagrun) -> Path:
     from near2_tasks.pipeline import run_directory
 
@@ -165,7 +172,6 @@ def test_steps_rerun_after_a_failure_converge(pipeline, first_run):
     from near2_tasks import pipeline as steps
     from near2_tasks.airflow_support import build_context
     from near2_tasks.es_client import make_client
-    from near2_tasks.registry import client as mlflow_client
 
     settings = pipeline.settings
     ctx = build_context({"config_file": pipeline.config_file(), "auto_approve": True}, first_run.run_id,
@@ -173,7 +179,7 @@ def test_steps_rerun_after_a_failure_converge(pipeline, first_run):
     run_dir = ctx.run_dir
     validation, examples = steps.read_step(run_dir, "validate"), steps.read_step(run_dir, "mine_examples")
     first = steps.read_step(run_dir, "train")
-    versions_before = len(mlflow_client(settings).search_model_versions(f"name='{settings.mlflow.registered_model}'"))
+    versions_before = len(_versions(settings))
 
     again = steps.train(ctx, validation, examples)
     assert again["model_version"] == first["model_version"]
@@ -184,8 +190,7 @@ def test_steps_rerun_after_a_failure_converge(pipeline, first_run):
     steps.verify_index(ctx, validation, built)
     steps.swap_alias(ctx, built)
 
-    versions_after = len(mlflow_client(settings).search_model_versions(f"name='{settings.mlflow.registered_model}'"))
-    assert versions_after == versions_before
+    assert len(_versions(settings)) == versions_before
     assert make_client(settings).count(index=built["index"])["count"] == validation["products"]
     assert _serving(settings)[0] == built["index"]
 
@@ -208,6 +213,47 @@ def test_reindex_only_rebuilds_when_needed(pipeline, first_run):
     target, meta = _serving(settings)
     assert target != target_before == read_step(_run_dir(settings, forced), "swap_alias")["previous"]
     assert meta["model_version"] == _champion(settings)
+
+
+def _approve_when_gated(settings, newer_than: int, stop: threading.Event) -> None:
+    """A reviewer: approve the first version after ``newer_than`` as soon as its gate passed."""
+    from near2_tasks.conventions import TAG_GATE
+    from near2_tasks.promotion import set_approval
+
+    while not stop.wait(0.5):
+        for version in _versions(settings):
+            if int(version.version) > newer_than and version.tags.get(TAG_GATE) == "pass":
+                set_approval(settings, version.version, approved=True)
+                return
+
+
+def test_run_waits_for_a_reviewer_then_serves(pipeline, first_run, monkeypatch):
+    """Without auto-approval the run waits (reschedule-mode sensor) until the MLflow tag says approved."""
+    from near2_tasks.pipeline import read_step
+
+    settings = pipeline.settings
+    champion_before = _champion(settings)
+    # read when the DAG file is parsed: poke every second, and give up (fail) after two minutes
+    monkeypatch.setenv("NEAR2_AIRFLOW__APPROVAL_POKE_INTERVAL_S", "1")
+    monkeypatch.setenv("NEAR2_AIRFLOW__APPROVAL_TIMEOUT_S", "120")
+    newest = max(int(v.version) for v in _versions(settings))
+    stop = threading.Event()
+    reviewer = threading.Thread(target=_approve_when_gated, args=(settings, newest, stop), daemon=True)
+    reviewer.start()
+    try:
+        dagrun = pipeline.run("near2_retrain", {"config_file": pipeline.config_file(), "auto_approve": False})
+    finally:
+        stop.set()
+        reviewer.join(timeout=10)
+    states = _states(dagrun)
+    assert str(dagrun.state) == "success", states
+    assert set(states.values()) == {"success"}, states  # the wait itself succeeded, nothing was skipped
+    run_dir = _run_dir(settings, dagrun)
+    assert read_step(run_dir, "approval")["state"] == "approved"
+    version = read_step(run_dir, "train")["model_version"]
+    assert version != champion_before and _champion(settings) == version
+    assert read_step(run_dir, "promote")["previous_champion"] == champion_before
+    assert _serving(settings)[1]["model_version"] == version
 
 
 def test_failed_gate_changes_neither_champion_nor_alias(pipeline, first_run):
