@@ -20,8 +20,10 @@ a second attempt returns the version the first one registered), the index name i
 run and reused (documents are keyed by ``product_id``), and promotion and the alias swap are no-ops
 when already done.
 
-Nothing here imports Airflow; :mod:`near2_tasks.airflow_support` maps outcomes onto Airflow (a failed
-gate or a rejection calls :func:`skip_rest`, which the DAG turns into skipped downstream tasks).
+Nothing here imports Airflow; :mod:`near2_tasks.airflow_support` maps outcomes onto Airflow. A run can
+end early without an error: a failed gate returns ``passed: False`` (the DAG's short-circuit skips the
+rest), and a step that must not go on (a rejected challenger, a model that is no longer the champion)
+calls :func:`skip_rest`, which becomes a skipped task and skipped downstream tasks.
 """
 
 from __future__ import annotations

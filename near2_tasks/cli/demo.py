@@ -192,8 +192,8 @@ def ui_lines(settings, env_file: Path) -> list[str]:
         f"  MLflow:   {Path(sys.executable).parent / 'mlflow'} server --backend-store-uri {settings.tracking_uri} "
         f"--default-artifact-root {artifacts} --workers 1 --port 5000",
         "            -> http://127.0.0.1:5000 (the task links in Airflow point there)",
-        f"  Search:   near2 search 'cordless drill' --dim 64   (Elasticsearch {redact_url(settings.elasticsearch.url)}, "
-        f"alias {settings.elasticsearch.alias})",
+        f"  Search:   source {env_file} && near2 search 'cordless drill' --dim 64   "
+        f"(Elasticsearch {redact_url(settings.elasticsearch.url)}, alias {settings.elasticsearch.alias})",
         "  Production-like stack (Postgres, Airflow, MLflow, secured Elasticsearch): docker compose up (see README).",
     ]
 
