@@ -15,6 +15,7 @@ constants without paying for Airflow.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,13 +84,22 @@ def elasticsearch_overrides(conn: Any) -> dict[str, Any]:
 def mlflow_overrides(conn: Any) -> dict[str, Any]:
     """Settings of the ``mlflow`` section from a connection: extra ``tracking_uri`` (any URI MLflow
     takes, e.g. ``sqlite:////data/mlflow.db``) or host/port/schema of a tracking server; extras
-    ``artifact_location``, ``experiment``, ``registered_model``."""
+    ``artifact_location``, ``experiment``, ``registered_model``. Login/password: see
+    :func:`export_mlflow_credentials`."""
     extra = conn.extra_dejson or {}
     values: dict[str, Any] = {"tracking_uri": extra.get("tracking_uri") or _base_url(conn, "http", 5000)}
     for key in ("artifact_location", "experiment", "registered_model"):
         if extra.get(key):
             values[key] = extra[key]
     return values
+
+
+def export_mlflow_credentials(conn: Any) -> None:
+    """The MLflow client reads its user from ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``: set them from the
+    connection's login for this task's process, unless the environment already has them."""
+    if conn.login and not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
 
 
 def connection_overrides() -> dict[str, dict[str, Any]]:
@@ -99,6 +109,7 @@ def connection_overrides() -> dict[str, dict[str, Any]]:
         overrides["elasticsearch"] = elasticsearch_overrides(conn)
     if (conn := _get_connection(MLFLOW_CONNECTION_ID)) is not None:
         overrides["mlflow"] = mlflow_overrides(conn)
+        export_mlflow_credentials(conn)
     return overrides
 
 

@@ -122,12 +122,30 @@ def test_connections_from_environment_override_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW_CONN_NEAR2_ELASTICSEARCH", json.dumps({
         "conn_type": "elasticsearch", "host": "search.example", "port": 9243, "schema": "https",
         "login": "near2", "password": "s3cret-pass", "extra": {"alias": "shop"}}))
-    monkeypatch.setenv("AIRFLOW_CONN_NEAR2_MLFLOW", "https://mlflow.example:8443")
+    monkeypatch.setenv("AIRFLOW_CONN_NEAR2_MLFLOW", json.dumps({
+        "conn_type": "http", "host": "mlflow.example", "port": 8443, "schema": "https", "login": "near2-pipeline",
+        "password": "mlflow-secret"}))
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     ctx = build_context({}, "manual__1", "near2_retrain")
     es = ctx.settings.elasticsearch
     assert (es.url, es.username, es.password, es.alias) == ("https://search.example:9243", "near2", "s3cret-pass",
                                                             "shop")
     assert ctx.settings.tracking_uri == "https://mlflow.example:8443"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == (
+        "near2-pipeline", "mlflow-secret")
+
+
+def test_uri_connections_keep_their_scheme(monkeypatch, tmp_path):
+    from near2_tasks.airflow_support import build_context
+
+    monkeypatch.setenv("NEAR2_HOME", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW_CONN_NEAR2_ELASTICSEARCH", "https://search.example:9243")
+    monkeypatch.setenv("AIRFLOW_CONN_NEAR2_MLFLOW", json.dumps({
+        "conn_type": "http", "extra": {"tracking_uri": f"sqlite:///{tmp_path / 'shared.db'}"}}))
+    ctx = build_context({}, "manual__1", "near2_retrain")
+    assert ctx.settings.elasticsearch.url == "https://search.example:9243"
+    assert ctx.settings.tracking_uri == f"sqlite:///{tmp_path / 'shared.db'}"
 
 
 def test_without_connections_the_near2_settings_apply(monkeypatch, tmp_path):
