@@ -91,15 +91,17 @@ def parse_args() -> argparse.Namespace:
 # ----- data ---------------------------------------------------------------------------------------------
 def model_and_vectors(args, titles: list[str]) -> tuple[Any, str, str, np.ndarray]:
     """The model, its reference, a label, and the catalog's vectors (the team's embedding cache)."""
+    from near2_tasks.evaluate import resolve_model
+
     trained = args.trained_model
     if args.model == "trained" and trained.exists():
         ref, label = str(trained), f"NEAR² trained ({trained.name})"
-        key = f"trained-homedepot-{int(max(p.stat().st_mtime for p in trained.rglob('*')))}"
     else:
         if args.model == "trained":
             log.warning("no trained model at %s: using the base model", trained)
-        ref, key, label = PACKAGED_MINILM, "minilm-base", "all-MiniLM-L6-v2 (base)"
+        ref, label = PACKAGED_MINILM, "all-MiniLM-L6-v2 (base)"
     model = load_encoder(ref, device="cpu")
+    key = resolve_model(load_settings(), ref).cache_key  # the key evaluation uses: shares the team's cache
     vectors = encode_cached(model, key, titles, args.cache_dir, show_progress=True)
     return model, ref, label, vectors
 

@@ -23,6 +23,7 @@ token count so each batch pads little, and from using every core the process may
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from near2_tasks.config import Settings
+
+log = logging.getLogger(__name__)
 
 Backend = Literal["torch", "onnx", "openvino"]
 Quantize = Literal["none", "int8"]
@@ -467,15 +470,18 @@ def _local_model_key(ref: str) -> str:
     return f"{safe}-{digest.hexdigest()[:12]}"
 
 
-def load_inference_encoder(settings: Settings, ref: str | None = None, *, allow_export: bool = False,
+def load_inference_encoder(settings: Settings, ref: str | None = None, *,
+                           missing: Literal["error", "export", "torch"] = "error",
                            threads: int | None = None) -> Any:
     """The encoder that ``model.backend`` / ``model.quantize`` ask for, for ``ref`` (default: base model).
 
     * ``torch``: the ``SentenceTransformer`` itself (fp16/bf16 when ``model.precision`` says so).
-    * ``onnx`` / ``openvino``: an :class:`ExportedEncoder`. For an MLflow reference the artefact
-      logged by :func:`export_backend` is used; a missing one is an error unless ``allow_export``
-      (pipeline tasks may export and log it; the search service must not). A local or packaged model
-      is exported once into the cache under ``home``.
+    * ``onnx`` / ``openvino``: an :class:`ExportedEncoder` from the artefact :func:`export_backend`
+      logged next to an MLflow model, or, for a local or packaged model, from the export cache under
+      ``home``. When there is none, ``missing`` decides: ``"error"`` (Near2Error naming the command that
+      exports it), ``"export"`` (export now, and log it for an MLflow model: for pipeline tasks), or
+      ``"torch"`` (log a warning and serve the fp32 model: for the search service, which must never
+      export at request time and should not go down for a missing artefact).
 
     Either result works with :func:`near2_tasks.embeddings.encode` / ``encode_cached``.
     """
@@ -488,24 +494,35 @@ def load_inference_encoder(settings: Settings, ref: str | None = None, *, allow_
         return _torch_encoder(load_encoder(ref, device=settings.model.device), settings, threads)
     if ref.startswith(("models:/", "runs:/")):
         directory = _download_logged_artifact(settings, ref, spec)
-        if directory is None and allow_export and ref.startswith("models:/"):
+        if directory is None and missing == "export" and ref.startswith("models:/"):
             export_backend(settings, ref, spec)
             directory = _download_logged_artifact(settings, ref, spec)
         if directory is None:
-            raise Near2Error(f"{ref} has no logged {spec.variant} backend artefact",
-                             hint=f"run `near2 backend export --model {ref}` after registering it, "
-                                  "or set model.backend: torch")
+            return _missing(settings, ref, spec, missing, f"{ref} has no logged {spec.variant} backend artefact",
+                            f"run `near2 backend export --model {ref}` after registering it, "
+                            "or set model.backend: torch")
         return load_artifact(directory, threads, settings.model.precision)
     target = backend_cache_dir(settings) / f"{_local_model_key(ref)}-{spec.variant}"
     if not (target / META_FILE).is_file():
-        if not allow_export:
-            raise Near2Error(f"no {spec.variant} export of {ref} in {backend_cache_dir(settings)}",
-                             hint=f"export it once with `near2 backend export --model {ref}`")
+        if missing != "export":
+            return _missing(settings, ref, spec, missing,
+                            f"no {spec.variant} export of {ref} in {backend_cache_dir(settings)}",
+                            f"export it once with `near2 backend export --model {ref}`")
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=_mkdir(backend_cache_dir(settings))))
         export_artifact(load_encoder(ref, device="cpu"), spec, staging / spec.variant, source=ref)
         _publish(staging / spec.variant, target)
         shutil.rmtree(staging, ignore_errors=True)
     return load_artifact(target, threads, settings.model.precision)
+
+
+def _missing(settings: Settings, ref: str, spec: BackendSpec, missing: str, message: str, hint: str) -> Any:
+    """What :func:`load_inference_encoder` does without an artefact: fail, or fall back to torch fp32."""
+    from near2_tasks.embeddings import load_encoder
+
+    if missing != "torch":
+        raise Near2Error(message, hint=hint)
+    log.warning("%s: encoding with torch instead (%s)", message, hint)
+    return load_encoder(ref, device=settings.model.device)
 
 
 def _torch_encoder(model: SentenceTransformer, settings: Settings, threads: int | None) -> SentenceTransformer:

@@ -99,7 +99,9 @@ def test_local_model_is_exported_once_into_the_cache(tiny_settings, catalog_text
         update={"backend": "onnx", "quantize": "int8"})})
     with pytest.raises(Near2Error, match="near2 backend export"):
         load_inference_encoder(settings)  # exporting needs permission
-    first = load_inference_encoder(settings, allow_export=True)
+    fallback = load_inference_encoder(settings, missing="torch")  # the service's choice: fp32 torch
+    assert not hasattr(fallback, "encode_normalized") and model_dimension(fallback) == 64
+    first = load_inference_encoder(settings, missing="export")
     second = load_inference_encoder(settings)  # found in the cache now
     assert first.directory == second.directory
     assert first.directory.parent == backends.backend_cache_dir(settings)

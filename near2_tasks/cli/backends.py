@@ -39,7 +39,7 @@ def export(ctx: click.Context, model_ref: str, backend_name: str | None, quantiz
     if model_ref in MINILM_ALIASES or Path(model_ref).expanduser().is_dir():
         settings = settings.model_copy(update={"model": settings.model.model_copy(
             update={"backend": spec.backend, "quantize": spec.quantize})})
-        click.echo(load_inference_encoder(settings, model_ref, allow_export=True).directory)
+        click.echo(load_inference_encoder(settings, model_ref, missing="export").directory)
         return
     click.echo(export_backend(settings, model_ref, spec))
 
