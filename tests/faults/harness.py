@@ -125,7 +125,7 @@ class DedicatedElasticsearch:
         if pid is None:
             raise RuntimeError("the dedicated Elasticsearch is not running")
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not _alive(pid), 30, "the killed Elasticsearch did not exit")
+        wait_until(lambda: not elasticsearch_local.process_alive(pid), 30, "the killed Elasticsearch did not exit")
         self.kills += 1
 
     def pid(self) -> int | None:
@@ -133,7 +133,7 @@ class DedicatedElasticsearch:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if elasticsearch_local.process_alive(pid) else None
 
     def is_up(self) -> bool:
         return elasticsearch_local.health(self.url) is not None
@@ -147,20 +147,6 @@ class DedicatedElasticsearch:
             lambda: (elasticsearch_local.health(self.url, timeout=10) or {}).get("status") in ("green", "yellow"),
             180, "the dedicated Elasticsearch did not become yellow",
         )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of ours still "exists": read its state
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 # ----- MLflow --------------------------------------------------------------------------------------
