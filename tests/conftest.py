@@ -20,6 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 HOMEDEPOT = REPO.parent / "shared" / "data" / "homedepot"
 TEST_ES_PORT = 9251
 
+# The suite is hermetic: NEAR2_* settings exported by the caller (the Makefile exports NEAR2_HOME)
+# must not leak into the settings tests build, or every test would share one home and MLflow store.
+# Only the downloaded Elasticsearch zip is shared with the caller's home, to fetch it once.
+ES_DOWNLOAD_CACHE = Path(os.environ.get("NEAR2_HOME", REPO / ".near2")) / "cache" / "elasticsearch"
+_KEPT = {"NEAR2_ES_URL", "NEAR2_FAULTS_REPORT", "NEAR2_FAULTS_ES_PORT", "NEAR2_FAULTS_ES_RUNTIME"}
+for _key in [key for key in os.environ if key.startswith("NEAR2_") and key not in _KEPT]:
+    del os.environ[_key]
+
 # Airflow reads its configuration when it is first imported: before any test imports it, point it at
 # a throwaway home (its SQLite metadata DB), this repository's dags/ and plugins/, and no examples.
 # The DB itself is migrated by the `airflow_db` fixture, only in sessions that use Airflow.
@@ -44,10 +52,9 @@ def es_url(tmp_path_factory) -> str:
             pytest.fail(f"NEAR2_ES_URL={url} does not answer", pytrace=False)
         yield url
         return
-    home = Path(os.environ.get("NEAR2_HOME", REPO / ".near2"))
     settings = load_settings(
         home=str(tmp_path_factory.mktemp("es-home")),
-        local_elasticsearch={"port": TEST_ES_PORT, "cache_dir": str(home / "cache" / "elasticsearch")},
+        local_elasticsearch={"port": TEST_ES_PORT, "cache_dir": str(ES_DOWNLOAD_CACHE)},
     )
     try:
         server = elasticsearch_local.start(settings)

@@ -31,6 +31,7 @@ import pytest
 import requests
 import yaml
 
+from tests.conftest import ES_DOWNLOAD_CACHE
 from tests.stack_support import REPO, load_script
 
 pytestmark = pytest.mark.slow
@@ -64,8 +65,7 @@ def secured_es():
     from near2_tasks import elasticsearch_local
     from near2_tasks.config import load_settings
 
-    home = Path(os.environ.get("NEAR2_HOME", REPO / ".near2"))
-    settings = load_settings(local_elasticsearch={"cache_dir": str(home / "cache" / "elasticsearch")})
+    settings = load_settings(local_elasticsearch={"cache_dir": str(ES_DOWNLOAD_CACHE)})
     es_home = elasticsearch_local.install(settings)
     java_home = elasticsearch_local.find_java(17)
     as_root = os.geteuid() == 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ES_DOWNLOAD_CACHE
 from tests.faults.harness import DedicatedElasticsearch, FaultyProxy, MlflowServer, free_elasticsearch_port
 from tests.faults.support import drop_alias_indices, make_fault_settings
 
@@ -39,13 +40,12 @@ def _runtime_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def _dedicated_es_session(tmp_path_factory):
-    home = Path(os.environ.get("NEAR2_HOME", REPO / ".near2"))
     # a port of its own per session: two sessions at once (a developer and CI) must not stop each other's
     port = int(os.environ.get("NEAR2_FAULTS_ES_PORT") or free_elasticsearch_port())
     es = DedicatedElasticsearch(
         port=port,
         runtime_dir=_runtime_dir(tmp_path_factory),
-        cache_dir=home / "cache" / "elasticsearch",
+        cache_dir=ES_DOWNLOAD_CACHE,
         home=tmp_path_factory.mktemp("faults-es-home"),
     )
     try:
