@@ -65,7 +65,7 @@ BIT_TYPES = ["bit_flat", "bit_hnsw", "bit_flat_uncentred"]  # the last: the cent
 K = 10
 NUM_CANDIDATES = 100
 FLOAT_BYTES_FULL = 4 * 384
-SHORTLISTS = [50, 100, 200, 400, 800]
+SHORTLISTS = [100, 200, 400, 800, 1000, 1600]
 RESCORE_DIMS = [128, 256, 384]
 SHORTLIST_FIELDS = [("bit_flat", 64), ("bit_flat", 128), ("bit_flat", 32), ("int4_flat", 32), ("int8_flat", 32),
                     ("bbq_flat", 128)]

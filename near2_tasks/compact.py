@@ -18,6 +18,9 @@ import numpy as np
 
 from near2_tasks.conventions import truncate
 
+#: Key of the index ``_meta`` that holds the centre of every coded dimension: ``{"64": [...64 floats]}``.
+META_CENTRES = "binary_centres"
+
 
 def catalog_centre(vectors: np.ndarray, dim: int) -> np.ndarray:
     """Mean of the catalog's re-normalised ``dim``-prefixes (float32, length ``dim``)."""
@@ -41,3 +44,21 @@ def binary_codes(vectors: np.ndarray, dim: int, centre: np.ndarray | None = None
 def to_hex(code: np.ndarray) -> str:
     """One code as the hexadecimal string Elasticsearch accepts for ``bit`` vectors and queries."""
     return np.asarray(code, dtype=np.uint8).tobytes().hex()
+
+
+def coded_dims(binary_dims: list[int], dims: list[int]) -> list[int]:
+    """The configured ``elasticsearch.binary_dims`` an index with ``dims`` gets bit codes for: those it
+    serves, below its full dimension (a funnel rescores at a larger one), descending."""
+    return sorted((d for d in set(binary_dims) if d in dims and d < max(dims)), reverse=True)
+
+
+def bit_field_mapping(dim: int) -> dict:
+    """The ``dense_vector`` mapping of a code field: ``dim`` bits, exhaustive Hamming search (``flat``:
+    no graph to keep in memory; scanning ``dim / 8`` bytes per product is fast)."""
+    return {"type": "dense_vector", "element_type": "bit", "dims": dim, "index": True, "similarity": "l2_norm",
+            "index_options": {"type": "flat"}}
+
+
+def query_code(vector: np.ndarray, dim: int, centre: np.ndarray) -> str:
+    """A full-dimension query vector as the hex code Elasticsearch compares with the documents' codes."""
+    return to_hex(binary_codes(np.asarray(vector, dtype=np.float32)[None, :], dim, centre)[0])

@@ -221,6 +221,9 @@ class ElasticsearchSettings(Section):
         default_factory=dict,
         description="Per-dimension overrides; a dimension not listed gets VectorFieldOptions().",
     )
+    binary_dims: list[int] = Field(
+        default_factory=list, description="Dims that also get 1-bit codes (embedding_<d>_bits, d/8 bytes per "
+        "product) for the funnel's shortlist; only dims below the full one, multiples of 8 (near2_tasks.compact).")
     bulk_chunk_size: int = Field(500, gt=0)
     keep_indices: int = Field(3, ge=1, description="How many old indices to keep for rollback.")
     # client and bulk-load resilience (small values in tests, larger in production)
@@ -248,13 +251,23 @@ class ElasticsearchSettings(Section):
             options = options.model_copy(update={"index_type": default_index_type(dim)})
         return options
 
+    @field_validator("binary_dims")
+    @classmethod
+    def _whole_bytes(cls, dims: list[int]) -> list[int]:
+        wrong = [d for d in dims if d <= 0 or d % 8]
+        if wrong:
+            raise ValueError(f"binary_dims must be positive multiples of 8 (whole bytes of bits), got {wrong}")
+        return dims
+
 
 class ServingSettings(Section):
     """The storefront search: defaults and the bounds every request is checked against."""
 
     default_dim: int | None = Field(None, description="None: the serving index's full dimension.")
     mode: Literal["knn", "funnel"] = "knn"
-    funnel_shortlist_dim: int | None = Field(None, description="None: the smallest dimension the index serves.")
+    funnel_shortlist_dim: int | None = Field(
+        None, description="None: the largest dim with bit codes below the rescore dim (elasticsearch.binary_dims), "
+                          "else the smallest dimension the index serves.")
     funnel_shortlist_size: int = Field(100, gt=0, description="Candidates kept by the small-dimension kNN.")
     funnel_rescore_dim: int | None = Field(None, description="None: the requested dim, else the full dimension.")
     k_max: int = Field(100, gt=0, description="Largest k a request may ask for.")

@@ -33,6 +33,11 @@ def vector_field(dim: int) -> str:
     return f"embedding_{dim}"
 
 
+def binary_vector_field(dim: int) -> str:
+    """``embedding_<d>_bits``: the d-prefix as 1-bit codes (``near2_tasks.compact``), a funnel's shortlist."""
+    return f"embedding_{dim}_bits"
+
+
 def dim_of_field(field: str) -> int:
     match = re.fullmatch(r"embedding_(\d+)", field)
     if not match:

@@ -1,7 +1,8 @@
 """Versioned serving indices: build, verify, swap the alias, roll back, prune.
 
 One index per model version, ``<alias>-v<version>-<UTC timestamp>``, with one ``dense_vector`` field
-per served dimension (``embedding_<d>``) and the product fields for display and filters. The
+per served dimension (``embedding_<d>``; plus ``embedding_<d>_bits`` codes for the dims in
+``elasticsearch.binary_dims``, see :mod:`near2_tasks.compact`) and the product fields for display and filters. The
 storefront only knows the alias, and the alias only ever points at an index that passed
 verification (DESIGN.md invariant 1):
 
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from near2_tasks import conventions
+from near2_tasks import compact, conventions
 from near2_tasks.errors import Near2Error
 from near2_tasks.es_client import error_reason, es_errors, make_client, unavailable
 
@@ -198,10 +199,14 @@ def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dic
     }
     for dim in dims:
         properties[conventions.vector_field(dim)] = vector_mapping(settings, dim)
+    coded = compact.coded_dims(settings.elasticsearch.binary_dims, dims)
+    for dim in coded:  # 1-bit codes for the funnel's shortlist (near2_tasks.compact)
+        properties[conventions.binary_vector_field(dim)] = compact.bit_field_mapping(dim)
     mappings: dict[str, Any] = {"dynamic": "strict", "_meta": meta, "properties": properties}
     if not settings.elasticsearch.vectors_in_source:
         # kNN reads the vector index, never _source: JSON floats there would double the disk
-        mappings["_source"] = {"excludes": [conventions.vector_field(d) for d in dims]}
+        mappings["_source"] = {"excludes": [conventions.vector_field(d) for d in dims]
+                               + [conventions.binary_vector_field(d) for d in coded]}
     return {
         "settings": {"index": {"number_of_shards": settings.elasticsearch.number_of_shards,
                                "number_of_replicas": 0, "refresh_interval": "-1"}},
@@ -321,13 +326,18 @@ def _build(settings, model_ref, products, model_version, run_id, catalog_version
         log.info("encoding %d products with %s", len(products), model_ref)
         vectors = encode(model, products.text.tolist(), batch_size=settings.model.encode_batch_size,
                          show_progress=progress is not None)
+    # bit codes are signs of the prefix minus the catalog's mean; queries need the same centre
+    centres = {d: compact.catalog_centre(vectors, d)
+               for d in compact.coded_dims(settings.elasticsearch.binary_dims, dims)}
+    if centres:
+        meta[compact.META_CENTRES] = {str(d): [round(float(x), 7) for x in c] for d, c in centres.items()}
     client = client or make_client(settings)
     url = settings.elasticsearch.url
     with es_errors(url, "index creation"):
         name = _create_or_reuse(client, settings, dims, meta, index_name, model_version)
     began = time.monotonic()
     with es_errors(url, f"bulk load of {name}"):
-        _bulk_load(client, settings, name, products, vectors, dims, progress)
+        _bulk_load(client, settings, name, products, vectors, dims, progress, centres)
         _finish_load(client, settings, name)
         count = _remove_strays(client, name, set(products.product_id))
     log.info("loaded %d documents into %s in %.1fs", count, name, time.monotonic() - began)
@@ -367,9 +377,10 @@ def _create_or_reuse(client, settings, dims, meta, index_name, model_version) ->
 
 
 def _documents(products: pd.DataFrame, vectors: np.ndarray, dims: list[int], start: int,
-               stop: int) -> list[dict[str, Any]]:
+               stop: int, centres: dict[int, np.ndarray] | None = None) -> list[dict[str, Any]]:
     block = vectors[start:stop]
     per_dim = {d: np.round(conventions.truncate(block, d).astype(np.float64), VECTOR_DECIMALS) for d in dims}
+    codes = {d: compact.binary_codes(block, d, centre) for d, centre in (centres or {}).items()}
     docs = []
     for offset, row in enumerate(products.iloc[start:stop].itertuples(index=False)):
         price = None if row.price is None or pd.isna(row.price) else float(row.price)
@@ -382,17 +393,20 @@ def _documents(products: pd.DataFrame, vectors: np.ndarray, dims: list[int], sta
         }
         for d in dims:
             source[conventions.vector_field(d)] = per_dim[d][offset].tolist()
+        for d, code in codes.items():
+            source[conventions.binary_vector_field(d)] = compact.to_hex(code[offset])
         docs.append({"_id": row.product_id, "_source": source})
     return docs
 
 
-def _bulk_load(client, settings, name, products, vectors, dims, progress: Progress | None) -> None:
+def _bulk_load(client, settings, name, products, vectors, dims, progress: Progress | None,
+               centres: dict[int, np.ndarray] | None = None) -> None:
     es = settings.elasticsearch
     total = len(products)
     next_log = 0.1
     for start in range(0, total, es.bulk_chunk_size):
         stop = min(total, start + es.bulk_chunk_size)
-        actions = [{"_index": name, **doc} for doc in _documents(products, vectors, dims, start, stop)]
+        actions = [{"_index": name, **doc} for doc in _documents(products, vectors, dims, start, stop, centres)]
         _send_chunk(client, settings, name, actions)
         if progress:
             progress(stop, total)

@@ -11,6 +11,8 @@ Modes:
 * ``knn``: one approximate kNN on ``embedding_<dim>``;
 * ``funnel``: a kNN shortlist on a small dimension, then an exact kNN at the larger dimension
   restricted to the shortlist (an ``ids`` filter; Lucene scores a small filtered set exhaustively).
+  When the index holds 1-bit codes of a dimension (``elasticsearch.binary_dims``), the shortlist
+  compares codes by Hamming distance (``near2_tasks.compact``: d/8 bytes per product).
 
 Filters (category, brand, price range) run inside the kNN ``filter``, so k results come back even
 when the filter is selective. Request bodies are built as structures, never from strings.
@@ -28,7 +30,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from near2_tasks import conventions
+import numpy as np
+
+from near2_tasks import compact, conventions
 from near2_tasks.errors import Near2Error
 from near2_tasks.es_client import es_errors, make_client
 
@@ -169,6 +173,8 @@ class ServingIndex:
     model_uri: str
     model_name: str | None
     model_version: str | None
+    #: dims with 1-bit codes (``embedding_<d>_bits``) -> the centre their codes subtract (``near2_tasks.compact``)
+    binary_centres: dict[int, np.ndarray] = field(default_factory=dict, compare=False)
 
     @property
     def full_dim(self) -> int:
@@ -260,8 +266,11 @@ class Searcher:
             raise Near2Error(f"index {name} behind alias {alias!r} has no model_uri/dims in its _meta",
                              hint="rebuild it with near2 index (it records the model)")
         log.info("serving index %s (model %s v%s)", name, meta.get("model_name"), meta.get("model_version"))
+        centres = {int(d): np.asarray(c, dtype=np.float32)
+                   for d, c in (meta.get(compact.META_CENTRES) or {}).items()}
         return ServingIndex(alias=alias, name=name, dims=dims, model_uri=meta["model_uri"],
-                            model_name=meta.get("model_name"), model_version=meta.get("model_version"))
+                            model_name=meta.get("model_name"), model_version=meta.get("model_version"),
+                            binary_centres=centres)
 
     def encoder(self, serving: ServingIndex) -> SentenceTransformer:
         return encoder_for(self.settings, serving.model_uri)
@@ -323,8 +332,9 @@ class Searcher:
             return dim, None
         if dim is None:
             dim = serving.funnel_rescore_dim if serving.funnel_rescore_dim in served.dims else served.full_dim
+        coded = [d for d in served.binary_centres if d < dim]  # bit codes: the compact shortlist
         shortlist_dim = check(serving.funnel_shortlist_dim, "serving.funnel_shortlist_dim") \
-            if serving.funnel_shortlist_dim is not None else min(served.dims)
+            if serving.funnel_shortlist_dim is not None else max(coded) if coded else min(served.dims)
         if shortlist_dim >= dim:
             raise BadSearchRequest(f"funnel needs a shortlist dimension below the rescore dimension, got "
                                    f"{shortlist_dim} >= {dim}", hint=f"ask for a dim above {shortlist_dim}")
@@ -367,9 +377,14 @@ class Searcher:
             else:
                 shortlist_size = min(max(k, self.settings.serving.funnel_shortlist_size),
                                      self.settings.serving.max_num_candidates)
-                first = self.client.search(index=served.name, **knn_body(
-                    shortlist_dim, conventions.truncate(full_vector, shortlist_dim), shortlist_size,
-                    max(shortlist_size, num_candidates), clauses, source=False))
+                if shortlist_dim in served.binary_centres:  # Hamming distance of 1-bit codes
+                    body = knn_body(shortlist_dim, None, shortlist_size, max(shortlist_size, num_candidates),
+                                    clauses, source=False, code=compact.query_code(
+                                        full_vector, shortlist_dim, served.binary_centres[shortlist_dim]))
+                else:
+                    body = knn_body(shortlist_dim, conventions.truncate(full_vector, shortlist_dim), shortlist_size,
+                                    max(shortlist_size, num_candidates), clauses, source=False)
+                first = self.client.search(index=served.name, **body)
                 timings["shortlist"] = round((time.perf_counter() - began) * 1000, 3)
                 ids = [hit["_id"] for hit in first["hits"]["hits"]]
                 took = first["took"]
@@ -386,10 +401,14 @@ class Searcher:
 
 
 def knn_body(dim: int, vector, k: int, num_candidates: int, filters: list[dict[str, Any]],
-             source: bool = True) -> dict[str, Any]:
-    """Keyword arguments of ``client.search`` for one kNN query on ``embedding_<dim>``."""
-    knn: dict[str, Any] = {"field": conventions.vector_field(dim), "query_vector": [float(x) for x in vector],
-                           "k": k, "num_candidates": num_candidates}
+             source: bool = True, code: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``client.search`` for one kNN query on ``embedding_<dim>``, or, given a
+    hex ``code`` instead of a vector, on the bit codes ``embedding_<dim>_bits``."""
+    knn: dict[str, Any] = {"k": k, "num_candidates": num_candidates}
+    if code is not None:
+        knn.update(field=conventions.binary_vector_field(dim), query_vector=code)
+    else:
+        knn.update(field=conventions.vector_field(dim), query_vector=[float(x) for x in vector])
     if filters:
         knn["filter"] = filters
     return {"knn": knn, "size": k,

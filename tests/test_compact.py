@@ -54,3 +54,29 @@ def test_elasticsearch_bit_field_ranks_by_hamming_distance(es_client, unique_ali
     assert sorted(hamming[got]) == sorted(np.sort(hamming)[:10])  # ties may come in any order
     assert [round(hit["_score"], 4) for hit in response["hits"]["hits"]] == \
         [round((64 - h) / 64, 4) for h in sorted(hamming[got])]
+
+
+def test_index_with_bit_codes_serves_the_funnel_shortlist(tiny_settings, tiny_model_dir, es_client):
+    """``elasticsearch.binary_dims``: the index gets ``embedding_32_bits`` and the centre in ``_meta``; the
+    funnel's shortlist then compares codes, and every product still finds itself first."""
+    from near2_tasks import conventions
+    from near2_tasks.index import build_verify_swap
+    from near2_tasks.search import Searcher
+    from tests.serving_support import serving_settings, titled_catalog
+
+    settings = serving_settings(tiny_settings, elasticsearch={"binary_dims": [32, 64]})  # 64 is the full dim
+    products = titled_catalog(80)
+    build_verify_swap(settings, str(tiny_model_dir), products, model_version=1)
+    index = next(iter(es_client.indices.get_alias(name=settings.elasticsearch.alias)))
+    mapping = es_client.indices.get_mapping(index=index)[index]["mappings"]
+    assert mapping["properties"][conventions.binary_vector_field(32)]["element_type"] == "bit"
+    assert conventions.binary_vector_field(64) not in mapping["properties"]  # nothing to rescore above it
+    assert len(mapping["_meta"]["binary_centres"]["32"]) == 32
+
+    searcher = Searcher(settings)
+    for product in products.iloc[::8].itertuples():
+        response = searcher.search(product.title, k=5, mode="funnel")
+        assert (response.dim, response.shortlist_dim) == (64, 32)
+        assert response.hits[0].product_id == product.product_id
+    knn = searcher.search(products.title[1], k=5, dim=16, mode="knn")  # the float fields are untouched
+    assert knn.hits[0].product_id == products.product_id[1]
