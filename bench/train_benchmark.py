@@ -2,7 +2,7 @@
 
     nohup .venv/bin/python bench/train_benchmark.py > .near2/logs/train_benchmark.log 2>&1 &
 
-    # options: --data ../shared/data/homedepot  --max-steps 150  --batch-size 16  --lr 1e-4
+    # options: --data ../shared/data/homedepot  --max-steps 100  --batch-size 16  --lr 5e-5
     #          --output .near2/bench/trained-homedepot  --home .near2/bench/train-home  --device auto
 
 What it does, with the project's own code end to end:
@@ -76,15 +76,16 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=REPO / ".near2" / "bench" / "train-home")
     parser.add_argument("--output", type=Path, default=REPO / ".near2" / "bench" / "trained-homedepot")
     parser.add_argument("--cache", type=Path, default=REPO / ".near2" / "cache" / "embeddings")
-    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16, help="per step; on a GPU also the GPU batch")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--max-seq-length", type=int, default=48, help="99.9%% of the titles fit in 48 tokens")
     parser.add_argument("--eval-steps", type=int, default=None, help="default: --max-steps (validate at start and end)")
-    parser.add_argument("--sampler", choices=["proportional", "round_robin"], default="proportional",
-                        help="how batches alternate between the retrieval and ranking datasets")
-    parser.add_argument("--val-queries", type=int, default=100, help="validation queries (checkpoint choice)")
-    parser.add_argument("--val-corpus", type=int, default=600, help="validation corpus size")
+    parser.add_argument("--sampler", choices=["proportional", "round_robin"], default="round_robin",
+                        help="round_robin (the default of training.multi_dataset_sampler): one batch of each "
+                             "objective per optimizer step; proportional: one objective per step")
+    parser.add_argument("--val-queries", type=int, default=50, help="validation queries (checkpoint choice)")
+    parser.add_argument("--val-corpus", type=int, default=300, help="validation corpus size")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args()
@@ -153,6 +154,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.lr,
+        "gradient_accumulation_steps": int(run.data.params.get("gradient_accumulation_steps", 1)),
         "max_seq_length": args.max_seq_length, "multi_dataset_sampler": args.sampler,
         "catalog_products": len(catalog),
         "precision": run.data.params.get("precision"),
@@ -180,8 +182,9 @@ def markdown(results: dict) -> str:
     for d in DIMS:
         lines.append(f"| {d} | " + " | ".join(f"{table[d][m]:.4f}" for m in METRICS for table in (base, trained)) + " |")
     lines.append(
-        f"\nTraining: {results['max_steps']} steps × batch {results['batch_size']}, lr {results['learning_rate']:g}, "
-        f"{results['multi_dataset_sampler']} sampling, on {results['device']}"
+        f"\nTraining: {results['max_steps']} optimizer steps × {results['gradient_accumulation_steps']} batch(es) of "
+        f"{results['batch_size']}, lr {results['learning_rate']:g}, {results['multi_dataset_sampler']} sampling, "
+        f"on {results['device']}"
         f"{' (' + results['gpu'] + ')' if results['gpu'] else ''}, {results['precision']}; "
         f"train_model {results['train_model_wall_s']} s (trainer loop {results['trainer_loop_s']} s), "
         f"peak RSS {results['peak_rss_mib']} MiB"
