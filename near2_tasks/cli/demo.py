@@ -69,10 +69,10 @@ def airflow_env(settings, demo_config: Path) -> dict[str, str]:
 
 
 def demo_settings(settings):
-    """The user's settings with the demo's sizes: the synthetic catalog (unless a catalog is configured),
-    ``demo.max_steps`` training steps on a ``demo.val_corpus_size`` validation corpus, auto-approval, and a
-    gate that tolerates an NDCG@10 drop of ``demo.gate_max_drop`` (a short fine-tune on a small held-out
-    set moves NDCG by noise; the default gate allows no drop)."""
+    """The user's settings with the demo's sizes and choices (``demo`` section): the synthetic catalog
+    (unless a catalog is configured), ``demo.max_steps`` training steps on a ``demo.val_corpus_size``
+    validation corpus, ``demo.weak_positives_in_triplets``, auto-approval, and a gate that tolerates an
+    NDCG@10 drop of ``demo.gate_max_drop`` (the default gate allows none)."""
     from near2_tasks.pipeline import with_section
 
     demo = settings.demo
@@ -81,6 +81,7 @@ def demo_settings(settings):
                                                       "synthetic_queries": demo.queries})
     settings = with_section(settings, "training", {
         "max_steps": demo.max_steps, "val_corpus_size": min(settings.training.val_corpus_size, demo.val_corpus_size)})
+    settings = with_section(settings, "examples", {"weak_positives_in_triplets": demo.weak_positives_in_triplets})
     overall = settings.gates.overall.model_dump()
     rule = overall["metrics"].setdefault("ndcg@10", {})
     rule["max_drop"] = max(rule.get("max_drop") or 0.0, demo.gate_max_drop)
@@ -230,7 +231,8 @@ def demo(ctx: click.Context, products: int | None, queries: int | None, max_step
                   if settings.dataset.catalog_path is None else "")
                + f", dims {settings.model.dims}, {settings.training.max_steps} training steps, auto-approval on")
     click.echo(f"  gate: NDCG@10 may drop at most {settings.gates.overall.metrics['ndcg@10'].max_drop:g} at any "
-               "dimension against the champion or base model (demo.gate_max_drop; the default gate allows 0)")
+               "dimension against the champion or base model (demo.gate_max_drop; the default gate allows 0); "
+               f"weak positives in triplets: {settings.examples.weak_positives_in_triplets}")
     click.echo(f"  Airflow home {settings.home / 'airflow'} (SQLite), MLflow {settings.tracking_uri}, "
                f"Elasticsearch alias {settings.elasticsearch.alias}")
     log_path = demo_dir / "logs" / f"{time.strftime('%Y%m%dT%H%M%S')}.log"
