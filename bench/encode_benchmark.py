@@ -13,8 +13,8 @@ titles/s, and the speed-up as the median of the per-round ratios to the baseline
 ``--ndcg`` adds the quality guard on retrieval: every non-baseline backend variant (at batch 64) encodes
 the whole catalog (54,667 titles) and the test-split queries (``examples.split_by_query``, the pipeline's
 seed and fractions), and NDCG@10 per dimension of exact whole-catalog search (``evaluate.rank_whole_catalog``
-and ``metrics``) is compared with the fp32 model's (read from the team's embedding cache, key
-``minilm-base``, when present). Slow: minutes per variant on 2 cores.
+and ``metrics``) is compared with the fp32 model's (read from the team's embedding cache under evaluation's
+key, e.g. ``minilm-base``, when present). Slow: minutes per variant on 2 cores.
 
 The Home Depot data is research-only: read from ``--data-dir``, never copied.
 """
@@ -46,7 +46,6 @@ from near2_tasks.embeddings import encode, encode_cached, load_encoder  # noqa: 
 
 BASELINE = "torch fp32 b64"
 SHARED_CACHE = REPO / ".near2" / "cache" / "embeddings"
-SHARED_CACHE_KEY = "minilm-base"
 DIMS = [384, 256, 128, 64, 32]
 
 
@@ -195,7 +194,8 @@ def query_latency(model, artefacts: dict[str, Path], queries: list[str]) -> dict
             for name, v in seconds.items()}
 
 
-def ndcg_guard(model, runners: dict[str, Callable], configs: list[Config], data_dir: Path) -> dict[str, Any]:
+def ndcg_guard(model, model_ref: str, runners: dict[str, Callable], configs: list[Config], data_dir: Path
+               ) -> dict[str, Any]:
     """NDCG@10 per dimension on the Home Depot test split: each backend variant vs the fp32 model."""
     from near2_tasks.evaluate import prepare_data, rank_whole_catalog
     from near2_tasks.examples import split_by_query
@@ -216,10 +216,12 @@ def ndcg_guard(model, runners: dict[str, Callable], configs: list[Config], data_
             out[dim] = mean_over(per_query_metrics(ranking, data.qrels, ["ndcg@10"], floor, threshold)["ndcg@10"])
         return out
 
+    from near2_tasks.evaluate import resolve_model
+
     SHARED_CACHE.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    reference = ndcg(encode_cached(model, SHARED_CACHE_KEY, data.product_texts, SHARED_CACHE),
-                     encode(model, data.query_texts))
+    key = resolve_model(settings, model_ref).cache_key  # evaluation's key: the team's cached vectors
+    reference = ndcg(encode_cached(model, key, data.product_texts, SHARED_CACHE), encode(model, data.query_texts))
     report: dict[str, Any] = {"queries": len(data.query_texts), "products": len(data.product_texts),
                               "fp32": reference, "fp32_seconds": round(time.perf_counter() - started, 1)}
     print(f"ndcg fp32: {reference}", file=sys.stderr, flush=True)
@@ -280,7 +282,7 @@ def main() -> None:
             judged = pd.read_csv(args.data_dir / "judgments.csv")["query"].astype(str).drop_duplicates()
             latency = query_latency(model, artefacts,
                                     judged.sample(min(args.query_latency, len(judged)), random_state=args.seed).tolist())
-        ndcg = ndcg_guard(model, runners, configs, args.data_dir) if args.ndcg else None
+        ndcg = ndcg_guard(model, args.model, runners, configs, args.data_dir) if args.ndcg else None
     machine = {"cpu": platform.processor() or platform.machine(), "usable_cores": threads,
                "load_average_end": os.getloadavg(), "python": platform.python_version()}
     print_tables(results, ndcg, latency)

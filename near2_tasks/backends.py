@@ -485,13 +485,11 @@ def load_inference_encoder(settings: Settings, ref: str | None = None, *,
 
     Either result works with :func:`near2_tasks.embeddings.encode` / ``encode_cached``.
     """
-    from near2_tasks.embeddings import load_encoder
-
     ref = ref or settings.model.base_model
     spec = BackendSpec.from_settings(settings)
     threads = threads or settings.model.threads
     if spec.backend == "torch":
-        return _torch_encoder(load_encoder(ref, device=settings.model.device), settings, threads)
+        return _torch_encoder(_load_torch(settings, ref), settings, threads)
     if ref.startswith(("models:/", "runs:/")):
         directory = _download_logged_artifact(settings, ref, spec)
         if directory is None and missing == "export" and ref.startswith("models:/"):
@@ -509,7 +507,8 @@ def load_inference_encoder(settings: Settings, ref: str | None = None, *,
                             f"no {spec.variant} export of {ref} in {backend_cache_dir(settings)}",
                             f"export it once with `near2 backend export --model {ref}`")
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=_mkdir(backend_cache_dir(settings))))
-        export_artifact(load_encoder(ref, device="cpu"), spec, staging / spec.variant, source=ref)
+        export_artifact(_load_torch(settings.model_copy(update={"model": settings.model.model_copy(
+            update={"device": "cpu"})}), ref), spec, staging / spec.variant, source=ref)
         _publish(staging / spec.variant, target)
         shutil.rmtree(staging, ignore_errors=True)
     return load_artifact(target, threads, settings.model.precision)
@@ -517,11 +516,20 @@ def load_inference_encoder(settings: Settings, ref: str | None = None, *,
 
 def _missing(settings: Settings, ref: str, spec: BackendSpec, missing: str, message: str, hint: str) -> Any:
     """What :func:`load_inference_encoder` does without an artefact: fail, or fall back to torch fp32."""
-    from near2_tasks.embeddings import load_encoder
-
     if missing != "torch":
         raise Near2Error(message, hint=hint)
     log.warning("%s: encoding with torch instead (%s)", message, hint)
+    return _load_torch(settings, ref)
+
+
+def _load_torch(settings: Settings, ref: str) -> SentenceTransformer:
+    """The fp32 model; MLflow references read the configured store (not the process-global one)."""
+    from near2_tasks.embeddings import load_encoder, pick_device
+
+    if ref.startswith(("models:/", "runs:/")):
+        from near2_tasks.registry import load_model_from_mlflow
+
+        return load_model_from_mlflow(ref, device=pick_device(settings.model.device), settings=settings)
     return load_encoder(ref, device=settings.model.device)
 
 
