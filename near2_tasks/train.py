@@ -33,13 +33,14 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple
 
 from near2_tasks import registry
 from near2_tasks.conventions import REPORT_METRICS, metric_key, mlflow_name
-from near2_tasks.errors import Near2Error
+from near2_tasks.errors import Near2Error, ServiceUnavailable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -475,6 +476,22 @@ def _already_registered(settings: Settings, run_key: str, output_dir: Path) -> T
     return TrainResult(version.run_id, str(version.version), uri, output_dir, metrics)
 
 
+@contextmanager
+def _tracking_server_errors(settings: Settings) -> Iterator[None]:
+    """An MLflow failure inside the run (the server died mid-training, after MLflow's own HTTP retries)
+    becomes one clear :class:`ServiceUnavailable`; the registry has no version of this run by then, or one
+    without the ``challenger`` alias and run-key tag, which a re-run replaces."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise ServiceUnavailable(
+            f"MLflow at {settings.tracking_uri} failed during training: {str(exc).splitlines()[0][:300]}",
+            hint="check that the tracking server is up, then re-run the task (nothing was promoted)",
+        ) from exc
+
+
 def train_model(
     settings: Settings,
     examples: Any,
@@ -524,7 +541,8 @@ def train_model(
     if run_key:
         tags[registry.TAG_RUN_KEY] = run_key
     checkpoints = settings.home / "checkpoints"
-    with mlflow.start_run(experiment_id=experiment_id, tags=tags, log_system_metrics=True) as run:
+    with _tracking_server_errors(settings), \
+            mlflow.start_run(experiment_id=experiment_id, tags=tags, log_system_metrics=True) as run:
         checkpoints = checkpoints / run.info.run_id
         try:
             args = training_arguments(settings, checkpoints, device, epochs, max_steps)

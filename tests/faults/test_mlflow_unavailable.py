@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 
 from near2_tasks import promotion, registry
 from near2_tasks.conventions import CHALLENGER, CHAMPION, TAG_GATE
+from near2_tasks.errors import ServiceUnavailable
 from near2_tasks.train import train_model
 from tests.faults.support import TINY_TRAINING, tiny_training_inputs, with_sections
 
@@ -83,7 +84,7 @@ def test_mlflow_down_during_training_and_registration(
         return version
 
     monkeypatch.setattr(MlflowClient, "create_model_version", create_then_lose_the_server)
-    with pytest.raises(Exception) as failure:
+    with pytest.raises(ServiceUnavailable, match="MLflow at ") as failure:
         train_model(settings, examples, validation_data, dataset_version, tmp_path / "attempt-1", run_key=RUN_KEY)
     restarted.join()
     monkeypatch.undo()
