@@ -8,7 +8,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, dag, task
 
-from near2_tasks.airflow_support import dag_params, default_args, run_step
+from near2_tasks.airflow_support import dag_params, default_args, publish_index, run_step
 from near2_tasks.config import load_settings
 
 SETTINGS = load_settings()
@@ -52,27 +52,9 @@ def near2_reindex():
         champion = run_step("reindex_needed", context, validation=validation)
         return champion if champion["needed"] else False  # False: skip the rest
 
-    @task
-    def build_index(validation: dict, champion: dict, **context):
-        return run_step("build_index", context, validation=validation, model=champion)
-
-    @task
-    def verify_index(validation: dict, built: dict, **context):
-        run_step("verify_index", context, validation=validation, built=built)
-        return built
-
-    @task
-    def swap_alias(built: dict, **context):
-        return run_step("swap_alias", context, built=built)
-
-    @task
-    def smoke_search(validation: dict, swapped: dict, **context):
-        return run_step("smoke_search", context, validation=validation, swapped=swapped)
-
     validation = validate()
     champion = reindex_needed(validation)
-    verified = verify_index(validation, build_index(validation, champion))
-    smoke_search(validation, swap_alias(verified))
+    publish_index(validation, champion)
 
 
 near2_reindex()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, PokeReturnValue, dag, task
 
-from near2_tasks.airflow_support import dag_params, default_args, run_step, skip
+from near2_tasks.airflow_support import dag_params, default_args, publish_index, run_step, skip
 from near2_tasks.config import load_settings
 
 SETTINGS = load_settings()
@@ -99,23 +99,6 @@ def near2_retrain():
     def promote(trained: dict, **context):
         return run_step("promote", context, trained=trained)
 
-    @task
-    def build_index(validation: dict, promoted: dict, **context):
-        return run_step("build_index", context, validation=validation, model=promoted)
-
-    @task
-    def verify_index(validation: dict, built: dict, **context):
-        run_step("verify_index", context, validation=validation, built=built)
-        return built
-
-    @task(outlets=[CHAMPION])
-    def swap_alias(built: dict, **context):
-        return run_step("swap_alias", context, built=built)
-
-    @task
-    def smoke_search(validation: dict, swapped: dict, **context):
-        return run_step("smoke_search", context, validation=validation, swapped=swapped)
-
     validation = validate()
     examples = mine_examples(validation)
     trained = train(validation, examples)
@@ -124,8 +107,7 @@ def near2_retrain():
     gate(trained, evaluation) >> approval
     promoted = promote(trained)
     approval >> promoted
-    verified = verify_index(validation, build_index(validation, promoted))
-    smoke_search(validation, swap_alias(verified))
+    publish_index(validation, promoted, swap_outlets=[CHAMPION])
 
 
 near2_retrain()

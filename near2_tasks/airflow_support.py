@@ -196,6 +196,33 @@ def dag_params(reindex: bool = False) -> dict[str, Any]:
     return params
 
 
+def publish_index(validation: Any, model: Any, swap_outlets: list | None = None) -> Any:
+    """The serving half both DAGs end with, declared inside the calling DAG: ``build_index`` (a new
+    versioned index embedded with ``model``) → ``verify_index`` → ``swap_alias`` (``swap_outlets``: the
+    assets it updates) → ``smoke_search``. Returns the ``smoke_search`` task's output."""
+    from airflow.sdk import task
+
+    @task
+    def build_index(validation: dict, model: dict, **context):
+        return run_step("build_index", context, validation=validation, model=model)
+
+    @task
+    def verify_index(validation: dict, built: dict, **context):
+        run_step("verify_index", context, validation=validation, built=built)
+        return built
+
+    @task(outlets=list(swap_outlets or []))
+    def swap_alias(built: dict, **context):
+        return run_step("swap_alias", context, built=built)
+
+    @task
+    def smoke_search(validation: dict, swapped: dict, **context):
+        return run_step("smoke_search", context, validation=validation, swapped=swapped)
+
+    verified = verify_index(validation, build_index(validation, model))
+    return smoke_search(validation, swap_alias(verified))
+
+
 def default_args(settings: Any) -> dict[str, Any]:
     """Owner, retries, retry delay and execution timeout of every task, from ``settings.airflow``."""
     from datetime import timedelta
