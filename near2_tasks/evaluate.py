@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from near2_tasks.backends import load_inference_encoder
 from near2_tasks.conventions import metric_key, truncate
 from near2_tasks.data.text import product_texts
 from near2_tasks.embeddings import (
     MINILM_ALIASES,
     check_dims,
     encode_cached,
-    load_encoder,
     model_dimension,
     texts_fingerprint,
 )
@@ -303,7 +303,7 @@ def _resolve_models_uri(settings: Settings, uri: str) -> ResolvedModel:
     name, _, number = name.rpartition("/") if alias is None and "/" in name else (name, "", "")
     if not name:  # a logged model id: immutable, so the id is its own cache key
         return ResolvedModel(ref=uri, load_ref=uri, cache_key=f"logged-{body}")
-    configure_mlflow(settings)  # also what load_encoder's MLflow loader reads
+    configure_mlflow(settings)
     registry = client(settings)
     try:
         version = registry.get_model_version_by_alias(name, alias) if alias else registry.get_model_version(name, number)
@@ -455,7 +455,7 @@ def evaluate_model(settings: Settings, model_ref: str, products: pd.DataFrame, j
     data = prepare_data(products, judgments, settings.dataset.text_template)
     resolved = resolve_model(settings, model_ref)
     log.info("loading %s", resolved.load_ref)
-    model = load_encoder(resolved.load_ref, device=settings.model.device)
+    model = load_inference_encoder(settings, resolved.load_ref, missing="export")  # model.backend
     check_dims(dims, model_dimension(model))
 
     cache_dir = embedding_cache_dir(settings)

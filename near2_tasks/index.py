@@ -244,14 +244,12 @@ def pin_model_uri(settings: Settings, model_ref: str, model_version: str) -> str
 
 
 def load_meta_model(settings: Settings, model_uri: str) -> SentenceTransformer:
-    """The encoder an index's ``_meta.model_uri`` names; MLflow URIs read the configured store."""
-    from near2_tasks.embeddings import load_encoder, pick_device
+    """The encoder an index's ``_meta.model_uri`` names, in the configured inference backend
+    (``model.backend``; exported once and logged next to the model when missing); MLflow URIs read the
+    configured store."""
+    from near2_tasks.backends import load_inference_encoder
 
-    if model_uri.startswith(("models:/", "runs:/")):
-        from near2_tasks.registry import load_model_from_mlflow
-
-        return load_model_from_mlflow(model_uri, device=pick_device(settings.model.device), settings=settings)
-    return load_encoder(model_uri, device=settings.model.device)
+    return load_inference_encoder(settings, model_uri, missing="export")
 
 
 def default_model_name(model_ref: str) -> str:

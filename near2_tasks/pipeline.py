@@ -403,7 +403,7 @@ def build_index(ctx: StepContext, validation: Result, model: Result) -> Result:
     ``index/state.json``: a retry finishes the same index instead of starting another.
     """
     from near2_tasks import index as idx
-    from near2_tasks.embeddings import encode_cached, load_encoder
+    from near2_tasks.embeddings import encode_cached
     from near2_tasks.es_client import es_errors, make_client
     from near2_tasks.evaluate import embedding_cache_dir, resolve_model
 
@@ -423,7 +423,7 @@ def build_index(ctx: StepContext, validation: Result, model: Result) -> Result:
     model_uri = model["model_uri"]
     # the evaluation already encoded this catalog with this version: reuse those vectors (same cache key)
     resolved = resolve_model(settings, model_uri)
-    encoder = load_encoder(resolved.load_ref, device=settings.model.device)
+    encoder = idx.load_meta_model(settings, resolved.load_ref)  # the configured inference backend
     vectors = encode_cached(encoder, resolved.cache_key, products.text.tolist(), embedding_cache_dir(settings),
                             batch_size=settings.model.encode_batch_size)
     built = idx.build_index(settings, model_uri, products, model["model_version"], run_id=model.get("run_id"),

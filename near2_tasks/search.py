@@ -188,14 +188,18 @@ _ENCODERS_LOCK = threading.Lock()
 
 def encoder_for(settings: Settings, model_uri: str) -> SentenceTransformer:
     """The query encoder for ``model_uri``, loaded once (LRU of ``serving.encoder_cache_size`` models)."""
-    from near2_tasks.index import load_meta_model
+    from near2_tasks.backends import load_inference_encoder
 
-    key = (model_uri, settings.model.device)
+    cfg = settings.model
+    key = (model_uri, cfg.device, cfg.backend, cfg.quantize, cfg.precision)
     with _ENCODERS_LOCK:
         if key in _ENCODERS:
             _ENCODERS.move_to_end(key)
             return _ENCODERS[key]
-        model = load_meta_model(settings, model_uri)
+        # never export at request time: without the backend's artefact, serve the fp32 model (warned).
+        # torch threads are set per request (torch_threads); an exported backend gets its own at load.
+        threads = None if cfg.backend == "torch" else settings.serving.encode_threads
+        model = load_inference_encoder(settings, model_uri, missing="torch", threads=threads)
         _ENCODERS[key] = model
         while len(_ENCODERS) > settings.serving.encoder_cache_size:
             _ENCODERS.popitem(last=False)

@@ -181,3 +181,32 @@ def test_cli_exports_a_local_model_and_explains_a_missing_version(tiny_settings,
         main(["backend", "export", "--model", "challenger", "--backend", "openvino"])
     assert exited.value.code != 0
     assert "near2: error: registered model 'near2-encoder' has no version 'challenger'" in capsys.readouterr().err
+
+
+def test_evaluation_and_serving_encode_with_the_configured_backend(tiny_settings, tiny_model, tmp_path):
+    """model.backend reaches the pipeline: evaluation exports once and caches the backend's vectors apart
+    from fp32; the search service's encoder is the exported one, and falls back to fp32 torch (never
+    exporting) for a model without the artefact."""
+    from near2_tasks import search
+    from near2_tasks.evaluate import embedding_cache_dir, evaluate_model
+    from near2_tasks.registry import client as mlflow_client
+
+    data = generate_catalog(n_products=200, n_queries=40, seed=3)
+    products, judgments = data.products, data.judgments
+    onnx = tiny_settings.model_copy(update={"model": tiny_settings.model.model_copy(update={"backend": "onnx"})})
+
+    fp32_report = evaluate_model(tiny_settings, tiny_settings.model.base_model, products, judgments)
+    onnx_report = evaluate_model(onnx, onnx.model.base_model, products, judgments)
+    cached = sorted(p.name for p in embedding_cache_dir(onnx).glob("*.npy"))
+    assert any(name.count("-onnx-") for name in cached) and any("-onnx-" not in name for name in cached), cached
+    assert [p.name for p in backends.backend_cache_dir(onnx).iterdir() if p.name.endswith("-onnx")], "exported once"
+    for dim in onnx.model.dims:  # fp32 export: the same rankings up to float noise
+        assert onnx_report.dims[dim]["ndcg@10"] == pytest.approx(fp32_report.dims[dim]["ndcg@10"], abs=0.02)
+
+    served = search.encoder_for(onnx, onnx.model.base_model)
+    assert getattr(served, "variant", None) == "onnx"
+    version = _register_tiny_model(onnx, tiny_model)
+    fallback = search.encoder_for(onnx, f"models:/{onnx.mlflow.registered_model}/{version}")
+    assert not hasattr(fallback, "encode_normalized")  # fp32 torch, and nothing was exported for it
+    tags = mlflow_client(onnx).get_model_version(onnx.mlflow.registered_model, version).tags
+    assert "backend.onnx" not in tags
