@@ -139,13 +139,15 @@ def model_top_k(model: SentenceTransformer, queries: list[str], product_texts: l
     return top
 
 
-def _resolve_model(model: Any, model_key: str | None) -> tuple[Any, str | None]:
+def _resolve_model(model: Any, model_key: str | None, settings: Settings) -> tuple[Any, str | None]:
+    """A reference becomes the encoder ``model.backend`` asks for (exported once when missing)."""
     if not isinstance(model, str):
         return model, model_key
-    from near2_tasks.embeddings import MINILM_ALIASES, load_encoder
+    from near2_tasks.backends import load_inference_encoder
+    from near2_tasks.embeddings import MINILM_ALIASES
 
     key = model_key or ("minilm-base" if model in MINILM_ALIASES else None)
-    return load_encoder(model), key
+    return load_inference_encoder(settings, model, missing="export"), key
 
 
 def _sample_unjudged(rng: random.Random, product_ids: list[str], judged: set[str], count: int,
@@ -188,7 +190,7 @@ def mine_examples(products: pd.DataFrame, train_judgments: pd.DataFrame, setting
 
     mined_for: dict[str, list[tuple[str, str]]] = {}
     if model is not None and ex.mined_negatives_per_query > 0 and len(queries):
-        encoder, key = _resolve_model(model, model_key)
+        encoder, key = _resolve_model(model, model_key, settings)
         texts = [text_of[pid] for pid in product_ids]
         vectors = product_vectors
         if vectors is None and key:
