@@ -75,7 +75,7 @@ class BackendSpec:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BackendSpec:
-        return cls(settings.model.backend, settings.model.quantize)
+        return cls(settings.model.resolved_backend(), settings.model.quantize)  # type: ignore[arg-type]
 
 
 def cpu_threads(requested: int | None = None) -> int:

@@ -191,14 +191,14 @@ def encoder_for(settings: Settings, model_uri: str) -> SentenceTransformer:
     from near2_tasks.backends import load_inference_encoder
 
     cfg = settings.model
-    key = (model_uri, cfg.device, cfg.backend, cfg.quantize, cfg.precision)
+    key = (model_uri, cfg.device, cfg.resolved_backend(), cfg.quantize, cfg.precision)
     with _ENCODERS_LOCK:
         if key in _ENCODERS:
             _ENCODERS.move_to_end(key)
             return _ENCODERS[key]
         # never export at request time: without the backend's artefact, serve the fp32 model (warned).
         # torch threads are set per request (torch_threads); an exported backend gets its own at load.
-        threads = None if cfg.backend == "torch" else settings.serving.encode_threads
+        threads = None if cfg.resolved_backend() == "torch" else settings.serving.encode_threads
         model = load_inference_encoder(settings, model_uri, missing="torch", threads=threads)
         _ENCODERS[key] = model
         while len(_ENCODERS) > settings.serving.encoder_cache_size:

@@ -72,7 +72,8 @@ def brute_force_trec(query_vectors, product_vectors, catalog, dim: int) -> dict[
 def test_numbers_equal_trec_eval_on_brute_force_retrieval_at_every_dimension(tiny_settings, tiny_model_dir,
                                                                              catalog):
     titles_only = catalog.products[["product_id", "title"]]  # like Home Depot: the embedded text is the title
-    report = evaluate_model(tiny_settings, str(tiny_model_dir), titles_only, catalog.judgments)
+    fp32 = tiny_settings.model_copy(update={"model": tiny_settings.model.model_copy(update={"backend": "torch"})})
+    report = evaluate_model(fp32, str(tiny_model_dir), titles_only, catalog.judgments)  # the reference's encoder
     assert sorted(report.dims, reverse=True) == TINY_DIMS
     assert report.n_queries == catalog.judgments["query_id"].nunique()
     query_vectors, product_vectors = full_embeddings(tiny_model_dir, catalog)
