@@ -88,7 +88,7 @@ def test_filters_run_inside_the_knn_search(served):
     ({"filters": {"colour": "red"}}, r"unknown filter\(s\) \['colour'\]"),
     ({"filters": {"price_min": 50.0, "price_max": 10.0}}, "price_min 50.0 is above price_max 10.0"),
     ({"mode": "funnel", "dim": 16}, "shortlist dimension below the rescore dimension"),
-    ({"num_candidates": 5000}, "num_candidates must be an integer from k=10 to 1000"),
+    ({"num_candidates": 5000}, "num_candidates must be an integer from k=10 to 2000"),
 ])
 def test_bad_requests_are_refused_with_a_clear_message(served, kwargs, message):
     settings, _ = served

@@ -77,7 +77,7 @@ def test_health_and_openapi(api, served):
     ({"q": "drill", "colour": "red"}, 400, "unknown parameter(s) ['colour']"),
     ({"q": "drill", "price_min": 50, "price_max": 10}, 400, "price_min 50.0 is above price_max 10.0"),
     ({"q": "drill", "price_max": "nan"}, 422, "price_max"),
-    ({"q": "drill", "num_candidates": 100000}, 422, "num_candidates: Input should be less than or equal to 1000"),
+    ({"q": "drill", "num_candidates": 100000}, 422, "num_candidates: Input should be less than or equal to 2000"),
     ({"q": "drill", "mode": "funnel", "dim": 16}, 400, "shortlist dimension below the rescore dimension"),
 ])
 def test_bad_input_is_a_4xx_with_a_clear_message(api, params, status, message):

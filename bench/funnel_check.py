@@ -1,0 +1,88 @@
+"""The storefront's own search path on a served index: kNN against the default funnel, NDCG@10 and latency.
+
+    NEAR2_HOME=.near2/hd-pipeline NEAR2_CONFIG=.near2/hd-pipeline/config.yaml \\
+        .venv/bin/python bench/funnel_check.py --out bench/results/funnel_check_homedepot.json
+
+Reads the index behind the configured alias (``elasticsearch.alias``) exactly as the search service does
+(``near2_tasks.search.Searcher``: the model named in the index's ``_meta``, the configured inference
+backend, the default mapping with bbq_hnsw/hnsw fields and the ``embedding_<d>_bits`` codes), encodes the
+Home Depot **test-split** queries once, then runs ``Searcher.retrieve`` for every query in every mode,
+interleaved query by query: kNN at each served dimension, and the funnel (``serving.funnel_shortlist_size``
+candidates from the default shortlist field, rescored at the full dimension). Where the compact-vectors
+benchmark rescores on a ``flat`` float field, this is the production mapping. The data is read in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    from near2_tasks.config import load_settings
+    from near2_tasks.embeddings import encode
+    from near2_tasks.evaluate import prepare_data
+    from near2_tasks.examples import split_by_query
+    from near2_tasks.metrics import mean_over, per_query_metrics
+    from near2_tasks.search import Searcher
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    settings = load_settings()
+    searcher = Searcher(settings)
+    served = searcher.serving_index(refresh=True)
+    products = pd.read_csv(args.data_dir / "products.csv", dtype={"product_id": str})
+    judgments = pd.read_csv(args.data_dir / "judgments.csv", dtype={"product_id": str, "query_id": str})
+    test = split_by_query(judgments, settings.examples.seed, tuple(settings.examples.split_fractions)).test
+    data = prepare_data(products.assign(text=products["title"].astype(str)), test, settings.dataset.text_template)
+    row_of = {pid: i for i, pid in enumerate(products["product_id"])}
+    queries = encode(searcher.encoder(served), data.query_texts)
+
+    full = served.dims[0]
+    shortlist_dim = max((d for d in served.binary_centres if d < full), default=min(served.dims))
+    modes = {f"knn {d}": (d, None) for d in served.dims}
+    modes[f"funnel {settings.serving.funnel_shortlist_size} @ {shortlist_dim}"
+          f"{' bits' if shortlist_dim in served.binary_centres else ''} -> {full}"] = (full, shortlist_dim)
+    rankings = {name: np.zeros((len(queries), 10), dtype=np.int64) for name in modes}
+    seconds: dict[str, list[float]] = {name: [] for name in modes}
+    for i, vector in enumerate(queries):
+        names = list(modes)
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
+            dim, short = modes[name]
+            began = time.perf_counter()
+            hits = searcher.retrieve(served, vector, 10, dim, short).hits
+            seconds[name].append(time.perf_counter() - began)
+            rows = [row_of[h.product_id] for h in hits][:10]
+            rankings[name][i] = rows + [-1] * (10 - len(rows))  # -1: padding, never judged
+    floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
+    results = {"index": served.name, "model_uri": served.model_uri, "backend": settings.model.resolved_backend(),
+               "queries": len(queries), "products": len(products), "rows": []}
+    for name in modes:
+        ndcg = mean_over(per_query_metrics(rankings[name], data.qrels, ["ndcg@10"], floor, threshold)["ndcg@10"])
+        ms = sorted(1000 * s for s in seconds[name])
+        results["rows"].append({"mode": name, "ndcg@10": round(ndcg, 4), "p50_ms": round(statistics.median(ms), 2),
+                                "p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 2),
+                                "qps": round(len(ms) / (sum(ms) / 1000), 1)})
+    print(f"index {served.name} ({served.model_uri}), {len(queries)} test queries, backend {results['backend']}")
+    print("| mode | NDCG@10 | p50 ms | p99 ms | QPS |\n|---|---:|---:|---:|---:|")
+    for row in results["rows"]:
+        print(f"| {row['mode']} | {row['ndcg@10']} | {row['p50_ms']} | {row['p99_ms']} | {row['qps']} |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
