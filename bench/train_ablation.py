@@ -58,7 +58,7 @@ def main() -> None:
 
     home = args.home / args.name
     settings = load_settings(
-        home=str(home), model={"dims": DIMS, "device": "cpu"}, dataset={"name": "homedepot"},
+        home=str(home), model={"dims": DIMS, "device": "cpu", "backend": "torch"}, dataset={"name": "homedepot"},
         validation={"max_row_count_drift": None, "data_docs": False},
         examples={"embedding_cache_dir": str(args.cache), "weak_positives_in_triplets": args.weak_positives},
         evaluation={"cache_dir": str(args.cache)},

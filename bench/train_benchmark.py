@@ -101,7 +101,7 @@ def main() -> None:
 
     settings = load_settings(
         home=str(args.home),
-        model={"dims": DIMS, "device": args.device},
+        model={"dims": DIMS, "device": args.device, "backend": "torch"},  # fp32 evaluation, the team cache
         dataset={"name": "homedepot"},
         validation={"max_row_count_drift": None, "data_docs": False},
         examples={"embedding_cache_dir": str(args.cache)},
