@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from serving_benchmark import bytes_per_vector, exact_top_k, load_homedepot, percentile_ms, ram_estimate  # noqa: E402
+from serving_benchmark import (  # noqa: E402
+    add_common_arguments, bytes_per_vector, exact_top_k, load_homedepot, percentile_ms, ram_estimate)
 
 from near2_tasks import conventions  # noqa: E402
 from near2_tasks.compact import binary_codes, catalog_centre, to_hex  # noqa: E402
@@ -73,11 +74,7 @@ SHORTLIST_FIELDS = [("bit_flat", 64), ("bit_flat", 128), ("bit_flat", 32), ("int
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
-    parser.add_argument("--es-url", default="http://127.0.0.1:9253")
-    parser.add_argument("--start-local-es", action="store_true", help="start (and stop) a local ES at --es-url's port")
-    parser.add_argument("--heap", default="1g", help="heap of the ES started with --start-local-es")
-    parser.add_argument("--cache-dir", type=Path, default=REPO / ".near2" / "cache" / "embeddings")
+    add_common_arguments(parser, port=9253)
     parser.add_argument("--model", default="trained", help="'trained' (falls back to base if absent) or 'base'")
     parser.add_argument("--trained-model", type=Path, default=REPO / ".near2" / "bench" / "trained-homedepot")
     parser.add_argument("--types", default=",".join(ES_TYPES + BIT_TYPES))
@@ -352,19 +349,20 @@ def markdown(results: dict[str, Any]) -> str:
              f"exact float NDCG@10 per dim: {results.get('exact_float_ndcg')}", "",
              "| type | dim | RAM B/vector | × less than 384-d float | disk B/vector | NDCG@10 | Δ vs float 384 | "
              "recall@10 | p50 ms | p99 ms | QPS |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def delta(row: dict[str, Any]) -> str:
+        return f"{100 * (row['ndcg@10'] - ref) / ref:+.1f}%" if ref else "-"
+
     for r in results["knn"]:
-        delta = f"{100 * (r['ndcg@10'] - ref) / ref:+.1f}%" if ref else "-"
         lines.append(f"| {r['type']} | {r['dim']} | {r['ram_bytes_per_vector']:g} | {r['ram_reduction']:g} | "
-                     f"{r['disk_bytes_per_vector']:g} | {r['ndcg@10']} | {delta} | {r['recall@10']} | {r['p50_ms']} | "
+                     f"{r['disk_bytes_per_vector']:g} | {r['ndcg@10']} | {delta(r)} | {r['recall@10']} | {r['p50_ms']} | "
                      f"{r['p99_ms']} | {r['qps']} |")
     if results["funnel"]:
         lines += ["", "| shortlist field | N | rescore dim | RAM B/vector | × less | disk B/vector | NDCG@10 | "
                   "Δ vs float 384 | p50 ms | p99 ms | QPS |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["funnel"]:
-            delta = f"{100 * (r['ndcg@10'] - ref) / ref:+.1f}%" if ref else "-"
             lines.append(f"| {r['shortlist_type']} {r['shortlist_dim']} | {r['shortlist']} | {r['rescore_dim']} | "
                          f"{r['ram_bytes_per_vector']:g} | {r['ram_reduction']:g} | {r['disk_bytes_per_vector']:g} | "
-                         f"{r['ndcg@10']} | {delta} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} |")
+                         f"{r['ndcg@10']} | {delta(r)} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} |")
     return "\n".join(lines)
 
 

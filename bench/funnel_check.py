@@ -8,7 +8,8 @@ Reads the index behind the configured alias (``elasticsearch.alias``) exactly as
 backend, the default mapping with bbq_hnsw/hnsw fields and the ``embedding_<d>_bits`` codes), encodes the
 Home Depot **test-split** queries once, then runs ``Searcher.retrieve`` for every query in every mode,
 interleaved query by query: kNN at each served dimension, and the funnel (``serving.funnel_shortlist_size``
-candidates from the default shortlist field, rescored at the full dimension). Where the compact-vectors
+candidates from the default shortlist field, rescored at the service's rescore dimension, by default the
+full one). Where the compact-vectors
 benchmark rescores on a ``flat`` float field, this is the production mapping. The data is read in place.
 """
 
@@ -51,8 +52,7 @@ def main() -> None:
     row_of = {pid: i for i, pid in enumerate(products["product_id"])}
     queries = encode(searcher.encoder(served), data.query_texts)
 
-    full = served.dims[0]
-    shortlist_dim = max((d for d in served.binary_centres if d < full), default=min(served.dims))
+    full, shortlist_dim = searcher.pick_dims(served, None, "funnel")  # exactly the service's choice
     modes = {f"knn {d}": (d, None) for d in served.dims}
     modes[f"funnel {settings.serving.funnel_shortlist_size} @ {shortlist_dim}"
           f"{' bits' if shortlist_dim in served.binary_centres else ''} -> {full}"] = (full, shortlist_dim)

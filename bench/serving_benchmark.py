@@ -55,13 +55,18 @@ K = 10
 NUM_CANDIDATES = 100
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    """The options every Elasticsearch benchmark on Home Depot takes: data, its own ES, the embedding cache."""
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
-    parser.add_argument("--es-url", default="http://127.0.0.1:9252")
+    parser.add_argument("--es-url", default=f"http://127.0.0.1:{port}")
     parser.add_argument("--start-local-es", action="store_true", help="start (and stop) a local ES at --es-url's port")
     parser.add_argument("--heap", default="1g", help="heap of the ES started with --start-local-es")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".near2" / "cache" / "embeddings")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, port=9252)
     parser.add_argument("--model", default=PACKAGED_MINILM)
     parser.add_argument("--model-key", default="minilm-base", help="encode_cached key of the base model")
     parser.add_argument("--trained-model", type=Path, default=REPO / ".near2" / "bench" / "trained-homedepot")

@@ -496,25 +496,24 @@ def load_inference_encoder(settings: Settings, ref: str | None = None, *,
             export_backend(settings, ref, spec)
             directory = _download_logged_artifact(settings, ref, spec)
         if directory is None:
-            return _missing(settings, ref, spec, missing, f"{ref} has no logged {spec.variant} backend artefact",
+            return _missing(settings, ref, missing, f"{ref} has no logged {spec.variant} backend artefact",
                             f"run `near2 backend export --model {ref}` after registering it, "
                             "or set model.backend: torch")
         return load_artifact(directory, threads, settings.model.precision)
     target = backend_cache_dir(settings) / f"{_local_model_key(ref)}-{spec.variant}"
     if not (target / META_FILE).is_file():
         if missing != "export":
-            return _missing(settings, ref, spec, missing,
+            return _missing(settings, ref, missing,
                             f"no {spec.variant} export of {ref} in {backend_cache_dir(settings)}",
                             f"export it once with `near2 backend export --model {ref}`")
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=_mkdir(backend_cache_dir(settings))))
-        export_artifact(_load_torch(settings.model_copy(update={"model": settings.model.model_copy(
-            update={"device": "cpu"})}), ref), spec, staging / spec.variant, source=ref)
+        export_artifact(_load_torch(settings, ref, device="cpu"), spec, staging / spec.variant, source=ref)
         _publish(staging / spec.variant, target)
         shutil.rmtree(staging, ignore_errors=True)
     return load_artifact(target, threads, settings.model.precision)
 
 
-def _missing(settings: Settings, ref: str, spec: BackendSpec, missing: str, message: str, hint: str) -> Any:
+def _missing(settings: Settings, ref: str, missing: str, message: str, hint: str) -> Any:
     """What :func:`load_inference_encoder` does without an artefact: fail, or fall back to torch fp32."""
     if missing != "torch":
         raise Near2Error(message, hint=hint)
@@ -522,15 +521,17 @@ def _missing(settings: Settings, ref: str, spec: BackendSpec, missing: str, mess
     return _load_torch(settings, ref)
 
 
-def _load_torch(settings: Settings, ref: str) -> SentenceTransformer:
-    """The fp32 model; MLflow references read the configured store (not the process-global one)."""
+def _load_torch(settings: Settings, ref: str, device: str | None = None) -> SentenceTransformer:
+    """The fp32 model on ``device`` (default ``model.device``); MLflow references read the configured store
+    (not the process-global one)."""
     from near2_tasks.embeddings import load_encoder, pick_device
 
+    device = device or settings.model.device
     if ref.startswith(("models:/", "runs:/")):
         from near2_tasks.registry import load_model_from_mlflow
 
-        return load_model_from_mlflow(ref, device=pick_device(settings.model.device), settings=settings)
-    return load_encoder(ref, device=settings.model.device)
+        return load_model_from_mlflow(ref, device=pick_device(device), settings=settings)
+    return load_encoder(ref, device=device)
 
 
 def _torch_encoder(model: SentenceTransformer, settings: Settings, threads: int | None) -> SentenceTransformer:

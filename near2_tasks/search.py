@@ -191,14 +191,15 @@ def encoder_for(settings: Settings, model_uri: str) -> SentenceTransformer:
     from near2_tasks.backends import load_inference_encoder
 
     cfg = settings.model
-    key = (model_uri, cfg.device, cfg.resolved_backend(), cfg.quantize, cfg.precision)
+    backend = cfg.resolved_backend()
+    key = (model_uri, cfg.device, backend, cfg.quantize, cfg.precision)
     with _ENCODERS_LOCK:
         if key in _ENCODERS:
             _ENCODERS.move_to_end(key)
             return _ENCODERS[key]
         # never export at request time: without the backend's artefact, serve the fp32 model (warned).
         # torch threads are set per request (torch_threads); an exported backend gets its own at load.
-        threads = None if cfg.resolved_backend() == "torch" else settings.serving.encode_threads
+        threads = None if backend == "torch" else settings.serving.encode_threads
         model = load_inference_encoder(settings, model_uri, missing="torch", threads=threads)
         _ENCODERS[key] = model
         while len(_ENCODERS) > settings.serving.encoder_cache_size:
@@ -318,7 +319,7 @@ class Searcher:
                 f"num_candidates must be an integer from k={k} to {serving.max_num_candidates}, got {num_candidates!r}")
         return query, k, mode, filters, num_candidates
 
-    def _pick_dims(self, served: ServingIndex, dim: int | None, mode: str) -> tuple[int, int | None]:
+    def pick_dims(self, served: ServingIndex, dim: int | None, mode: str) -> tuple[int, int | None]:
         """(scoring dim, shortlist dim or None) for this request against this index."""
         serving = self.settings.serving
 
@@ -348,7 +349,7 @@ class Searcher:
                 filters: SearchFilters, num_candidates: int) -> SearchResponse:
         from near2_tasks.embeddings import encode
 
-        dim, shortlist_dim = self._pick_dims(served, dim, mode)
+        dim, shortlist_dim = self.pick_dims(served, dim, mode)
         began = time.perf_counter()
         model = self.encoder(served)
         loaded = time.perf_counter()
