@@ -11,13 +11,27 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum requirements.lock pyproject.toml | 
 export NEAR2_HOME ?= $(CURDIR)/.near2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install es-start es-stop lock bench clean
+.PHONY: demo test install browser es-start es-stop lock bench clean
 
 demo: install es-start
 	$(BIN)/near2 demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q tests
+
+# The storefront page's browser tests drive the system Chromium with selenium (tests/browser_support.py):
+# Debian's chromium + chromium-driver, installed here when we are root with apt-get, else a one-line error.
+# CHROMIUM_BINARY / CHROMEDRIVER point at another install.
+browser:
+	@if { [ -n "$$CHROMIUM_BINARY" ] || command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null \
+	    && { [ -n "$$CHROMEDRIVER" ] || command -v chromedriver; } >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver (apt-get) for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+	    echo "make test: the browser tests need Chromium and its driver: sudo apt-get install -y chromium chromium-driver"; \
+	    exit 1; \
+	fi
 
 install: $(STAMP)
 

@@ -175,10 +175,24 @@ class ServingIndex:
     model_version: str | None
     #: dims with 1-bit codes (``embedding_<d>_bits``) -> the centre their codes subtract (``near2_tasks.compact``)
     binary_centres: dict[int, np.ndarray] = field(default_factory=dict, compare=False)
+    #: dim -> the ``index_options.type`` of ``embedding_<dim>`` in the index's mapping (hnsw, bbq_hnsw, ...)
+    index_types: dict[int, str] = field(default_factory=dict, compare=False)
 
     @property
     def full_dim(self) -> int:
         return self.dims[0]
+
+    def bytes_per_product(self, dim: int) -> float:
+        """Bytes of ``embedding_<dim>`` that a kNN search reads per product (see :func:`vector_bytes`)."""
+        return vector_bytes(self.index_types.get(dim, "hnsw"), dim)
+
+
+def vector_bytes(index_type: str, dim: int) -> float:
+    """Bytes per vector of a ``dense_vector`` field searched with ``index_type``, by Elasticsearch's sizing
+    formula: float 4·d, int8 d+4, int4 d/2+4, bbq d/8+14 (the quantized copy search reads; the HNSW graph,
+    about 4·m bytes more, is not counted). 1-bit codes (``near2_tasks.compact``) cost d/8."""
+    kind = index_type.split("_")[0]
+    return {"int8": dim + 4, "int4": dim / 2 + 4, "bbq": dim / 8 + 14, "bits": dim / 8}.get(kind, 4 * dim)
 
 
 # One loaded encoder per (model URI, device), shared by every Searcher in the process.
@@ -273,9 +287,12 @@ class Searcher:
         log.info("serving index %s (model %s v%s)", name, meta.get("model_name"), meta.get("model_version"))
         centres = {int(d): np.asarray(c, dtype=np.float32)
                    for d, c in (meta.get(compact.META_CENTRES) or {}).items()}
+        properties = mapping.get("properties") or {}
+        index_types = {d: (properties.get(conventions.vector_field(d), {}).get("index_options") or {}).get(
+            "type", "hnsw") for d in dims}
         return ServingIndex(alias=alias, name=name, dims=dims, model_uri=meta["model_uri"],
                             model_name=meta.get("model_name"), model_version=meta.get("model_version"),
-                            binary_centres=centres)
+                            binary_centres=centres, index_types=index_types)
 
     def encoder(self, serving: ServingIndex) -> SentenceTransformer:
         return encoder_for(self.settings, serving.model_uri)

@@ -1,4 +1,6 @@
-"""The storefront search HTTP service: ``GET /search`` and ``GET /health`` (OpenAPI at ``/docs``).
+"""The storefront search HTTP service: ``GET /search``, ``GET /health`` and ``GET /served`` (OpenAPI at
+``/docs``), and the storefront page at ``/`` (``near2_tasks/static/``: plain HTML + JavaScript that calls
+the JSON API; every catalog field is written as text, never as markup).
 
 The same logic as :func:`near2_tasks.search.search`, behind a thin layer that guards the edge:
 
@@ -13,20 +15,28 @@ Run it with ``near2 serve`` (uvicorn), or ``create_app(settings)`` in any ASGI s
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from near2_tasks.config import Settings, load_settings
 from near2_tasks.errors import Near2Error, ServiceUnavailable
-from near2_tasks.search import BadSearchRequest, NoServingIndex, Searcher
+from near2_tasks.search import MODES, BadSearchRequest, NoServingIndex, Searcher
 
 log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+#: the page loads only its own script and style, and calls only this service
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                           "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 SEARCH_PARAMS = frozenset({"q", "k", "dim", "mode", "category", "brand", "price_min", "price_max",
                            "num_candidates"})
@@ -54,6 +64,26 @@ class SearchOut(BaseModel):
     filters: dict[str, Any]
     shortlist_dim: int | None = None
     shortlist_size: int | None = None
+
+
+class ServedFieldOut(BaseModel):
+    dim: int
+    index_type: str = Field(description="index_options.type of embedding_<dim> (hnsw, bbq_hnsw, ...).")
+    bytes_per_product: float = Field(description="Vector bytes a search reads per product (ES sizing formula, "
+                                                 "HNSW graph not counted).")
+    bit_code_bytes: float | None = Field(None, description="d/8 when the index also holds 1-bit codes of dim.")
+
+
+class ServedOut(BaseModel):
+    alias: str
+    index: str
+    model_name: str | None
+    model_version: str | None
+    dims: list[int]
+    fields: list[ServedFieldOut]
+    modes: list[str] = Field(description="Search modes the service accepts.")
+    default_mode: str
+    default_dim: int = Field(description="The dim a knn search uses when none is given.")
 
 
 class ErrorOut(BaseModel):
@@ -224,4 +254,21 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
         return HealthOut(status="ok", alias=alias, index=served.name, model_name=served.model_name,
                          model_version=served.model_version, dims=served.dims)
 
+    @app.get("/served", response_model=ServedOut, responses={503: {"model": ErrorOut}},
+             summary="What is served: index, model, dims with their bytes per product, modes")
+    def served() -> Any:
+        index = app.state.searcher.serving_index()
+        fields = [ServedFieldOut(dim=d, index_type=index.index_types.get(d, "hnsw"),
+                                 bytes_per_product=index.bytes_per_product(d),
+                                 bit_code_bytes=d / 8 if d in index.binary_centres else None) for d in index.dims]
+        return ServedOut(alias=index.alias, index=index.name, model_name=index.model_name,
+                         model_version=index.model_version, dims=index.dims, fields=fields, modes=list(MODES),
+                         default_mode=settings.serving.mode,
+                         default_dim=app.state.searcher.pick_dims(index, None, "knn")[0])
+
+    @app.get("/", include_in_schema=False)
+    def storefront_page() -> FileResponse:
+        return FileResponse(STATIC / "storefront.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -145,3 +145,24 @@ def test_an_unexpected_failure_is_a_bare_500(served):
     with TestClient(create_app(settings, searcher=BrokenSearcher(settings)), raise_server_exceptions=False) as client:
         response = client.get("/search", params={"q": "drill"})
     assert response.status_code == 500 and response.json() == {"error": "internal error"}
+
+
+def test_served_lists_dims_bytes_and_modes_and_the_page_is_locked_down(api, served):
+    settings, _, index = served
+    body = api.get("/served").json()
+    assert (body["index"], body["model_version"], body["dims"], body["modes"]) == (index, "1", TINY_DIMS, ["knn", "funnel"])
+    assert [(f["dim"], f["index_type"], f["bytes_per_product"]) for f in body["fields"]] == [
+        (d, "hnsw", 4 * d) for d in TINY_DIMS]
+    assert body["default_dim"] == max(TINY_DIMS) and body["default_mode"] == "knn"
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]  # no inline script can run
+    assert api.get("/static/storefront.js").status_code == 200
+    assert "/" not in api.get("/openapi.json").json()["paths"]  # the page is not part of the JSON API
+
+
+def test_vector_bytes_follow_the_index_type():
+    from near2_tasks.search import vector_bytes
+
+    assert [vector_bytes(kind, 384) for kind in ("hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "bits")] == [
+        1536, 388, 196, 62, 1536, 48]
