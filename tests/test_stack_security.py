@@ -67,14 +67,14 @@ def secured_es():
 
     settings = load_settings(local_elasticsearch={"cache_dir": str(ES_DOWNLOAD_CACHE)})
     es_home = elasticsearch_local.install(settings)
-    java_home = elasticsearch_local.find_java(17)
+    java = elasticsearch_local.find_java(settings.local_elasticsearch.version)
     as_root = os.geteuid() == 0
     # Elasticsearch refuses root: as root the node runs as the unprivileged user near2 already uses,
     # in a directory that user can reach (not under root's private /tmp/pytest-of-root)
     base = Path(tempfile.mkdtemp(prefix="near2-es-secure-", dir="/var/tmp" if as_root else None))
     pid_file = base / "es.pid"
     try:
-        yield _start_secured_es(es_home, java_home, base, pid_file, as_root)
+        yield _start_secured_es(es_home, java, settings, base, pid_file, as_root)
     finally:
         _stop(pid_file)
         shutil.rmtree(base, ignore_errors=True)
@@ -97,14 +97,15 @@ def _stop(pid_file: Path, timeout_s: float = 60.0) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def _start_secured_es(es_home: Path, java_home: Path, base: Path, pid_file: Path, as_root: bool) -> dict:
+def _start_secured_es(es_home: Path, java, settings, base: Path, pid_file: Path, as_root: bool) -> dict:
     base.chmod(0o755)
     from near2_tasks import elasticsearch_local
 
     user = elasticsearch_local.ensure_user() if as_root else pwd.getpwuid(os.geteuid())
     owner = f"{user.pw_uid}:{user.pw_gid}"
     conf = base / "config"
-    shutil.copytree(es_home / "config", conf, ignore=shutil.ignore_patterns("elasticsearch.keystore"))
+    elasticsearch_local.node_config(es_home, conf, java)
+    java_home = elasticsearch_local.java_home_for_es_user(java, settings)
     java_env = {**os.environ, "ES_JAVA_HOME": str(java_home), "ES_PATH_CONF": str(conf)}
 
     certs_env = {**java_env, "ES_HOME": str(es_home), "CA_DIR": str(base / "ca"), "NODE_DIR": str(conf / "certs"),

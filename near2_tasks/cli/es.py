@@ -25,7 +25,7 @@ def start(ctx: click.Context) -> None:
     began = time.monotonic()
     server = elasticsearch_local.start(settings)
     click.echo(f"Elasticsearch {server.version} is up at {server.url} (pid {server.pid}, "
-               f"{time.monotonic() - began:.1f}s); logs: {server.log_file}")
+               f"{time.monotonic() - began:.1f}s, {server.java}); logs: {server.log_file}")
 
 
 @es.command("stop")
