@@ -4,6 +4,9 @@
   connections, run params), calls the step of :mod:`near2_tasks.pipeline`, publishes the step's links
   for the ``near2_links`` plugin, and turns expected failures into the right Airflow outcome: bad input
   fails at once (retrying cannot fix it), an unreachable service is retried.
+* :func:`library_progress_bars_off`: inside a task, third-party progress bars are off (Airflow records a
+  task's stderr at ERROR, so every tqdm update read as an error); near2's own progress lines are log
+  records at INFO and stay.
 * :func:`connection_overrides` reads the Airflow connections ``near2_elasticsearch`` and ``near2_mlflow``
   (from the metadata DB or ``AIRFLOW_CONN_NEAR2_ELASTICSEARCH`` / ``AIRFLOW_CONN_NEAR2_MLFLOW``); without
   them the ``NEAR2_*`` settings apply. Nothing is hard-coded.
@@ -14,9 +17,11 @@ constants without paying for Airflow.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from near2_tasks.errors import Near2Error, ServiceUnavailable
@@ -137,7 +142,8 @@ def run_step(step: str, context: Mapping[str, Any], **inputs: Any) -> Any:
 
     ctx = build_context(context["params"], context["run_id"], context["dag"].dag_id)
     try:
-        result = getattr(pipeline, step)(ctx, **inputs)
+        with library_progress_bars_off():
+            result = getattr(pipeline, step)(ctx, **inputs)
     except ServiceUnavailable:
         raise
     except pipeline.SkipRest as exc:
@@ -148,6 +154,39 @@ def run_step(step: str, context: Mapping[str, Any], **inputs: Any) -> Any:
     if isinstance(result, Mapping):
         publish_links(context, result.get("links") or {})
     return result
+
+
+@contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """While a task step runs: every tqdm bar is created disabled, and Python warnings become log records
+    (WARNING) instead of stderr text.
+
+    Airflow's task supervisor logs each line a task writes to stderr at ERROR: the bars of
+    transformers ("Loading weights", "Writing model shards"), sentence-transformers ("Batches"), the
+    trainer, MLflow ("Downloading artifacts") and Great Expectations each became a red ERROR line, and a
+    reviewer scanning a healthy run for errors found dozens. The libraries' own switches are read when
+    they are imported (``TQDM_DISABLE``, ``HF_HUB_DISABLE_PROGRESS_BARS``), too late in a task process that
+    imported them already, so the one class they all build on, ``tqdm.std.tqdm``, is told ``disable=True``
+    for the duration. near2's own progress (training steps with ETA, encoding, bulk load) goes through
+    ``logging`` at INFO and is unaffected."""
+    import tqdm.std
+
+    cls = tqdm.std.tqdm
+    original = cls.__dict__["__init__"]
+    bound_init = cls.__init__
+
+    @functools.wraps(bound_init)
+    def disabled_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        bound_init(self, *args, **kwargs)
+
+    cls.__init__ = disabled_init
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        cls.__init__ = original
+        logging.captureWarnings(False)
 
 
 def publish_links(context: Mapping[str, Any], links: Mapping[str, str]) -> None:

@@ -188,3 +188,23 @@ def test_bad_run_params_fail_with_one_line(monkeypatch, tmp_path, params, proble
     with pytest.raises(Near2Error, match=problem) as info:
         build_context(params, "manual__1", "near2_retrain")
     assert "\n" not in str(info.value)
+
+
+def test_library_progress_bars_are_off_inside_a_step_and_back_after(capsys, caplog):
+    import logging
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from near2_tasks.airflow_support import library_progress_bars_off
+
+    with library_progress_bars_off():
+        for _ in tqdm(range(3), desc="Batches", file=None):
+            pass
+        warnings.warn("a library's warning", FutureWarning)
+        logging.getLogger("near2_tasks.train").info("step 1/4 ETA 0:00:03")
+    assert capsys.readouterr().err == ""
+    assert "a library's warning" in caplog.text and "step 1/4 ETA" in caplog.text
+    for _ in tqdm(range(3), desc="Batches"):
+        pass
+    assert "Batches" in capsys.readouterr().err  # restored: outside tasks (a terminal) bars still show

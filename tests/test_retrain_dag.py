@@ -280,3 +280,41 @@ def test_failed_gate_changes_neither_champion_nor_alias(pipeline, first_run):
     version = mlflow_client(settings).get_model_version(settings.mlflow.registered_model, gate["model_version"])
     assert version.tags[TAG_GATE] == "fail"
     assert "FAILED" in version.description
+
+
+def _supervised_log(dagrun, task_id: str, log_path: Path) -> list[dict[str, Any]]:
+    """Run ``task_id`` of ``dagrun`` again the way a real worker does (``supervise_task``: a forked task
+    process whose stdout/stderr and logs the supervisor records, stderr lines at ERROR), against the
+    in-process Execution API on this session's metadata DB; returns the task log's records."""
+    import json
+
+    from airflow.executors.workloads import BundleInfo
+    from airflow.sdk.api.datamodels._generated import TaskInstance as TaskInstanceSDK
+    from airflow.sdk.execution_time.supervisor import InProcessTestSupervisor, supervise_task
+    from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
+
+    with create_session() as session:
+        ti = dagrun.get_task_instance(task_id, session=session)
+        ti.try_number += 1
+        ti.state = TaskInstanceState.QUEUED
+        session.merge(ti)
+        session.commit()
+        sdk_ti = TaskInstanceSDK(id=ti.id, task_id=ti.task_id, dag_id=ti.dag_id, run_id=ti.run_id,
+                                 try_number=ti.try_number, map_index=ti.map_index, dag_version_id=ti.dag_version_id)
+    client = InProcessTestSupervisor._api_client(dag=True)
+    exit_code = supervise_task(ti=sdk_ti, bundle_info=BundleInfo(name="dags-folder"),
+                               dag_rel_path=f"{dagrun.dag_id}.py", token="", client=client, log_path=str(log_path))
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    assert exit_code == 0, [r for r in records if r.get("level") in ("error", "critical")]
+    return records
+
+
+@pytest.mark.parametrize("task_id", ["train", "evaluate"])
+def test_a_task_log_has_no_error_line_when_nothing_failed(pipeline, first_run, task_id, tmp_path):
+    """Under a real worker, a library's progress bar on stderr became one ERROR line per update."""
+    records = _supervised_log(first_run, task_id, tmp_path / f"{task_id}.log")
+    errors = [r for r in records if r.get("level") in ("error", "critical")]
+    assert errors == [], errors[:5]
+    assert any(str(r.get("logger")).startswith("near2_tasks.") and r.get("level") == "info" for r in records), \
+        sorted({str(r.get("logger")) for r in records})  # near2's own lines stay, at INFO
