@@ -218,6 +218,29 @@ def render_markdown(report: EvaluationReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def slice_table(report: EvaluationReport, reference: str | None = None, metric: str = HEADLINE_METRIC) -> list[str]:
+    """Markdown lines: ``metric`` per query slice (rows: all queries, then each slice) and dimension
+    (columns, largest first), with the change against ``reference`` (a label in ``report.references``)."""
+    dims = sorted(report.dims, reverse=True)
+    theirs = report.references.get(reference) if reference else None
+    rows: list[tuple[str, int, dict[int, MetricValues], dict[int, MetricValues]]] = [
+        ("all queries", report.n_queries, report.dims, theirs.dims if theirs else {})]
+    rows += [(f"`{name}`", report.slice_sizes.get(name, 0), table, theirs.slices.get(name, {}) if theirs else {})
+             for name, table in report.slices.items()]
+    lines = ["| slice | queries | " + " | ".join(f"{d}-d" for d in dims) + " |", "|---|---:|" + "---:|" * len(dims)]
+    for name, size, table, reference_table in rows:
+        cells = []
+        for dim in dims:
+            ours = table.get(dim, {}).get(metric)
+            other = reference_table.get(dim, {}).get(metric)
+            delta = "" if ours is None or other is None else f" ({ours - other:+.4f})"
+            cells.append(_fmt(ours) + delta)
+        lines.append(f"| {name} | {size} | " + " | ".join(cells) + " |")
+    if theirs is not None:
+        lines += ["", f"In brackets: this model minus the {reference}."]
+    return lines
+
+
 def plot_by_dimension(reports: Mapping[str, EvaluationReport], path: Path, metric: str = HEADLINE_METRIC) -> Path:
     """One chart, one line per model: ``metric`` against dimension (log2 axis, largest dimension left)."""
     import matplotlib

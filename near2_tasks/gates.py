@@ -39,6 +39,8 @@ PASS, FAIL = "pass", "fail"
 CheckKind = Literal["floor", "max_drop", "max_relative_drop"]
 #: Everything after this line of a version's description is rewritten by each gate run.
 SUMMARY_MARKER = "<!-- near2 gate summary -->"
+#: Where the evaluation's NDCG-by-dimension plot lies among the training run's artifacts.
+PLOT_ARTIFACT = "evaluation/report_ndcg_by_dim.png"
 
 
 def slice_gate_tag(slice_name: str, dim: int, metric: str) -> str:
@@ -228,9 +230,27 @@ def _description_with_summary(description: str | None, summary: str) -> str:
     return (kept + "\n\n" if kept else "") + SUMMARY_MARKER + "\n" + summary
 
 
-def record_decision(settings: Settings, version: str | int, decision: GateDecision) -> None:
+def reviewer_details(settings: Settings, report: EvaluationReport, reference: str | None,
+                     run_id: str | None) -> str:
+    """What a reviewer reads under the gate table: NDCG@10 per query slice and dimension, and a link to
+    the NDCG-by-dimension plot among the run's artifacts (``evaluation/report_ndcg_by_dim.png``)."""
+    from near2_tasks.evaluate import HEADLINE_METRIC, slice_table
+
+    lines = [f"## {HEADLINE_METRIC} by query slice and dimension", "", *slice_table(report, reference)]
+    if run_id:
+        from near2_tasks.pipeline import mlflow_run_url
+
+        plot = f"{mlflow_run_url(settings, run_id)}/artifacts/{PLOT_ARTIFACT}"
+        lines += ["", f"Plot: [{HEADLINE_METRIC} by dimension, against the references]({plot}) "
+                      f"(the run's artifact `{PLOT_ARTIFACT}`)."]
+    return "\n".join(lines) + "\n"
+
+
+def record_decision(settings: Settings, version: str | int, decision: GateDecision,
+                    report: EvaluationReport | None = None) -> None:
     """Tag the version (``gate.dim_<d>.<metric>``, ``gate``), put the summary on its page (description)
-    and log it to its run as ``gate/summary.md`` and ``gate/decision.json``.
+    and log it to its run as ``gate/summary.md`` and ``gate/decision.json``. With the challenger's
+    ``report``, the description also carries its slice table and a link to its plot (:func:`reviewer_details`).
 
     Tags of an earlier gate run are removed first, so the version shows this decision only. ``gate`` is
     written last: promotion reads it, and it must never describe checks that are not recorded yet.
@@ -248,8 +268,13 @@ def record_decision(settings: Settings, version: str | int, decision: GateDecisi
         if tag != TAG_GATE:
             registry.set_model_version_tag(name, str(version), tag, value)
     summary = decision.markdown()
+    page = summary
+    if report is not None:
+        reference = next((key for key, ref in report.references.items() if ref.display_name == decision.reference),
+                         None)
+        page += "\n" + reviewer_details(settings, report, reference, current.run_id)
     registry.update_model_version(name, str(version), description=_description_with_summary(current.description,
-                                                                                           summary))
+                                                                                           page))
     if current.run_id:
         registry.log_text(current.run_id, summary, "gate/summary.md")
         registry.log_dict(current.run_id, decision.to_dict(), "gate/decision.json")
@@ -337,7 +362,7 @@ def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataF
     (output_dir / "gate.md").write_text(decision.markdown())
     (output_dir / "gate.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
     log_evaluation(settings, challenger, files)
-    record_decision(settings, number, decision)
+    record_decision(settings, number, decision, challenger)
     log.info("gate %s for version %s%s", decision.status, number,
              "" if decision.passed else ": " + "; ".join(decision.reasons))
     return GateResult(version=number, decision=decision, report=challenger, report_path=files.json)

@@ -348,7 +348,7 @@ def gate(ctx: StepContext, trained: Result, evaluation: Result) -> Result:
     role = evaluation["reference"]
     reference = challenger.references[role]
     decision = gates.decide(challenger, reference, settings.gates, reference_role=role)
-    gates.record_decision(settings, version, decision)
+    gates.record_decision(settings, version, decision, challenger)
     (ctx.run_dir / "evaluation" / "gate.md").write_text(decision.markdown())
     if decision.passed:
         log.info("gate passed: challenger v%s against the %s (%s)", version, role, reference.display_name)

@@ -154,6 +154,19 @@ def test_gate_step_against_the_champion_records_the_failure_on_the_version(
     assert version.tags[gate_tag(64, "ndcg@10")] == version.tags[gate_tag(32, "ndcg@10")] == "pass"
     assert SUMMARY_MARKER in version.description and "Gate FAILED" in version.description
     assert str(registry.get_model_version_by_alias(name, CHAMPION).version) == champion  # untouched
+    # the reviewer's page also carries NDCG@10 per slice and dimension against the champion, and the plot
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in version.description.splitlines()
+            if line.startswith("| ") and " | queries | " not in line}
+    short = result.report.slices["short"]
+    champion_short = champion_report.slices["short"]
+    assert {"all queries", "`short`", "`long`", "`alphanumeric`"} <= set(rows)
+    assert f"{short[16]['ndcg@10']:.4f} ({short[16]['ndcg@10'] - champion_short[16]['ndcg@10']:+.4f})" in rows["`short`"]
+    assert f"In brackets: this model minus the champion v{champion}." in version.description
+    experiment = registry.get_run(version.run_id).info.experiment_id
+    assert (f"(http://127.0.0.1:5000/#/experiments/{experiment}/runs/{version.run_id}/artifacts/"
+            "evaluation/report_ndcg_by_dim.png)") in version.description
+    assert "evaluation/report_ndcg_by_dim.png" in {item.path for item in
+                                                    registry.list_artifacts(version.run_id, "evaluation")}
 
     artifacts = {item.path for item in registry.list_artifacts(version.run_id, "gate")}
     assert artifacts == {"gate/summary.md", "gate/decision.json"}
