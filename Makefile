@@ -11,13 +11,17 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum requirements.lock pyproject.toml | 
 export NEAR2_HOME ?= $(CURDIR)/.near2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install browser es-start es-stop lock bench clean
+.PHONY: demo test screenshots install browser es-start es-stop lock bench clean
 
 demo: install es-start
 	$(BIN)/near2 demo
 
 test: install browser
 	$(BIN)/python -m pytest -q tests
+
+# The README's screenshots (docs/img/) from the state `make demo` left (docs/screenshots.py).
+screenshots: install browser es-start
+	$(BIN)/python docs/screenshots.py
 
 # The storefront page's browser tests drive the system Chromium with selenium (tests/browser_support.py):
 # Debian's chromium + chromium-driver, installed here when we are root with apt-get, else a one-line error.
