@@ -198,11 +198,20 @@ def test_library_progress_bars_are_off_inside_a_step_and_back_after(capsys, capl
 
     from near2_tasks.airflow_support import library_progress_bars_off
 
-    with library_progress_bars_off():
+    # Airflow's logging config (loaded by earlier tests) may stop "py.warnings" from propagating to the
+    # root logger that caplog listens on: listen on it directly
+    py_warnings = logging.getLogger("py.warnings")
+    py_warnings.addHandler(caplog.handler)
+    py_warnings.disabled, level = False, py_warnings.level
+    py_warnings.setLevel(logging.WARNING)
+    with library_progress_bars_off(), warnings.catch_warnings():
+        warnings.simplefilter("always")  # earlier tests may have shown a warning from this line already
         for _ in tqdm(range(3), desc="Batches", file=None):
             pass
         warnings.warn("a library's warning", FutureWarning)
         logging.getLogger("near2_tasks.train").info("step 1/4 ETA 0:00:03")
+    py_warnings.removeHandler(caplog.handler)
+    py_warnings.setLevel(level)
     assert capsys.readouterr().err == ""
     assert "a library's warning" in caplog.text and "step 1/4 ETA" in caplog.text
     for _ in tqdm(range(3), desc="Batches"):

@@ -282,6 +282,19 @@ def test_failed_gate_changes_neither_champion_nor_alias(pipeline, first_run):
     assert "FAILED" in version.description
 
 
+def _drop_handlers_on_closed_streams() -> None:
+    """Logging handlers left by earlier tests on streams that are closed now (``near2`` CLI runs under
+    click's CliRunner configure logging on its temporary stderr): the forked task would inherit them and
+    print '--- Logging error ---' to stderr, which is not what a worker's task process has."""
+    import logging
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                logger.removeHandler(handler)
+
+
 def _supervised_log(dagrun, task_id: str, log_path: Path) -> list[dict[str, Any]]:
     """Run ``task_id`` of ``dagrun`` again the way a real worker does (``supervise_task``: a forked task
     process whose stdout/stderr and logs the supervisor records, stderr lines at ERROR), against the
@@ -302,6 +315,7 @@ def _supervised_log(dagrun, task_id: str, log_path: Path) -> list[dict[str, Any]
         session.commit()
         sdk_ti = TaskInstanceSDK(id=ti.id, task_id=ti.task_id, dag_id=ti.dag_id, run_id=ti.run_id,
                                  try_number=ti.try_number, map_index=ti.map_index, dag_version_id=ti.dag_version_id)
+    _drop_handlers_on_closed_streams()  # earlier tests' CliRunner streams, inherited by the forked task
     client = InProcessTestSupervisor._api_client(dag=True)
     exit_code = supervise_task(ti=sdk_ti, bundle_info=BundleInfo(name="dags-folder"),
                                dag_rel_path=f"{dagrun.dag_id}.py", token="", client=client, log_path=str(log_path))
