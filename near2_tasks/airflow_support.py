@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -180,13 +181,20 @@ def library_progress_bars_off() -> Iterator[None]:
         kwargs["disable"] = True
         bound_init(self, *args, **kwargs)
 
+    def log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        logging.getLogger("py.warnings").warning("%s", text)
+
+    # swapped and restored by hand: logging.captureWarnings(True) is a no-op when capture is already on
+    # (Airflow turns it on), and captureWarnings(False) would then switch the caller's capture off
+    previous_showwarning = warnings.showwarning
     cls.__init__ = disabled_init
-    logging.captureWarnings(True)
+    warnings.showwarning = log_warning
     try:
         yield
     finally:
         cls.__init__ = original
-        logging.captureWarnings(False)
+        warnings.showwarning = previous_showwarning
 
 
 def publish_links(context: Mapping[str, Any], links: Mapping[str, str]) -> None:
