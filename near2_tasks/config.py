@@ -394,8 +394,16 @@ class TrainingSettings(Section):
         5000, gt=0, description="Validation corpus: every relevant product plus random others up to this size."
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
-    )
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 where the CPU has "
+                            "bf16 instructions (AVX512-BF16/AMX), else fp32. fp16 needs a GPU.")
+    mnrl_mini_batch_size: int | None = Field(
+        None, gt=0, description="Set: CachedMultipleNegativesRankingLoss (GradCache) with this mini-batch, so "
+                                "batch_size can grow (more in-batch negatives) at the memory of the mini-batch.")
+    prefix_init: Literal["none", "pca"] = Field(
+        "none", description="pca: start from a rotation onto the catalog's principal axes (a bias-free Dense "
+                            "layer before normalisation; full-dimension cosine unchanged), so each prefix "
+                            "starts as the best linear prefix of its size.")
+    pca_sample_size: int = Field(20000, gt=0, description="Product texts encoded to fit the principal axes.")
 
 
 class LocalElasticsearchSettings(Section):

@@ -146,25 +146,96 @@ def matryoshka_weights(settings: Settings) -> list[float]:
 
 
 # ----- the pieces, in the order they are built: model → data → loss → evaluator → trainer ----------
-def pick_precision(precision: str, device: str) -> dict[str, bool]:
-    """``bf16``/``fp16`` flags for the trainer: mixed precision on GPU only."""
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast is fast."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: stay on fp32
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def pick_precision(precision: str, device: str, native_cpu_bf16: bool | None = None) -> dict[str, bool]:
+    """``bf16``/``fp16`` flags for the trainer.
+
+    auto: bf16 on GPUs that support it (else fp16); on CPU bf16 where the CPU has bf16 instructions (measured
+    about 4x faster per step than fp32 on 2 AVX512-BF16 cores, BENCHMARKS.md "Training recipes"), else fp32.
+    fp16 needs a GPU; bf16 runs anywhere (slowly without native support).
+    """
     import torch
 
     on_gpu = device.startswith("cuda")
     if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
-    if precision != "fp32" and not on_gpu:
-        raise Near2Error(f"training.precision={precision} needs a GPU", hint="use precision 'auto' or 'fp32' on CPU")
+        if on_gpu:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            native = cpu_has_native_bf16() if native_cpu_bf16 is None else native_cpu_bf16
+            precision = "bf16" if native else "fp32"
+    if precision == "fp16" and not on_gpu:
+        raise Near2Error("training.precision=fp16 needs a GPU", hint="use precision 'auto', 'bf16' or 'fp32' on CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def load_base_model(settings: Settings, device: str) -> SentenceTransformer:
+def product_texts(examples: Any) -> list[str]:
+    """The distinct product texts of the training examples (positives and negatives), sorted."""
+    texts: set[str] = set()
+    for frame, columns in ((getattr(examples, "triplets", None), ("positive", "negative")),
+                           (getattr(examples, "pairs", None), ("sentence2",))):
+        if frame is not None:
+            for column in columns:
+                if column in frame.columns:
+                    texts.update(frame[column].astype(str))
+    return sorted(texts)
+
+
+def add_principal_axes(model: SentenceTransformer, texts: list[str], sample_size: int, seed: int,
+                       batch_size: int = 128) -> None:
+    """Insert a bias-free linear layer that rotates the pooled embedding onto the catalog's principal axes.
+
+    The rotation is orthogonal, so full-dimension cosine similarities are unchanged; but the first
+    dimensions now carry the most variance, so every Matryoshka prefix starts as the best linear prefix of
+    that size (PCA) instead of an arbitrary slice. It sits after pooling and before normalisation, and is
+    trained with the rest of the model.
+    """
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+
+    if not texts:
+        raise Near2Error("training.prefix_init=pca needs product texts to fit the principal axes",
+                         hint="the training examples have no positives or negatives")
+    rng = random.Random(seed)
+    sample = texts if len(texts) <= sample_size else rng.sample(texts, sample_size)
+    embeddings = model.encode(sample, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                              show_progress_bar=False).float().cpu()
+    dim = embeddings.shape[1]
+    if len(sample) < dim:
+        raise Near2Error(f"training.prefix_init=pca needs at least {dim} product texts, got {len(sample)}",
+                         hint="use prefix_init 'none' for such a small catalog")
+    _, _, vt = torch.linalg.svd(embeddings - embeddings.mean(dim=0), full_matrices=False)
+    rotation = Dense(dim, dim, bias=False, activation_function=torch.nn.Identity(), init_weight=vt.contiguous())
+    modules = list(model._modules.values())
+    at = next((i for i, m in enumerate(modules) if isinstance(m, Normalize)), len(modules))
+    modules.insert(at, rotation.to(model.device))
+    model._modules.clear()
+    for i, module in enumerate(modules):
+        model._modules[str(i)] = module
+
+
+def load_base_model(settings: Settings, device: str, catalog_texts: list[str] | None = None) -> SentenceTransformer:
     from near2_tasks.embeddings import load_encoder, model_dimension
 
+    cfg = settings.training
     model = load_encoder(settings.model.base_model, device=device)
-    if settings.training.max_seq_length:
-        model.max_seq_length = settings.training.max_seq_length
+    if cfg.max_seq_length:
+        model.max_seq_length = cfg.max_seq_length
     check_nested_dims(settings.model.dims, model_dimension(model))
+    if cfg.prefix_init == "pca":
+        add_principal_axes(model, catalog_texts or [], cfg.pca_sample_size, cfg.seed, cfg.eval_batch_size)
     return model
 
 
@@ -186,6 +257,7 @@ def training_datasets(examples: Any, cfg: TrainingSettings) -> dict[str, Dataset
 def hybrid_losses(model: SentenceTransformer, settings: Settings) -> dict:
     """The NEAR² objective: one Matryoshka-wrapped loss per dataset, scaled by the objective weights."""
     from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
         MultipleNegativesRankingLoss,
         OnlineContrastiveLoss,
@@ -195,8 +267,12 @@ def hybrid_losses(model: SentenceTransformer, settings: Settings) -> dict:
     per_dim = matryoshka_weights(settings)
     losses = {}
     if cfg.retrieval_weight > 0:
+        # GradCache: a large batch of in-batch negatives at the memory of a mini-batch
+        mnrl = (CachedMultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale,
+                                                   mini_batch_size=cfg.mnrl_mini_batch_size)
+                if cfg.mnrl_mini_batch_size else MultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale))
         losses[RETRIEVAL] = MatryoshkaLoss(
-            model, MultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale), dims,
+            model, mnrl, dims,
             matryoshka_weights=[cfg.retrieval_weight * w for w in per_dim])
     if cfg.ranking_weight > 0:
         losses[RANKING] = MatryoshkaLoss(
@@ -404,8 +480,11 @@ def run_params(settings: Settings, examples: Any, validation: ValidationData, da
         "base_model": settings.model.base_model,
         "dims": ",".join(map(str, settings.model.dims)),
         "matryoshka_weights": ",".join(f"{w:g}" for w in matryoshka_weights(settings)),
-        "losses": "retrieval=MatryoshkaLoss(MultipleNegativesRankingLoss), "
+        "losses": f"retrieval=MatryoshkaLoss({retrieval_loss_name(cfg)}), "
                   "ranking=MatryoshkaLoss(OnlineContrastiveLoss)",
+        "mnrl_mini_batch_size": cfg.mnrl_mini_batch_size,
+        "prefix_init": cfg.prefix_init,
+        "max_seq_length": cfg.max_seq_length,
         "retrieval_weight": cfg.retrieval_weight,
         "ranking_weight": cfg.ranking_weight,
         "mnrl_scale": cfg.mnrl_scale,
@@ -430,6 +509,20 @@ def run_params(settings: Settings, examples: Any, validation: ValidationData, da
         "val_corpus": len(validation.corpus),
         "git_commit": git_commit,
     }
+
+
+def retrieval_loss_name(cfg: TrainingSettings) -> str:
+    return "CachedMultipleNegativesRankingLoss" if cfg.mnrl_mini_batch_size else "MultipleNegativesRankingLoss"
+
+
+def run_name(dataset_version: str, run_key: str | None = None, now: float | None = None) -> str:
+    """``train-<dataset version>-<UTC time, ms>[-<run key>]``: distinct and readable in the experiment list
+    (MLflow's own random names repeat, because training seeds the random generators first)."""
+    import datetime as dt
+
+    stamp = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.timezone.utc)
+    name = f"train-{dataset_version[:12]}-{stamp.strftime('%Y%m%dT%H%M%S')}.{stamp.microsecond // 1000:03d}Z"
+    return f"{name}-{run_key}" if run_key else name
 
 
 def _train(trainer) -> None:
@@ -526,7 +619,8 @@ def train_model(
 
     transformers.set_seed(cfg.seed)
     device = pick_device(settings.model.device)
-    model = load_base_model(settings, device)  # checks the dims against the model's dimension
+    # checks the dims against the model's dimension
+    model = load_base_model(settings, device, product_texts(examples) if cfg.prefix_init == "pca" else None)
     experiment_id = registry.configure_mlflow(settings)  # fail fast, before any training time is spent
     if run_key and (done := _already_registered(settings, run_key, output_dir)) is not None:
         return done
@@ -542,7 +636,8 @@ def train_model(
         tags[registry.TAG_RUN_KEY] = run_key
     checkpoints = settings.home / "checkpoints"
     with _tracking_server_errors(settings), \
-            mlflow.start_run(experiment_id=experiment_id, tags=tags, log_system_metrics=True) as run:
+            mlflow.start_run(experiment_id=experiment_id, run_name=run_name(dataset_version, run_key), tags=tags,
+                             log_system_metrics=True) as run:
         checkpoints = checkpoints / run.info.run_id
         try:
             args = training_arguments(settings, checkpoints, device, epochs, max_steps)

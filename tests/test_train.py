@@ -339,3 +339,76 @@ def test_near2_train_command_rejects_bad_dims_in_one_line(tmp_path, tiny_model_d
     assert err.startswith("near2: error: invalid configuration: model.dims") and "descending" in err
     assert "Traceback" not in err
     assert not (tmp_path / "home" / "mlflow.db").exists() and not (tmp_path / "model").exists()
+
+
+# ----- recipe pieces: precision, principal-axes prefix, GradCache loss, run names -----------------------
+def test_precision_follows_the_device_and_the_cpu():
+    from near2_tasks.train import cpu_has_native_bf16, pick_precision
+
+    assert cpu_has_native_bf16("flags\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags\t: fpu sse avx2\n")
+    assert pick_precision("auto", "cpu", native_cpu_bf16=True) == {"bf16": True, "fp16": False}
+    assert pick_precision("auto", "cpu", native_cpu_bf16=False) == {"bf16": False, "fp16": False}
+    assert pick_precision("bf16", "cpu", native_cpu_bf16=False) == {"bf16": True, "fp16": False}
+    assert pick_precision("fp32", "cpu", native_cpu_bf16=True) == {"bf16": False, "fp16": False}
+    with pytest.raises(Near2Error, match="fp16 needs a GPU"):
+        pick_precision("fp16", "cpu")
+
+
+def test_principal_axes_keep_full_cosine_and_order_the_prefix(tmp_path, tiny_model_dir, data):
+    from sentence_transformers import SentenceTransformer
+
+    from near2_tasks.train import load_base_model, product_texts
+
+    examples, _ = data
+    texts = product_texts(examples)
+    assert len(texts) == len(set(texts)) > 64 and set(examples.triplets["positive"]) <= set(texts)
+    plain = load_base_model(make_settings(tmp_path, tiny_model_dir), "cpu")
+    rotated = load_base_model(make_settings(tmp_path, tiny_model_dir, training={"prefix_init": "pca"}), "cpu", texts)
+    assert [type(m).__name__ for m in rotated] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    a, b = (m.encode(texts, convert_to_numpy=True) for m in (plain, rotated))
+    # an orthogonal rotation: every pair's full-dimension cosine is unchanged
+    np.testing.assert_allclose(a @ a.T, b @ b.T, atol=1e-5)
+    # the rotated first 16 dims carry the most variance; the plain ones carry an arbitrary quarter of it
+    share = lambda e: e[:, :16].var(axis=0).sum() / e.var(axis=0).sum()  # noqa: E731
+    assert share(b) > share(a) + 0.1
+    rotated.save(str(tmp_path / "saved"))
+    np.testing.assert_allclose(SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(texts[:20]),
+                               b[:20], atol=1e-6)
+
+
+def test_principal_axes_need_enough_product_texts(tmp_path, tiny_model_dir):
+    from near2_tasks.train import load_base_model
+
+    settings = make_settings(tmp_path, tiny_model_dir, training={"prefix_init": "pca"})
+    with pytest.raises(Near2Error, match="at least 64 product texts, got 3"):
+        load_base_model(settings, "cpu", ["drill", "hammer", "saw"])
+
+
+def test_mnrl_mini_batch_size_switches_to_the_cached_loss(tmp_path, tiny_model_dir):
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    from near2_tasks.train import RETRIEVAL, hybrid_losses, load_base_model
+
+    plain = make_settings(tmp_path, tiny_model_dir)
+    cached = make_settings(tmp_path, tiny_model_dir, training={"mnrl_mini_batch_size": 4})
+    model = load_base_model(plain, "cpu")
+    assert type(hybrid_losses(model, plain)[RETRIEVAL].loss) is MultipleNegativesRankingLoss
+    inner = hybrid_losses(model, cached)[RETRIEVAL].loss
+    assert isinstance(inner, CachedMultipleNegativesRankingLoss) and inner.mini_batch_size == 4
+
+
+def test_run_names_are_readable_and_distinct(trained, data, tmp_path):
+    from near2_tasks import registry
+    from near2_tasks.train import run_name, train_model
+
+    assert run_name("0123456789abcdef", "manual__2026", now=0) == "train-0123456789ab-19700101T000000.000Z-manual__2026"
+    settings, first = trained
+    examples, validation = data
+    second = train_model(settings, examples, validation, dataset_version="ds-test-1", output_dir=tmp_path / "m2")
+    names = [registry.client(settings).get_run(r.run_id).info.run_name for r in (first, second)]
+    assert names[0].startswith("train-ds-test-1-") and names[0].endswith("-dagrun-1")
+    assert names[1].startswith("train-ds-test-1-") and names[0] != names[1]
