@@ -205,18 +205,17 @@ def add_principal_axes(model: SentenceTransformer, texts: list[str], sample_size
     import torch
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize
 
-    if not texts:
-        raise Near2Error("training.prefix_init=pca needs product texts to fit the principal axes",
-                         hint="the training examples have no positives or negatives")
     rng = random.Random(seed)
     sample = texts if len(texts) <= sample_size else rng.sample(texts, sample_size)
     embeddings = model.encode(sample, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
                               show_progress_bar=False).float().cpu()
-    dim = embeddings.shape[1]
-    if len(sample) < dim:
-        raise Near2Error(f"training.prefix_init=pca needs at least {dim} product texts, got {len(sample)}",
+    if len(sample) < 2:
+        raise Near2Error(f"training.prefix_init=pca needs at least 2 product texts, got {len(sample)}",
                          hint="use prefix_init 'none' for such a small catalog")
-    _, _, vt = torch.linalg.svd(embeddings - embeddings.mean(dim=0), full_matrices=False)
+    dim = embeddings.shape[1]
+    # full_matrices: a complete orthogonal dim x dim rotation even when there are fewer texts than dims
+    # (the axes beyond the sample's rank are an arbitrary orthonormal completion)
+    _, _, vt = torch.linalg.svd(embeddings - embeddings.mean(dim=0), full_matrices=True)
     rotation = Dense(dim, dim, bias=False, activation_function=torch.nn.Identity(), init_weight=vt.contiguous())
     modules = list(model._modules.values())
     at = next((i for i, m in enumerate(modules) if isinstance(m, Normalize)), len(modules))

@@ -381,8 +381,11 @@ def test_principal_axes_need_enough_product_texts(tmp_path, tiny_model_dir):
     from near2_tasks.train import load_base_model
 
     settings = make_settings(tmp_path, tiny_model_dir, training={"prefix_init": "pca"})
-    with pytest.raises(Near2Error, match="at least 64 product texts, got 3"):
-        load_base_model(settings, "cpu", ["drill", "hammer", "saw"])
+    with pytest.raises(Near2Error, match="at least 2 product texts, got 1"):
+        load_base_model(settings, "cpu", ["drill"])
+    # fewer texts than dimensions still give an orthogonal rotation
+    weight = load_base_model(settings, "cpu", ["drill", "hammer", "saw"])[2].linear.weight.detach()
+    np.testing.assert_allclose(weight @ weight.T, np.eye(64), atol=1e-5)
 
 
 def test_mnrl_mini_batch_size_switches_to_the_cached_loss(tmp_path, tiny_model_dir):
