@@ -207,11 +207,11 @@ def add_principal_axes(model: SentenceTransformer, texts: list[str], sample_size
 
     rng = random.Random(seed)
     sample = texts if len(texts) <= sample_size else rng.sample(texts, sample_size)
-    embeddings = model.encode(sample, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                              show_progress_bar=False).float().cpu()
     if len(sample) < 2:
         raise Near2Error(f"training.prefix_init=pca needs at least 2 product texts, got {len(sample)}",
                          hint="use prefix_init 'none' for such a small catalog")
+    embeddings = model.encode(sample, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                              show_progress_bar=False).float().cpu()
     dim = embeddings.shape[1]
     # full_matrices: a complete orthogonal dim x dim rotation even when there are fewer texts than dims
     # (the axes beyond the sample's rank are an arbitrary orthonormal completion)
