@@ -1,4 +1,4 @@
-"""The names every stage shares (see DESIGN.md, "Conventions"). Change them here or nowhere."""
+"""The names every stage shares (see ARCHITECTURE.md, "Conventions"). Change them here or nowhere."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ One index per model version, ``<alias>-v<version>-<UTC timestamp>``, with one ``
 per served dimension (``embedding_<d>``; plus ``embedding_<d>_bits`` codes for the dims in
 ``elasticsearch.binary_dims``, see :mod:`near2_tasks.compact`) and the product fields for display and filters. The
 storefront only knows the alias, and the alias only ever points at an index that passed
-verification (DESIGN.md invariant 1):
+verification (ARCHITECTURE.md invariant 1):
 
     build_index -> verify_index (marks ``_meta.verified_at``) -> swap_alias (compare-and-swap) -> prune
 

@@ -1,6 +1,6 @@
 """Ranking metrics, vectorised over all queries at once.
 
-Conventions (DESIGN.md, "Relevance"; the same as trec_eval, checked against ``pytrec_eval`` in the tests):
+Conventions (ARCHITECTURE.md, "Relevance"; the same as trec_eval, checked against ``pytrec_eval`` in the tests):
 
 * **NDCG@k**: linear gain ``relevance - floor`` (grades below the floor count as the floor), discount
   ``log2(rank + 1)``, ideal ranking built from the query's judged products; an unjudged product gains 0.

@@ -15,7 +15,7 @@ run's directory (``<home>/runs/<dag_id>/<run_id>/``), never in XCom. Each result
 ``steps/<step>.json`` there, which is what ``near2 demo`` summarises.
 
 Every step is idempotent — re-running it after a failure converges to the state of a clean run
-(DESIGN.md invariant 5): outputs are rewritten in place, training is keyed by the run (``run_key``:
+(ARCHITECTURE.md invariant 5): outputs are rewritten in place, training is keyed by the run (``run_key``:
 a second attempt returns the version the first one registered), the index name is chosen once per
 run and reused (documents are keyed by ``product_id``), and promotion and the alias swap are no-ops
 when already done.
@@ -290,10 +290,9 @@ def train(ctx: StepContext, validation: Result, examples: Result) -> Result:
 
 
 def _champion_version(settings: Settings) -> str | None:
-    from near2_tasks.gates import current_champion
+    from near2_tasks.promotion import champion_version
 
-    champion = current_champion(settings)
-    return None if champion is None else str(champion.version)
+    return champion_version(settings)
 
 
 def evaluate(ctx: StepContext, validation: Result, examples: Result, trained: Result) -> Result:
@@ -378,7 +377,7 @@ def approval_status(ctx: StepContext, trained: Result) -> Result:
 
 def promote(ctx: StepContext, trained: Result) -> Result:
     """Make the challenger the champion; :func:`near2_tasks.promotion.promote` refuses unless its gate
-    passed and it is approved (DESIGN.md invariant 2). A rejected challenger ends the run here."""
+    passed and it is approved (ARCHITECTURE.md invariant 2). A rejected challenger ends the run here."""
     from near2_tasks import promotion
 
     settings, version = ctx.settings, str(trained["model_version"])
@@ -460,14 +459,15 @@ def swap_alias(ctx: StepContext, built: Result) -> Result:
     """
     from near2_tasks import index as idx
     from near2_tasks.es_client import es_errors, make_client
+    from near2_tasks.promotion import not_served_reason
 
     settings = ctx.settings
     alias, new, version = settings.elasticsearch.alias, built["index"], str(built["model_version"])
     client = make_client(settings)
     champion = _champion_version(settings)
-    if champion is not None and champion != version:
-        skip_rest(f"not served: v{version} is no longer the champion (v{champion} is); the alias {alias} "
-                  f"was left where it is")
+    refusal = not_served_reason(champion, version)
+    if refusal is not None:
+        skip_rest(f"not served: {refusal}; the alias {alias} was left where it is")
     with es_errors(settings.elasticsearch.url, "reading the alias"):
         current = idx.current_target(client, alias)
     if current == new:

@@ -1,6 +1,6 @@
 """Approval, promotion and rollback of registered encoder versions (MLflow aliases and tags).
 
-The rule (DESIGN.md, invariant 2): the ``champion`` alias moves to a version only when its gate passed
+The rule (ARCHITECTURE.md, invariant 2): the ``champion`` alias moves to a version only when its gate passed
 (version tag ``gate`` = ``pass``, written by :mod:`near2_tasks.gates`) **and** it is approved:
 
 * a person sets the version tag ``approval`` = ``approved`` (or ``rejected``) in the MLflow UI, on the
@@ -85,11 +85,28 @@ def _registry(settings: Settings):
     return client(settings)
 
 
-def _champion_version(settings: Settings) -> str | None:
+def champion_version(settings: Settings) -> str | None:
+    """The version number the ``champion`` alias points at, or None when there is no champion yet."""
     from near2_tasks.gates import current_champion
 
     champion = current_champion(settings)
     return None if champion is None else str(champion.version)
+
+
+def not_served_reason(champion: str | None, model_version: str | int | None) -> str | None:
+    """Why an index built with ``model_version`` must not take the serving alias, or None when it may.
+
+    ARCHITECTURE.md, "Who may serve": the serving alias points only at an index built with the champion.
+    ``model_version`` is the registered version the index was built with, None for a model that is not
+    a registered version (a directory, the base model). Before the first promotion there is no
+    champion, and any model may serve (the first deployment indexes the base model).
+    ``champion`` is :func:`champion_version`'s answer. The DAG's swap step and ``near2 index`` both
+    ask this one function.
+    """
+    if champion is None or (model_version is not None and str(model_version) == champion):
+        return None
+    what = f"v{model_version}" if model_version is not None else "a model that is not a registered version"
+    return f"{what} is not the champion (v{champion} is)"
 
 
 def read_approval(tags: dict[str, str], auto_approve: bool) -> tuple[str, bool]:
@@ -111,7 +128,7 @@ def promotion_status(settings: Settings, version: str | int) -> PromotionStatus:
 
     found = get_version(settings, version)
     approval, auto = read_approval(found.tags, settings.gates.auto_approve)
-    champion = _champion_version(settings)
+    champion = champion_version(settings)
     return PromotionStatus(
         version=str(found.version), gate=found.tags.get(TAG_GATE), approval=approval, auto_approved=auto,
         is_champion=champion == str(found.version), champion=champion,
@@ -164,7 +181,7 @@ def rollback(settings: Settings) -> AliasMove:
 
     registry = _registry(settings)
     name = settings.mlflow.registered_model
-    current = _champion_version(settings)
+    current = champion_version(settings)
     if current is None:
         raise Near2Error(f"registered model {name!r} has no champion to roll back",
                          hint="promote a version first (`near2 promote VERSION`)")

