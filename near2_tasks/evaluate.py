@@ -198,8 +198,9 @@ def render_markdown(report: EvaluationReport) -> str:
     ]
     if report.references and HEADLINE_METRIC in report.metrics:
         labels = list(report.references)
+        names = [report.references[label].display_name for label in labels]
         lines += ["", f"## {HEADLINE_METRIC} against the references", "",
-                  "| dim | " + " | ".join([report.display_name, *labels]) + " |",
+                  "| dim | " + " | ".join([report.display_name, *names]) + " |",
                   "|---:|" + "---:|" * (len(labels) + 1)]
         for dim in sorted(report.dims, reverse=True):
             ours = report.dims[dim].get(HEADLINE_METRIC)
@@ -237,7 +238,7 @@ def slice_table(report: EvaluationReport, reference: str | None = None, metric: 
             cells.append(_fmt(ours) + delta)
         lines.append(f"| {name} | {size} | " + " | ".join(cells) + " |")
     if theirs is not None:
-        lines += ["", f"In brackets: this model minus the {reference}."]
+        lines += ["", f"In brackets: this model minus the {theirs.display_name}."]
     return lines
 
 
@@ -288,7 +289,7 @@ def write_report(report: EvaluationReport, output: Path) -> ReportFiles:
     markdown = output.with_suffix(".md")
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render_markdown(report))
-    curves = {report.display_name: report, **report.references}
+    curves = {report.display_name: report, **{ref.display_name: ref for ref in report.references.values()}}
     plot = plot_by_dimension(curves, output.with_name(f"{output.stem}_ndcg_by_dim.png"))
     return ReportFiles(json=report.write_json(output), markdown=markdown, plot=plot)
 

@@ -349,8 +349,8 @@ def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataF
     references: dict[str, EvaluationReport] = {}
     champion = current_champion(settings)
     if champion is not None and str(champion.version) != number:
-        label = f"champion v{champion.version}"
-        references[label] = evaluate(model_uri(settings, champion.version), label)
+        # keyed "champion" as in the DAG's evaluate step; the label names the version
+        references["champion"] = evaluate(model_uri(settings, champion.version), f"champion v{champion.version}")
     references["base"] = evaluate(settings.model.base_model, "base")
     challenger = evaluate(model_uri(settings, number), f"challenger v{number}", references)
 

@@ -144,7 +144,7 @@ def test_gate_step_against_the_champion_records_the_failure_on_the_version(
     assert result.decision.reference_role == "champion"
     # the weak variant ties at 64 and 32 dimensions and loses at 16
     assert [(c.dim, c.metric) for c in result.decision.failures] == [(16, "ndcg@10")]
-    champion_report = result.report.references[f"champion v{champion}"]
+    champion_report = result.report.references["champion"]
     assert result.report.dims[64]["ndcg@10"] == pytest.approx(champion_report.dims[64]["ndcg@10"], abs=1e-4)
     assert result.report.dims[16]["ndcg@10"] < champion_report.dims[16]["ndcg@10"]
 
@@ -171,7 +171,8 @@ def test_gate_step_against_the_champion_records_the_failure_on_the_version(
     artifacts = {item.path for item in registry.list_artifacts(version.run_id, "gate")}
     assert artifacts == {"gate/summary.md", "gate/decision.json"}
     written = json.loads((tmp_path / "gate" / "report.json").read_text())
-    assert set(written["references"]) == {f"champion v{champion}", "base"}
+    assert set(written["references"]) == {"champion", "base"}
+    assert written["references"]["champion"]["label"] == f"champion v{champion}"
     assert (tmp_path / "gate" / "report_ndcg_by_dim.png").exists()
 
     # gating again with a looser rule replaces the earlier verdict, tags and summary
