@@ -175,9 +175,11 @@ class ExamplesSettings(Section):
     split_fractions: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="train / validation / test share of queries (by seeded hash).")
     strong_positive_min: float | None = Field(
-        None, description="relevance >= this is a strong positive; None: the scale's maximum (top grade).")
+        2.5, description="relevance >= this is a strong positive (an MNRL anchor); None: the scale's maximum. "
+                         "2.5 on the default 1-3 scale takes Home Depot's 2.67 and 3 (bench/recipe_benchmark.py).")
     hard_negative_max: float | None = Field(
-        None, description="relevance < this is a judged hard negative; None: dataset.relevant_threshold.")
+        1.67, description="relevance < this is a judged hard negative; None: dataset.relevant_threshold. 1.67 "
+                          "keeps 1.67-2 products (near misses) out of the negatives.")
     weak_positives_in_triplets: bool = Field(
         False, description="Weak positives also anchor MNRL triplets (they always enter the ranking pairs). Off: "
                            "measured on Home Depot and on the demo catalog, they lowered NDCG@10 at 384-d.")
@@ -363,19 +365,20 @@ class TrainingSettings(Section):
 
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps (overrides epochs).")
-    batch_size: int = Field(32, gt=0, description="Training batch on CPU (in-batch negatives for MNRL).")
+    batch_size: int = Field(64, gt=0, description="Training batch on CPU (in-batch negatives for MNRL); 64 measured "
+                                             "(256 with CachedMNRL was no better, BENCHMARKS.md).")
     gpu_batch_size: int = Field(128, gt=0, description="Training batch when a GPU is used.")
     eval_batch_size: int = Field(64, gt=0)
-    learning_rate: float = Field(2e-5, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     seed: int = 42
     retrieval_weight: float = Field(1.0, ge=0, description="Weight of MatryoshkaLoss(MultipleNegativesRankingLoss).")
     ranking_weight: float = Field(
-        0.05, ge=0, description="Weight of MatryoshkaLoss(OnlineContrastiveLoss). OnlineContrastiveLoss SUMS over "
-                                "the hard pairs of a batch (about 20x the MNRL loss at batch 32); at weight 1 it "
-                                "lowered Home Depot NDCG@10 at 384-d below the base model, at 0.05 it keeps the "
-                                "retrieval gains (BENCHMARKS.md, Training).")
+        0.0, ge=0, description="Weight of MatryoshkaLoss(OnlineContrastiveLoss), NEAR²'s second loss; 0 leaves it "
+                               "out. OnlineContrastiveLoss SUMS over the hard pairs of a batch; on the shipped "
+                               "recipe, weight 0.05 cost 0.012 NDCG@10 at 384-d and 0.002 at 64-d on Home Depot "
+                               "(BENCHMARKS.md, Training recipes, row H), so it is off by default.")
     matryoshka_weights: list[float] | None = Field(
         None, description="One weight per model.dims entry (same order); None: all 1."
     )
@@ -385,7 +388,10 @@ class TrainingSettings(Section):
         "round_robin", description="round_robin: every optimizer step sums one batch of each objective, so the "
                                    "weights are exact even under gradient clipping; proportional: one objective "
                                    "per step, each dataset used in full (weights then barely matter).")
-    max_seq_length: int | None = Field(None, gt=0, description="None: the base model's own limit.")
+    max_seq_length: int | None = Field(
+        32, gt=0, description="Tokens per text in training and in the saved model; None: the base model's own "
+                              "limit (256). 32 covers Home Depot titles and queries and trains ~4x faster; raise "
+                              "it for catalogs with long product texts.")
     eval_steps: int = Field(200, gt=0, description="Validate and checkpoint every N steps.")
     logging_steps: int = Field(20, gt=0)
     save_total_limit: int = Field(2, ge=1)
@@ -400,9 +406,10 @@ class TrainingSettings(Section):
         None, gt=0, description="Set: CachedMultipleNegativesRankingLoss (GradCache) with this mini-batch, so "
                                 "batch_size can grow (more in-batch negatives) at the memory of the mini-batch.")
     prefix_init: Literal["none", "pca"] = Field(
-        "none", description="pca: start from a rotation onto the catalog's principal axes (a bias-free Dense "
+        "pca", description="pca: start from a rotation onto the catalog's principal axes (a bias-free Dense "
                             "layer before normalisation; full-dimension cosine unchanged), so each prefix "
-                            "starts as the best linear prefix of its size.")
+                            "starts as the best linear prefix of its size. +0.01 to +0.03 NDCG@10 at every "
+                            "dimension on Home Depot (BENCHMARKS.md, row C).")
     pca_sample_size: int = Field(20000, gt=0, description="Product texts encoded to fit the principal axes.")
 
 

@@ -6,9 +6,9 @@ when the dataset grows (a fixed threshold per query, not a cut of a sorted list)
 
 From the graded labels of each training query (``examples`` settings, scale from ``dataset``):
 
-* strong positives: relevance >= ``strong_positive_min`` (default: the top of the scale);
+* strong positives: relevance >= ``strong_positive_min`` (default 2.5 on the 1-3 scale; None: its top);
 * weak positives: ``relevant_threshold`` <= relevance < strong;
-* hard negatives: judged, relevance < ``hard_negative_max`` (default: ``relevant_threshold``);
+* hard negatives: judged, relevance < ``hard_negative_max`` (default 1.67; None: ``relevant_threshold``);
 * model-mined hard negatives (optional, ``model=``): judged-low products the current model ranks in
   its top ``mined_top_k``; with ``mined_unjudged_as_negatives`` also *unjudged* top-ranked products
   (after skipping ``mined_skip_top``), which is an assumption and is therefore off by default;
@@ -115,6 +115,10 @@ def _grade_bounds(settings: Settings) -> tuple[float, float]:
     if strong < ds.relevant_threshold:
         raise Near2Error(f"examples.strong_positive_min {strong} is below dataset.relevant_threshold "
                          f"{ds.relevant_threshold}", hint="a strong positive must be relevant")
+    if strong > ds.relevance_max:
+        raise Near2Error(f"examples.strong_positive_min {strong} is above dataset.relevance_max {ds.relevance_max}: "
+                         "no judged product could be a strong positive",
+                         hint="the default 2.5 is for the 1-3 scale; set examples.strong_positive_min on your scale")
     if hard > ds.relevant_threshold:
         raise Near2Error(f"examples.hard_negative_max {hard} is above dataset.relevant_threshold "
                          f"{ds.relevant_threshold}", hint="a relevant product must never be a negative")

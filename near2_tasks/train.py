@@ -226,6 +226,8 @@ def add_principal_axes(model: SentenceTransformer, texts: list[str], sample_size
 
 
 def load_base_model(settings: Settings, device: str, catalog_texts: list[str] | None = None) -> SentenceTransformer:
+    """The base encoder with the training's max_seq_length; with ``catalog_texts`` and
+    ``training.prefix_init=pca``, also rotated onto those texts' principal axes."""
     from near2_tasks.embeddings import load_encoder, model_dimension
 
     cfg = settings.training
@@ -233,8 +235,8 @@ def load_base_model(settings: Settings, device: str, catalog_texts: list[str] | 
     if cfg.max_seq_length:
         model.max_seq_length = cfg.max_seq_length
     check_nested_dims(settings.model.dims, model_dimension(model))
-    if cfg.prefix_init == "pca":
-        add_principal_axes(model, catalog_texts or [], cfg.pca_sample_size, cfg.seed, cfg.eval_batch_size)
+    if cfg.prefix_init == "pca" and catalog_texts is not None:
+        add_principal_axes(model, catalog_texts, cfg.pca_sample_size, cfg.seed, cfg.eval_batch_size)
     return model
 
 
@@ -618,8 +620,7 @@ def train_model(
 
     transformers.set_seed(cfg.seed)
     device = pick_device(settings.model.device)
-    # checks the dims against the model's dimension
-    model = load_base_model(settings, device, product_texts(examples) if cfg.prefix_init == "pca" else None)
+    model = load_base_model(settings, device)  # checks the dims against the model's dimension
     experiment_id = registry.configure_mlflow(settings)  # fail fast, before any training time is spent
     if run_key and (done := _already_registered(settings, run_key, output_dir)) is not None:
         return done
@@ -639,6 +640,8 @@ def train_model(
                              log_system_metrics=True) as run:
         checkpoints = checkpoints / run.info.run_id
         try:
+            if cfg.prefix_init == "pca":  # inside the run: a re-run of a registered run key skips it, a failure is logged
+                add_principal_axes(model, product_texts(examples), cfg.pca_sample_size, cfg.seed, cfg.eval_batch_size)
             args = training_arguments(settings, checkpoints, device, epochs, max_steps)
             mlflow.log_params(run_params(settings, examples, validation, dataset_version, device, args, git_commit))
             mlflow.log_dict(system_info(device), "system_info.json")

@@ -75,12 +75,12 @@ def test_examples_follow_the_grades(accepted):
     train = split_by_query(judgments, seed=settings.examples.seed).train
     mined = mine_examples(products, train, settings)
     grades = grade_lookup(train)
-    ds = settings.dataset
-    # counts per kind equal what the judgments hold
-    assert mined.counts["strong_positives"] == int((train["relevance"] >= ds.relevance_max).sum())
+    ds, ex = settings.dataset, settings.examples
+    # counts per kind equal what the judgments hold at the configured grade bounds
+    assert mined.counts["strong_positives"] == int((train["relevance"] >= ex.strong_positive_min).sum()) > 0
     assert mined.counts["weak_positives"] == int(train["relevance"].between(
-        ds.relevant_threshold, ds.relevance_max, inclusive="left").sum())
-    assert mined.counts["hard_negatives"] == int((train["relevance"] < ds.relevant_threshold).sum())
+        ds.relevant_threshold, ex.strong_positive_min, inclusive="left").sum())
+    assert mined.counts["hard_negatives"] == int((train["relevance"] < ex.hard_negative_max).sum()) > 0
     assert mined.counts["random_negatives"] == train["query_id"].nunique()  # 1 per query by default
     assert mined.counts["pairs"] == len(mined.pairs) and mined.counts["triplets"] == len(mined.triplets)
     assert list(mined.triplets.columns) == ["anchor", "positive", "negative"]
@@ -123,6 +123,8 @@ def test_grade_bounds_are_checked(accepted):
         mine_examples(products, judgments, with_examples(settings, hard_negative_max=2.5))
     with pytest.raises(Near2Error, match="strong_positive_min"):
         mine_examples(products, judgments, with_examples(settings, strong_positive_min=1.5))
+    with pytest.raises(Near2Error, match="strong_positive_min 4.0 is above dataset.relevance_max 3.0"):
+        mine_examples(products, judgments, with_examples(settings, strong_positive_min=4.0))
 
 
 def test_model_mined_hard_negatives(accepted, tiny_model_dir, tmp_path):
