@@ -658,6 +658,35 @@ def swap_alias(client: Elasticsearch | Settings, alias: str, new_index: str, exp
     return expected_current
 
 
+def swap_to_champion_index(client: Elasticsearch, alias: str, new_index: str, expected_current: str | None,
+                           model_version: str | int, champion: str | None) -> str | None:
+    """:func:`swap_alias`, with the one retry both the DAG and ``near2 index`` apply. Returns the previous target.
+
+    If the alias already points at ``new_index`` (a re-run after a swap), nothing moves. If another run
+    moved the alias after ``expected_current`` was read (AliasChanged) to an index whose model is not
+    the champion, while ``new_index``'s model is, the swap is retried against that new target; in any
+    other case the alias stays where the other run put it and AliasChanged propagates. Whether this
+    model may serve at all is :func:`near2_tasks.promotion.not_served_reason`'s question, asked before.
+    """
+    url = _client_url(client)
+    with es_errors(url, "reading the alias"):
+        current = current_target(client, alias)
+    if current == new_index:
+        log.info("alias %s already points at %s", alias, new_index)
+        return expected_current
+    try:
+        return swap_alias(client, alias, new_index, expected_current)
+    except AliasChanged:
+        with es_errors(url, "reading the alias"):
+            current = current_target(client, alias)
+            serving = str(_meta_of(client, current).get("model_version")) if current else None
+        if champion is None or champion != str(model_version) or serving == champion:
+            raise  # nothing says the other run's index is stale: leave it
+        log.warning("alias %s moved to %s (v%s, not the champion) meanwhile; swapping from there",
+                    alias, current, serving)
+        return swap_alias(client, alias, new_index, current)
+
+
 def _es_client_type():
     from elasticsearch import Elasticsearch
 
@@ -773,12 +802,14 @@ def build_verify_swap(
     index_name: str | None = None,
     expected_current: str | None | type[Ellipsis] = ...,
     progress: Progress | None = None,
+    champion: str | None = None,
 ) -> SwapResult:
     """Build, verify, swap (compare-and-swap against the target read before the build), prune.
 
     ``expected_current``: the alias target the caller based its decision on (default: the target
     when this call starts). If the alias moved meanwhile, AliasChanged is raised after the build
-    and the alias stays where the other run put it.
+    and the alias stays where the other run put it, unless :func:`swap_to_champion_index` retries
+    (``champion``: the champion's version as the caller read it; this model is that version).
     """
     es = settings.elasticsearch
     client = make_client(settings)
@@ -788,7 +819,8 @@ def build_verify_swap(
     built, model = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
                           model_name=model_name, index_name=index_name, client=client, progress=progress)
     report = verify_index(settings, built.name, products, model=model, client=client)
-    previous = swap_alias(client, es.alias, built.name, expected_current)  # type: ignore[arg-type]
+    previous = swap_to_champion_index(client, es.alias, built.name, expected_current,  # type: ignore[arg-type]
+                                      model_version, champion)
     deleted = prune_indices(settings, client)
     return SwapResult(index=built, report=report, previous=previous, deleted=deleted)
 

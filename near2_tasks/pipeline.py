@@ -458,7 +458,7 @@ def swap_alias(ctx: StepContext, built: Result) -> Result:
     the champion, while this run's model is, the swap is retried against that new target.
     """
     from near2_tasks import index as idx
-    from near2_tasks.es_client import es_errors, make_client
+    from near2_tasks.es_client import make_client
     from near2_tasks.promotion import not_served_reason
 
     settings = ctx.settings
@@ -468,23 +468,7 @@ def swap_alias(ctx: StepContext, built: Result) -> Result:
     refusal = not_served_reason(champion, version)
     if refusal is not None:
         skip_rest(f"not served: {refusal}; the alias {alias} was left where it is")
-    with es_errors(settings.elasticsearch.url, "reading the alias"):
-        current = idx.current_target(client, alias)
-    if current == new:
-        log.info("alias %s already points at %s", alias, new)
-        previous = built["expected_current"]
-    else:
-        try:
-            previous = idx.swap_alias(client, alias, new, built["expected_current"])
-        except idx.AliasChanged:
-            with es_errors(settings.elasticsearch.url, "reading the alias"):
-                current = idx.current_target(client, alias)
-                serving = str(idx._meta_of(client, current).get("model_version")) if current else None
-            if champion != version or serving == champion:
-                raise  # nothing says the other run's index is stale: leave it
-            log.warning("alias %s moved to %s (v%s, not the champion) meanwhile; swapping from there",
-                        alias, current, serving)
-            previous = idx.swap_alias(client, alias, new, current)
+    previous = idx.swap_to_champion_index(client, alias, new, built["expected_current"], version, champion)
     deleted = idx.prune_indices(settings, client)
     return _record(ctx, "swap_alias", {
         "alias": alias, "index": new, "previous": previous, "deleted": deleted,

@@ -21,6 +21,7 @@ from near2_tasks.index import (
     prune_indices,
     rollback,
     swap_alias,
+    swap_to_champion_index,
     verify_index,
 )
 from tests.serving_support import serving_settings, titled_catalog, with_sections
@@ -162,6 +163,33 @@ def test_swap_is_compare_and_swap_and_only_one_concurrent_swap_wins(cfg, product
     with pytest.raises(AliasChanged):
         swap_alias(es_client, alias, loser, None)
     assert current_target(es_client, alias) == winners[0]
+
+
+def test_the_champion_swap_retries_only_past_an_index_of_a_non_champion(cfg, products, es_client, tiny_model_dir):
+    """The rule the DAG and `near2 index` share: if the alias moved after this run read it, the champion's
+    index takes it from an index whose model is not the champion, never from the champion's own index."""
+    alias = cfg.elasticsearch.alias
+    v1 = build_verify_swap(cfg, str(tiny_model_dir), products, model_version=1).index.name
+    built = {}
+    for version in (2, 3, 4):
+        built[version] = build_index(cfg, str(tiny_model_dir), products, model_version=version).name
+        verify_index(cfg, built[version], products)
+
+    swap_alias(es_client, alias, built[2], v1)  # another run served v2 after this one read v1
+    with pytest.raises(AliasChanged):  # there is no champion to say v2 is stale: v2 stays
+        swap_to_champion_index(es_client, alias, built[3], v1, model_version=3, champion=None)
+    with pytest.raises(AliasChanged):  # this run's v3 is not the champion (v4 is): v2 stays
+        swap_to_champion_index(es_client, alias, built[3], v1, model_version=3, champion="4")
+    assert current_target(es_client, alias) == built[2]
+    # v3 is the champion and v2 is not: the swap is retried from v2
+    assert swap_to_champion_index(es_client, alias, built[3], v1, model_version=3, champion="3") == built[2]
+    assert current_target(es_client, alias) == built[3]
+    # a re-run after the swap changes nothing
+    assert swap_to_champion_index(es_client, alias, built[3], v1, model_version=3, champion="3") == v1
+    # an index serving the champion is never displaced by the retry (here: a second build of v3)
+    with pytest.raises(AliasChanged):
+        swap_to_champion_index(es_client, alias, built[4], v1, model_version=3, champion="3")
+    assert current_target(es_client, alias) == built[3]
 
 
 def test_rerunning_a_failed_load_converges_to_the_exact_catalog(cfg, products, es_client, tiny_model_dir):

@@ -63,8 +63,8 @@ def registered_version(settings, model_ref: str, version: str) -> str | None:
     return version if match and match.group(1) == settings.mlflow.registered_model else None
 
 
-def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> tuple[str, str | None]:
-    """The model to index and its registered version: the champion unless told otherwise.
+def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> tuple[str, str | None, str | None]:
+    """The model to index, its registered version and the champion's: the champion unless told otherwise.
 
     Without ``--model``: the champion (pinned as ``models:/<name>/<N>``), or before the first promotion
     the base model. With ``--model``: that model, but the serving alias may point only at the champion's
@@ -80,8 +80,8 @@ def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> t
         if champion is None:
             click.echo(f"no champion in {settings.mlflow.registered_model!r} yet: indexing the base model "
                        f"{settings.model.base_model}", err=True)
-            return settings.model.base_model, None
-        return model_uri(settings, champion), champion
+            return settings.model.base_model, None, None
+        return model_uri(settings, champion), champion, champion
     version = _resolve_alias_version(settings, model_ref) or default_version(model_ref)
     refusal = not_served_reason(champion, registered_version(settings, model_ref, version))
     if refusal is not None and not allow_non_champion:
@@ -91,7 +91,7 @@ def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> t
                               "or pass --allow-non-champion to serve it anyway")
     if refusal is not None:
         click.echo(f"warning: --allow-non-champion: serving {model_ref}, although {refusal}", err=True)
-    return model_ref, version
+    return model_ref, version, champion
 
 
 @click.group("index", invoke_without_command=True)
@@ -124,7 +124,7 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
 
     overrides = {"elasticsearch": {"alias": alias}} if alias else {}
     settings = settings_from(ctx, **overrides)
-    model_ref, registered = choose_model(settings, model_ref, allow_non_champion)
+    model_ref, registered, champion = choose_model(settings, model_ref, allow_non_champion)
     dim_list = None
     if dims:
         try:
@@ -140,7 +140,7 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
             bar.update(done - bar.pos)
 
         result = build_verify_swap(settings, model_ref, products, version, catalog_version=catalog_version,
-                                   dims=dim_list, progress=progress)
+                                   dims=dim_list, progress=progress, champion=champion)
     if as_json:
         click.echo(json.dumps({"index": result.index.name, "count": result.index.count, "meta": result.index.meta,
                                "previous": result.previous, "deleted": result.deleted,
