@@ -4,7 +4,7 @@
     .venv/bin/python bench/compact_vectors_benchmark.py --es-url http://127.0.0.1:9200 --model base \
         --types hnsw,int4_flat,bit_flat --no-funnel
 
-On the Home Depot catalog (54,667 products) and its **test-split** queries (``examples.split_by_query`` with
+On the Home Depot catalog (54,667 products) and its **test-split** queries (``examples.configured_splits`` with
 the pipeline's seed, so a trained model never saw them), for the trained model at ``--trained-model``
 (default ``.near2/bench/trained-homedepot``; ``--model base`` or a missing directory: the base MiniLM):
 
@@ -53,7 +53,7 @@ from near2_tasks import conventions  # noqa: E402
 from near2_tasks.compact import binary_codes, catalog_centre, to_hex  # noqa: E402
 from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
 from near2_tasks.embeddings import encode, encode_cached, load_encoder  # noqa: E402
-from near2_tasks.examples import split_by_query  # noqa: E402
+from near2_tasks.examples import configured_splits  # noqa: E402
 from near2_tasks.index import build_index  # noqa: E402
 from near2_tasks.metrics import Qrels, mean_over, ndcg_at  # noqa: E402
 
@@ -108,7 +108,7 @@ def model_and_vectors(args, titles: list[str]) -> tuple[Any, str, str, np.ndarra
 
 def test_queries(judgments: pd.DataFrame, products: pd.DataFrame) -> tuple[pd.DataFrame, Qrels]:
     settings = load_settings()
-    test = split_by_query(judgments, settings.examples.seed, tuple(settings.examples.split_fractions)).test
+    test = configured_splits(settings, judgments).test
     row_of = {pid: i for i, pid in enumerate(products.product_id)}
     test = test[test.product_id.isin(row_of)]
     queries = test.drop_duplicates("query_id")[["query_id", "query"]].reset_index(drop=True)

@@ -11,7 +11,7 @@ configuration once, in a shuffled order, so a neighbour's load hits them all ali
 titles/s, and the speed-up as the median of the per-round ratios to the baseline of the same round.
 
 ``--ndcg`` adds the quality guard on retrieval: every non-baseline backend variant (at batch 64) encodes
-the whole catalog (54,667 titles) and the test-split queries (``examples.split_by_query``, the pipeline's
+the whole catalog (54,667 titles) and the test-split queries (``examples.configured_splits``, the pipeline's
 seed and fractions), and NDCG@10 per dimension of exact whole-catalog search (``evaluate.rank_whole_catalog``
 and ``metrics``) is compared with the fp32 model's (read from the team's embedding cache under evaluation's
 key, e.g. ``minilm-base``, when present). Slow: minutes per variant on 2 cores.
@@ -198,14 +198,14 @@ def ndcg_guard(model, model_ref: str, runners: dict[str, Callable], configs: lis
                ) -> dict[str, Any]:
     """NDCG@10 per dimension on the Home Depot test split: each backend variant vs the fp32 model."""
     from near2_tasks.evaluate import prepare_data, rank_whole_catalog
-    from near2_tasks.examples import split_by_query
+    from near2_tasks.examples import configured_splits
     from near2_tasks.metrics import mean_over, per_query_metrics
 
     settings = load_settings()
     products = pd.read_csv(data_dir / "products.csv", dtype={"product_id": str})
     products["text"] = products["title"].astype(str)  # the texts of the team's cached embeddings
     judgments = pd.read_csv(data_dir / "judgments.csv", dtype={"product_id": str, "query_id": str})
-    test = split_by_query(judgments, settings.examples.seed, tuple(settings.examples.split_fractions)).test
+    test = configured_splits(settings, judgments).test
     data = prepare_data(products, test, settings.dataset.text_template)
     floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
 

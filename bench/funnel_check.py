@@ -33,7 +33,7 @@ def main() -> None:
     from near2_tasks.config import load_settings
     from near2_tasks.embeddings import encode
     from near2_tasks.evaluate import prepare_data
-    from near2_tasks.examples import split_by_query
+    from near2_tasks.examples import configured_splits
     from near2_tasks.metrics import mean_over, per_query_metrics
     from near2_tasks.search import Searcher
 
@@ -47,7 +47,7 @@ def main() -> None:
     served = searcher.serving_index(refresh=True)
     products = pd.read_csv(args.data_dir / "products.csv", dtype={"product_id": str})
     judgments = pd.read_csv(args.data_dir / "judgments.csv", dtype={"product_id": str, "query_id": str})
-    test = split_by_query(judgments, settings.examples.seed, tuple(settings.examples.split_fractions)).test
+    test = configured_splits(settings, judgments).test
     data = prepare_data(products.assign(text=products["title"].astype(str)), test, settings.dataset.text_template)
     row_of = {pid: i for i, pid in enumerate(products["product_id"])}
     queries = encode(searcher.encoder(served), data.query_texts)

@@ -10,7 +10,7 @@
 
 Every row (one at a time: each uses both cores) does what a user's ``near2 train --catalog products.csv
 --judgments judgments.csv`` does: ``validate_dataset`` on the files read in place (never copied),
-``split_by_query`` (80/10/10 by query, seeded), ``mine_examples`` on the *train* split with the base
+``configured_splits`` (80/10/10 by query, seeded), ``mine_examples`` on the *train* split with the base
 model, ``train_model`` (its own MLflow store under ``--home``), then ``evaluate_model``: exact cosine over
 the whole 54,667-product catalog on the *test* split's queries, graded NDCG@10 (gain = relevance - 1),
 MRR@10 and Recall@100 at relevance >= 2, per dimension, overall and per query slice.
@@ -127,7 +127,7 @@ def metrics_of(report) -> dict:
 def run_row(args) -> None:
     from near2_tasks.config import load_settings
     from near2_tasks.evaluate import evaluate_model
-    from near2_tasks.examples import split_by_query
+    from near2_tasks.examples import configured_splits
     from near2_tasks.validate import validate_dataset
 
     overrides = parse_overrides(args.set)
@@ -145,7 +145,7 @@ def run_row(args) -> None:
         base_settings[section] = {**base_settings.get(section, {}), **values}
     settings = load_settings(**base_settings)
     accepted = validate_dataset(settings, args.data / "products.csv", args.data / "judgments.csv")
-    splits = split_by_query(accepted.judgments, settings.examples.seed, tuple(settings.examples.split_fractions))
+    splits = configured_splits(settings, accepted.judgments)
     output = home / "model"
     load_before = os.getloadavg()
     began = time.monotonic()

@@ -14,7 +14,7 @@ What is measured (single client, sequential requests, after a warm-up):
   raw floats, quantized copy and HNSW graph), the bytes per vector that must stay in RAM (ES sizing
   formula) and the index's store size. All configs are timed side by side, query by query;
 * funnel (shortlist at a small dim, rescored at the full dim) against kNN at one dimension: NDCG@10 on
-  the held-out test queries of the team's query split (``examples.split_by_query``; the trained model
+  the held-out test queries of the team's query split (``examples.configured_splits``; the trained model
   never saw them), with exact search's NDCG@10 at the same dimension for reference, and latency/QPS, on
   an index with the configured per-dimension defaults (``--funnel-index``).
 
@@ -284,10 +284,9 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
 
 def test_split(settings, judgments: pd.DataFrame, cap: int) -> pd.DataFrame:
     """The held-out test queries of the team's query split (the trained model never saw them)."""
-    from near2_tasks.examples import split_by_query
+    from near2_tasks.examples import configured_splits
 
-    ex = settings.examples
-    test = split_by_query(judgments, ex.seed, tuple(ex.split_fractions)).test
+    test = configured_splits(settings, judgments).test
     queries = test.drop_duplicates("query_id")[["query_id", "query"]].reset_index(drop=True)
     if cap and cap < len(queries):
         queries = queries.sample(cap, random_state=1).sort_index().reset_index(drop=True)

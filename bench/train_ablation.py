@@ -36,7 +36,7 @@ def main() -> None:
     from near2_tasks.config import PACKAGED_MINILM, load_settings
     from near2_tasks.embeddings import encode, encode_cached, load_encoder
     from near2_tasks.evaluate import prepare_data, rank_whole_catalog
-    from near2_tasks.examples import ir_eval_data, mine_examples, split_by_query
+    from near2_tasks.examples import configured_splits, ir_eval_data, mine_examples
     from near2_tasks.metrics import mean_over, per_query_metrics
     from near2_tasks.train import train_model
     from near2_tasks.validate import validate_dataset
@@ -69,7 +69,7 @@ def main() -> None:
     accepted = validate_dataset(settings, args.data)
     catalog = pd.read_csv(args.data / "products.csv", dtype={"product_id": str})
     catalog["text"] = catalog["title"].astype(str)  # the texts of the cached base vectors
-    splits = split_by_query(accepted.judgments, settings.examples.seed, tuple(settings.examples.split_fractions))
+    splits = configured_splits(settings, accepted.judgments)
     examples = mine_examples(catalog, splits.train, settings, model=PACKAGED_MINILM, model_key="minilm-base")
     validation = ir_eval_data(catalog, splits.validation, settings.dataset.relevant_threshold)
     began = time.monotonic()

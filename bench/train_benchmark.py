@@ -8,7 +8,7 @@
 What it does, with the project's own code end to end:
 
 1. ``validate_dataset`` on the Home Depot files (read in place, never copied) for the dataset version and
-   the accepted judgments, ``split_by_query`` (80/10/10 by query, seeded), ``mine_examples`` on the train
+   the accepted judgments, ``configured_splits`` (80/10/10 by query, seeded), ``mine_examples`` on the train
    split with the base model's hard negatives. The catalog side (mining, evaluation) is the whole
    ``products.csv`` with ``text = title``: exactly the texts of the team's cached base embeddings (key
    ``minilm-base``), so the base model never re-encodes the 54,667 titles;
@@ -95,7 +95,7 @@ def main() -> None:
 
     from near2_tasks.config import load_settings
     from near2_tasks.evaluate import evaluate_model, resolve_model
-    from near2_tasks.examples import ir_eval_data, mine_examples, split_by_query
+    from near2_tasks.examples import configured_splits, ir_eval_data, mine_examples
     from near2_tasks.train import train_model
     from near2_tasks.validate import validate_dataset
 
@@ -117,8 +117,7 @@ def main() -> None:
     accepted = validate_dataset(settings, args.data)
     catalog = pd.read_csv(args.data / "products.csv", dtype={"product_id": str})
     catalog["text"] = catalog["title"].astype(str)
-    ex = settings.examples
-    splits = split_by_query(accepted.judgments, ex.seed, tuple(ex.split_fractions))
+    splits = configured_splits(settings, accepted.judgments)
     stamp(f"validated: {len(accepted.products)} products, {len(accepted.judgments)} judgments; splits "
           f"{ {k: v['queries'] for k, v in splits.sizes.items()} }", began)
     base = resolve_model(settings, settings.model.base_model)

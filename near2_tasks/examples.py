@@ -95,6 +95,11 @@ def split_by_query(judgments: pd.DataFrame, seed: int = 13,
     return QuerySplits(parts["train"], parts["validation"], parts["test"], seed, tuple(fractions))
 
 
+def configured_splits(settings: Settings, judgments: pd.DataFrame) -> QuerySplits:
+    """:func:`split_by_query` with the configured seed and fractions: the split every stage and benchmark uses."""
+    return split_by_query(judgments, settings.examples.seed, tuple(settings.examples.split_fractions))
+
+
 # ---------------------------------------------------------------------------------------------
 # mining
 

@@ -241,7 +241,7 @@ def mine_examples(ctx: StepContext, validation: Result) -> Result:
     if judgments.empty:
         raise Near2Error("no accepted judgments: training needs graded query-product judgments",
                          hint="set dataset.judgments_path (or the run param judgments_path)")
-    splits = ex.split_by_query(judgments, settings.examples.seed, tuple(settings.examples.split_fractions))
+    splits = ex.configured_splits(settings, judgments)
     base = resolve_model(settings, settings.model.base_model)
     mined = ex.mine_examples(products, splits.train, settings, model=base.load_ref, model_key=base.cache_key)
     out = ctx.run_dir / "examples"

@@ -55,14 +55,13 @@ def validate(ctx: click.Context, catalog: str | None, judgments: str | None, fmt
 @click.pass_context
 def examples(ctx: click.Context, report_dir: str, output: str, model: str | None) -> None:
     """Split accepted judgments by query and mine MMSE-style training examples."""
-    from near2_tasks.examples import mine_examples, split_by_query, write_examples
+    from near2_tasks.examples import configured_splits, mine_examples, write_examples
     from near2_tasks.validate import load_accepted
 
     settings = settings_from(ctx)
     began = time.monotonic()
     accepted = load_accepted(report_dir)
-    ex = settings.examples
-    splits = split_by_query(accepted.judgments, seed=ex.seed, fractions=ex.split_fractions)
+    splits = configured_splits(settings, accepted.judgments)
     mined = mine_examples(accepted.products, splits.train, settings, model=model)
     write_examples(output, splits, mined, extra={"dataset_version": accepted.dataset_version,
                                                  "catalog_version": accepted.catalog_version,

@@ -24,14 +24,14 @@ def train(ctx: click.Context, catalog: str, judgments: str, config_file: str | N
     """Fine-tune the encoder so every configured dimension is a good embedding; register it as challenger."""
     from near2_tasks.config import load_settings
     from near2_tasks.evaluate import resolve_model
-    from near2_tasks.examples import ir_eval_data, mine_examples, split_by_query
+    from near2_tasks.examples import configured_splits, ir_eval_data, mine_examples
     from near2_tasks.train import train_model
     from near2_tasks.validate import validate_dataset
 
     began = time.monotonic()
     settings = load_settings(config_file or ctx.find_root().obj.get("config_file"))
     accepted = validate_dataset(settings, catalog, judgments)
-    splits = split_by_query(accepted.judgments, settings.examples.seed, tuple(settings.examples.split_fractions))
+    splits = configured_splits(settings, accepted.judgments)
     base = resolve_model(settings, settings.model.base_model)
     examples = mine_examples(accepted.products, splits.train, settings, model=base.load_ref,
                              model_key=base.cache_key)
