@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from near2_tasks import conventions
 from near2_tasks.errors import Near2Error
+from near2_tasks.promotion import champion_version, not_served_reason
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -289,12 +290,6 @@ def train(ctx: StepContext, validation: Result, examples: Result) -> Result:
     })
 
 
-def _champion_version(settings: Settings) -> str | None:
-    from near2_tasks.promotion import champion_version
-
-    return champion_version(settings)
-
-
 def evaluate(ctx: StepContext, validation: Result, examples: Result, trained: Result) -> Result:
     """Evaluate the challenger, the champion (if any) and the base model per dimension on the held-out
     test queries; the challenger's report (with the others as references) goes to its MLflow run."""
@@ -314,7 +309,7 @@ def evaluate(ctx: StepContext, validation: Result, examples: Result, trained: Re
         return report
 
     references = {}
-    champion = _champion_version(settings)
+    champion = champion_version(settings)
     if champion is not None and champion != version:
         references["champion"] = run(registry.model_uri(settings, champion), f"champion v{champion}")
     references["base"] = run(settings.model.base_model, "base")
@@ -459,12 +454,11 @@ def swap_alias(ctx: StepContext, built: Result) -> Result:
     """
     from near2_tasks import index as idx
     from near2_tasks.es_client import make_client
-    from near2_tasks.promotion import not_served_reason
 
     settings = ctx.settings
     alias, new, version = settings.elasticsearch.alias, built["index"], str(built["model_version"])
     client = make_client(settings)
-    champion = _champion_version(settings)
+    champion = champion_version(settings)
     refusal = not_served_reason(champion, version)
     if refusal is not None:
         skip_rest(f"not served: {refusal}; the alias {alias} was left where it is")
@@ -519,7 +513,7 @@ def reindex_needed(ctx: StepContext, validation: Result) -> Result:
     from near2_tasks.index import index_status
 
     settings = ctx.settings
-    champion = _champion_version(settings)
+    champion = champion_version(settings)
     if champion is None:
         raise Near2Error(f"registered model {settings.mlflow.registered_model!r} has no champion yet",
                          hint="run the near2_retrain DAG first (or `near2 promote`)")

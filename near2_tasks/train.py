@@ -235,9 +235,15 @@ def load_base_model(settings: Settings, device: str, catalog_texts: list[str] | 
     if cfg.max_seq_length:
         model.max_seq_length = cfg.max_seq_length
     check_nested_dims(settings.model.dims, model_dimension(model))
-    if cfg.prefix_init == "pca" and catalog_texts is not None:
-        add_principal_axes(model, catalog_texts, cfg.pca_sample_size, cfg.seed, cfg.eval_batch_size)
+    if catalog_texts is not None:
+        init_prefixes(model, cfg, catalog_texts)
     return model
+
+
+def init_prefixes(model: SentenceTransformer, cfg: TrainingSettings, catalog_texts: list[str]) -> None:
+    """``training.prefix_init``: with ``pca``, rotate the model onto ``catalog_texts``' principal axes."""
+    if cfg.prefix_init == "pca":
+        add_principal_axes(model, catalog_texts, cfg.pca_sample_size, cfg.seed, cfg.eval_batch_size)
 
 
 def training_datasets(examples: Any, cfg: TrainingSettings) -> dict[str, Dataset]:
@@ -640,8 +646,8 @@ def train_model(
                              log_system_metrics=True) as run:
         checkpoints = checkpoints / run.info.run_id
         try:
-            if cfg.prefix_init == "pca":  # inside the run: a re-run of a registered run key skips it, a failure is logged
-                add_principal_axes(model, product_texts(examples), cfg.pca_sample_size, cfg.seed, cfg.eval_batch_size)
+            # inside the run: a re-run of a registered run key skips it, a failure is logged
+            init_prefixes(model, cfg, product_texts(examples))
             args = training_arguments(settings, checkpoints, device, epochs, max_steps)
             mlflow.log_params(run_params(settings, examples, validation, dataset_version, device, args, git_commit))
             mlflow.log_dict(system_info(device), "system_info.json")

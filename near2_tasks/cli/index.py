@@ -34,42 +34,44 @@ def read_catalog(settings, path: Path | None):
     return frame.reset_index(drop=True)
 
 
-def default_version(model_ref: str) -> str:
-    """``models:/name/3`` -> ``3``; an alias URI is resolved at build time; anything else ``0``."""
-    match = re.fullmatch(r"models:/[^/@]+/(\d+)", model_ref)
-    return match.group(1) if match else "0"
+#: ``models:/<name>/<number>`` or ``models:/<name>@<alias>``
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<number>\d+)|@(?P<alias>.+))")
 
 
-def _resolve_alias_version(settings, model_ref: str) -> str | None:
-    match = re.fullmatch(r"models:/([^/@]+)@(.+)", model_ref)
+def model_ref_version(settings, model_ref: str) -> tuple[str, str | None]:
+    """(the version recorded in the index name and _meta, the registered version of
+    ``settings.mlflow.registered_model`` it is, or None).
+
+    ``models:/name/3`` -> 3; ``models:/name@alias`` -> the version the alias points at now; anything else
+    (a directory, a hub id) -> ``0``, not registered.
+    """
+    match = MODEL_URI.fullmatch(model_ref)
     if not match:
-        return None
+        return "0", None
+    version = match["number"] or _resolve_alias(settings, match["name"], match["alias"], model_ref)
+    return version, version if match["name"] == settings.mlflow.registered_model else None
+
+
+def _resolve_alias(settings, name: str, alias: str, model_ref: str) -> str:
     from mlflow import MlflowClient
 
     from near2_tasks.errors import Near2Error
 
     try:
-        return MlflowClient(tracking_uri=settings.tracking_uri).get_model_version_by_alias(
-            match.group(1), match.group(2)).version
+        return str(MlflowClient(tracking_uri=settings.tracking_uri).get_model_version_by_alias(name, alias).version)
     except Exception as exc:  # noqa: BLE001 - any registry failure: say which URI
         raise Near2Error(f"cannot resolve {model_ref}: {str(exc).splitlines()[0]}",
                          hint="check the registered model and alias, or pass models:/<name>/<version>") from exc
 
 
-def registered_version(settings, model_ref: str, version: str) -> str | None:
-    """The registered version of ``settings.mlflow.registered_model`` that ``model_ref`` names, else None
-    (a directory, a hub id, another registered model)."""
-    match = re.fullmatch(r"models:/([^/@]+)[/@].+", model_ref)
-    return version if match and match.group(1) == settings.mlflow.registered_model else None
-
-
-def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> tuple[str, str | None, str | None]:
-    """The model to index, its registered version and the champion's: the champion unless told otherwise.
+def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> tuple[str, str, str | None]:
+    """The model to index, its version (:func:`model_ref_version`) and the champion's: the champion
+    unless told otherwise.
 
     Without ``--model``: the champion (pinned as ``models:/<name>/<N>``), or before the first promotion
     the base model. With ``--model``: that model, but the serving alias may point only at the champion's
-    index (invariant 3, the rule the DAG's swap step applies): any other model is refused unless
-    ``--allow-non-champion``.
+    index (ARCHITECTURE.md, "Who may serve": the rule the DAG's swap step applies): any other model is
+    refused unless ``--allow-non-champion``.
     """
     from near2_tasks.errors import Near2Error
     from near2_tasks.promotion import champion_version, not_served_reason
@@ -80,10 +82,10 @@ def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> t
         if champion is None:
             click.echo(f"no champion in {settings.mlflow.registered_model!r} yet: indexing the base model "
                        f"{settings.model.base_model}", err=True)
-            return settings.model.base_model, None, None
+            return settings.model.base_model, "0", None
         return model_uri(settings, champion), champion, champion
-    version = _resolve_alias_version(settings, model_ref) or default_version(model_ref)
-    refusal = not_served_reason(champion, registered_version(settings, model_ref, version))
+    version, registered = model_ref_version(settings, model_ref)
+    refusal = not_served_reason(champion, registered)
     if refusal is not None and not allow_non_champion:
         raise Near2Error(f"refusing to point the alias {settings.elasticsearch.alias} at an index of {model_ref}: "
                          f"{refusal}",
@@ -124,7 +126,7 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
 
     overrides = {"elasticsearch": {"alias": alias}} if alias else {}
     settings = settings_from(ctx, **overrides)
-    model_ref, registered, champion = choose_model(settings, model_ref, allow_non_champion)
+    model_ref, ref_version, champion = choose_model(settings, model_ref, allow_non_champion)
     dim_list = None
     if dims:
         try:
@@ -132,7 +134,7 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
         except ValueError as exc:
             raise Near2Error(f"--dims {dims!r} is not a comma-separated list of integers",
                              hint="e.g. --dims 384,128,64") from exc
-    version = model_version or registered or default_version(model_ref)
+    version = model_version or ref_version
     products = read_catalog(settings, catalog)
     click.echo(f"indexing {len(products)} products with {model_ref} (version {version})", err=True)
     with click.progressbar(length=len(products), label="bulk load", file=click.get_text_stream("stderr")) as bar:
