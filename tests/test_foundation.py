@@ -75,8 +75,11 @@ def test_synthetic_catalog_is_deterministic_and_graded():
 
 def test_local_elasticsearch_answers(es_client):
     # the minimal distribution has no GET / handler; the nodes API tells the version
+    import importlib.metadata
+
     versions = [node["version"] for node in es_client.nodes.info()["nodes"].values()]
-    assert versions and all(v.split(".")[0] == "8" for v in versions)
+    client_major = importlib.metadata.version("elasticsearch").split(".")[0]
+    assert versions and all(v.split(".")[0] == client_major for v in versions)
     assert es_client.cluster.health()["status"] in ("green", "yellow")
 
 

@@ -1,8 +1,8 @@
 """The stack's security scripts, run for real (no Docker needed):
 
 * docker/es-certs.sh makes the TLS material with the real elasticsearch-certutil, and a real
-  Elasticsearch 8.19 starts with security and HTTPS on it. The roles docker/es_setup.py defines are
-  loaded (as file-realm roles) and near2's own index and search code run through TLS with them: the
+  Elasticsearch (the version local_elasticsearch pins) starts with security and HTTPS on it. The roles
+  docker/es_setup.py defines are loaded (as file-realm roles) and near2's own index and search code run through TLS with them: the
   indexer builds, verifies and swaps an index; the storefront searches it but cannot write, delete or
   move the alias.
   The local distribution lacks the analysis-common module that the .security index needs, so native
