@@ -71,7 +71,7 @@ def near2_retrain():
     def mine_examples(validation: dict, **context):
         return run_step("mine_examples", context, validation=validation)
 
-    @task
+    @task(queue=SETTINGS.airflow.train_queue)  # 'gpu' in the compose cluster profile (README "Scaling out")
     def train(validation: dict, examples: dict, **context):
         return run_step("train", context, validation=validation, examples=examples)
 

@@ -470,6 +470,9 @@ class AirflowSettings(Section):
     elasticsearch_ui_url: str | None = Field(
         None, description="Base URL for the index link (e.g. Kibana); None: the Elasticsearch URL itself.")
     dags_folder: Path | None = Field(None, description="None: the dags/ folder next to the near2_tasks package.")
+    train_queue: str = Field(
+        "default", description="Airflow queue of near2_retrain's train task: 'default' (every worker) or, in the "
+                               "compose cluster profile, 'gpu' (the worker that consumes it). Read at parse time.")
 
 
 class DemoSettings(Section):
