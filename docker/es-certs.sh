@@ -5,19 +5,22 @@
 #
 # Three places, so that each container sees only what it needs:
 #   $CA_DIR      ca.crt + ca.key   -- this service only (signs future node certificates)
-#   $NODE_DIR    <node>.crt/.key + ca.crt -- the elasticsearch container only
+#   $NODE_DIR    <node>.crt/.key + ca.crt -- the elasticsearch container(s) only
 #   $PUBLIC_DIR  ca.crt            -- every client (es-setup, Airflow, storefront), read-only
 #
 # Environment (defaults are the compose paths): ES_HOME, CA_DIR, NODE_DIR, PUBLIC_DIR, ES_NODE_NAME,
-# ES_CERT_DNS (comma-separated names in the certificate), ES_CERT_IP, ES_CERT_DAYS, CERT_OWNER (uid:gid
-# that must be able to read the node key; default 0:0 with group-read, which the elasticsearch user has).
+# ES_NODE_NAMES (comma-separated: one certificate per node, for a cluster; default: ES_NODE_NAME),
+# ES_CERT_DNS (comma-separated names in every node's certificate, besides the node's own name), ES_CERT_IP,
+# ES_CERT_DAYS, CERT_OWNER (uid:gid that must be able to read the node keys; default 0:0 with group-read,
+# which the elasticsearch user has). A node added later gets its certificate at the next run; the
+# existing ones (and the CA) are kept.
 set -euo pipefail
 
 ES_HOME="${ES_HOME:-/usr/share/elasticsearch}"
 CA_DIR="${CA_DIR:-/certs/ca}"
 NODE_DIR="${NODE_DIR:-/certs/node}"
 PUBLIC_DIR="${PUBLIC_DIR:-/certs/public}"
-NODE="${ES_NODE_NAME:-elasticsearch}"
+NODES="${ES_NODE_NAMES:-${ES_NODE_NAME:-elasticsearch}}"
 DNS="${ES_CERT_DNS:-elasticsearch,localhost}"
 IP="${ES_CERT_IP:-127.0.0.1}"
 DAYS="${ES_CERT_DAYS:-1095}"
@@ -37,23 +40,44 @@ if [[ ! -f "$CA_DIR/ca.crt" || ! -f "$CA_DIR/ca.key" ]]; then
   install -m 0644 "$work/ca/ca.crt" "$CA_DIR/ca.crt"
 fi
 
-if [[ ! -f "$NODE_DIR/$NODE.crt" || ! -f "$NODE_DIR/$NODE.key" ]]; then
-  echo "es-certs: creating the certificate of $NODE (dns: $DNS; ip: $IP)"
+# the DNS names of one node's certificate: its own name first, then ES_CERT_DNS (without repeats)
+node_dns() {
+  local node="$1" name
+  echo "$node"
+  IFS=',' read -ra names <<< "$DNS"
+  for name in "${names[@]}"; do [[ -n "$name" && "$name" != "$node" ]] && echo "$name"; done
+  return 0
+}
+
+IFS=',' read -ra all_nodes <<< "$NODES"
+missing=()
+for node in "${all_nodes[@]}"; do
+  [[ -z "$node" ]] && continue
+  [[ -f "$NODE_DIR/$node.crt" && -f "$NODE_DIR/$node.key" ]] || missing+=("$node")
+done
+
+if (( ${#missing[@]} )); then
+  for node in "${missing[@]}"; do
+    echo "es-certs: creating the certificate of $node (dns: $(node_dns "$node" | tr '\n' ' '); ip: $IP)"
+  done
   {
     echo "instances:"
-    echo "  - name: $NODE"
-    echo "    dns:"
-    IFS=',' read -ra names <<< "$DNS"
-    for name in "${names[@]}"; do echo "      - $name"; done
-    echo "    ip:"
-    IFS=',' read -ra ips <<< "$IP"
-    for ip in "${ips[@]}"; do echo "      - $ip"; done
+    for node in "${missing[@]}"; do
+      echo "  - name: $node"
+      echo "    dns:"
+      node_dns "$node" | while read -r name; do echo "      - $name"; done
+      echo "    ip:"
+      IFS=',' read -ra ips <<< "$IP"
+      for ip in "${ips[@]}"; do echo "      - $ip"; done
+    done
   } > "$work/instances.yml"
   "$certutil" cert --silent --pem --days "$DAYS" --in "$work/instances.yml" --out "$work/certs.zip" \
     --ca-cert "$CA_DIR/ca.crt" --ca-key "$CA_DIR/ca.key"
   unzip -q -o "$work/certs.zip" -d "$work"
-  install -m 0640 "$work/$NODE/$NODE.key" "$NODE_DIR/$NODE.key"
-  install -m 0644 "$work/$NODE/$NODE.crt" "$NODE_DIR/$NODE.crt"
+  for node in "${missing[@]}"; do
+    install -m 0640 "$work/$node/$node.key" "$NODE_DIR/$node.key"
+    install -m 0644 "$work/$node/$node.crt" "$NODE_DIR/$node.crt"
+  done
 fi
 
 # the CA certificate (public) goes wherever a peer must verify the node
@@ -62,4 +86,4 @@ install -m 0644 "$CA_DIR/ca.crt" "$PUBLIC_DIR/ca.crt"
 chown -R "$OWNER" "$NODE_DIR" "$PUBLIC_DIR"
 chmod 0750 "$NODE_DIR"
 chmod 0755 "$PUBLIC_DIR"
-echo "es-certs: ready (node: $NODE_DIR, CA certificate for clients: $PUBLIC_DIR/ca.crt)"
+echo "es-certs: ready (nodes $NODES: $NODE_DIR, CA certificate for clients: $PUBLIC_DIR/ca.crt)"
