@@ -3,8 +3,9 @@ consistent with the code.
 
 No Docker engine runs here, so nothing is started: the file is resolved the way `docker compose config`
 resolves it -- by `docker compose` itself when the plugin (or a v2 `docker-compose`) is installed, else
-by PyYAML plus compose's variable interpolation -- and its properties are checked against near2's real
-settings, CLI and Airflow connection code. The scripts the stack runs (es_setup.py, setup_users.py,
+by PyYAML plus compose's variable interpolation, `extends` and multi-file merge rules -- and its properties
+are checked against near2's real settings, CLI and Airflow connection code. The cluster override
+(docker-compose.cluster.yml) has its own tests in tests/test_compose_cluster.py, on the same helpers. The scripts the stack runs (es_setup.py, setup_users.py,
 start-server.sh, es-certs.sh) are exercised against real servers in tests/test_stack_security.py.
 """
 
@@ -28,6 +29,10 @@ import yaml
 from tests.stack_support import REPO, load_script
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
+#: The cluster profile: an override, `docker compose -f docker-compose.yml -f docker-compose.cluster.yml`.
+CLUSTER_FILE = REPO / "docker-compose.cluster.yml"
+#: Every compose file in the repository (all read the same .env).
+COMPOSE_FILES = (COMPOSE_FILE, CLUSTER_FILE)
 ENV_EXAMPLE = REPO / ".env.example"
 
 #: The services the code and the README rely on.
@@ -110,24 +115,116 @@ def interpolate_tree(node: Any, env: dict[str, str]) -> Any:
     return node
 
 
-def resolve(env_file: Path) -> dict[str, Any]:
-    """The compose model with `env_file`'s values, as `docker compose config` sees it."""
+def resolve(env_file: Path, files: tuple[Path, ...] = (COMPOSE_FILE,)) -> dict[str, Any]:
+    """The compose model of `files` (later ones override earlier ones, as with repeated `-f`) with
+    `env_file`'s values, as `docker compose config` sees it."""
     command = compose_command()
     if command:
         clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+        file_args = [arg for path in files for arg in ("-f", str(path))]
         out = subprocess.run(
-            [*command, "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), "--env-file", str(env_file),
+            [*command, "--project-directory", str(REPO), *file_args, "--env-file", str(env_file),
              "config", "--format", "json"], capture_output=True, text=True, env=clean_env, timeout=120)
         if out.returncode != 0:
             raise ComposeError(out.stderr.strip())
         return json.loads(out.stdout)
-    raw = yaml.safe_load(COMPOSE_FILE.read_text())
-    return interpolate_tree(raw, read_env_file(env_file))
+    merged: dict[str, Any] = {}
+    for path in files:
+        merged = merge_models(merged, load_with_extends(path))
+    return interpolate_tree(merged, read_env_file(env_file))
 
 
-def raw_compose() -> dict[str, Any]:
+def raw_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
     """The file as written (anchors merged, ${...} not interpolated)."""
-    return yaml.safe_load(COMPOSE_FILE.read_text())
+    return yaml.safe_load(path.read_text())
+
+
+# ----- compose's merge rules (the fallback when no `docker compose` is installed) -----------------------
+# From the Compose Specification ("Merge and override", "extends"), as compose-go applies them: mappings
+# merge key by key (environment, depends_on, networks, healthcheck, ...); command, entrypoint and
+# healthcheck.test are replaced; volumes are unique by target; other sequences (ports, security_opt, ...)
+# are appended. `extends` takes the named service as its own file defines it, depends_on included.
+REPLACED_ATTRIBUTES = {"command", "entrypoint"}
+
+
+def mount_target(volume: Any) -> str:
+    if isinstance(volume, str):
+        return volume.split(":")[1]
+    return volume["target"]
+
+
+def normalise_service(service: dict) -> dict:
+    """The short forms that merge as mappings (environment, depends_on, networks), as mappings."""
+    service = dict(service)
+    env = service.get("environment")
+    if isinstance(env, list):
+        service["environment"] = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    deps = service.get("depends_on")
+    if isinstance(deps, list):
+        service["depends_on"] = {name: {"condition": "service_started"} for name in deps}
+    nets = service.get("networks")
+    if isinstance(nets, list):
+        service["networks"] = {name: None for name in nets}
+    return service
+
+
+def merge_values(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = merge_values(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        return base + [item for item in override if item not in base]
+    return override
+
+
+def merge_service(base: dict, override: dict) -> dict:
+    base, override = normalise_service(base), normalise_service(override)
+    merged = dict(base)
+    for key, value in override.items():
+        if key not in base or key in REPLACED_ATTRIBUTES:
+            merged[key] = value
+        elif key == "healthcheck":
+            merged[key] = {**base[key], **value}  # test replaced, timing merged
+        elif key == "volumes":
+            by_target = {mount_target(v): v for v in base[key]}
+            by_target.update({mount_target(v): v for v in value})
+            merged[key] = list(by_target.values())
+        else:
+            merged[key] = merge_values(base[key], value)
+    return merged
+
+
+def merge_models(base: dict, override: dict) -> dict:
+    merged = {key: value for key, value in base.items() if key != "services"}
+    merged = merge_values(merged, {key: value for key, value in override.items() if key != "services"})
+    services = dict(base.get("services") or {})
+    for name, service in (override.get("services") or {}).items():
+        services[name] = merge_service(services[name], service) if name in services else service
+    merged["services"] = services
+    return merged
+
+
+def load_with_extends(path: Path, seen: tuple[tuple[str, str], ...] = ()) -> dict:
+    """One compose file as written, each `extends` replaced by the service it names merged with its own
+    attributes."""
+    model = raw_compose(path)
+    services = model.get("services") or {}
+    for name, service in list(services.items()):
+        if "extends" not in service:
+            continue
+        spec = service["extends"]
+        base_path = (path.parent / spec["file"]).resolve() if spec.get("file") else path.resolve()
+        key = (str(base_path), spec["service"])
+        if key in seen:
+            raise ComposeError(f"extends cycle at {name}")
+        base_services = load_with_extends(base_path, (*seen, key))["services"]
+        if spec["service"] not in base_services:
+            raise ComposeError(f"{name} extends unknown service {spec['service']} in {base_path.name}")
+        own = {k: v for k, v in service.items() if k != "extends"}
+        services[name] = merge_service(base_services[spec["service"]], own)
+    return model
 
 
 def strings(node: Any) -> list[str]:
@@ -141,8 +238,8 @@ def strings(node: Any) -> list[str]:
     return []
 
 
-def variable_refs() -> list[re.Match]:
-    return [m for value in strings(raw_compose()) for m in VARIABLE_REF.finditer(value)]
+def variable_refs(files: tuple[Path, ...] = COMPOSE_FILES) -> list[re.Match]:
+    return [m for path in files for value in strings(raw_compose(path)) for m in VARIABLE_REF.finditer(value)]
 
 
 # ----- normalising the short and long compose forms ------------------------------------------------
@@ -242,8 +339,8 @@ def test_compose_refuses_to_resolve_while_a_secret_is_empty():
 def test_env_example_declares_exactly_the_variables_compose_reads():
     referenced = {m["name"] for m in variable_refs()}
     declared = set(read_env_file(ENV_EXAMPLE))
-    assert referenced - declared == set(), "referenced in docker-compose.yml but missing from .env.example"
-    assert declared - referenced == set(), "declared in .env.example but never used by docker-compose.yml"
+    assert referenced - declared == set(), "referenced in a compose file but missing from .env.example"
+    assert declared - referenced == set(), "declared in .env.example but never used by a compose file"
 
 
 def test_env_file_is_git_ignored_and_example_is_not():
@@ -283,7 +380,7 @@ def plaintext_secrets(text: str, python: bool = False) -> list[str]:
 
 
 def stack_files() -> list[Path]:
-    files = [COMPOSE_FILE]
+    files = list(COMPOSE_FILES)
     for folder in ("docker", "mlflow"):
         files += [p for p in (REPO / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts
                   and not p.name.endswith(".lock")]
@@ -326,11 +423,12 @@ def test_secret_variables_are_required_and_have_no_default_anywhere():
 
 def test_secret_environment_entries_are_pure_references():
     """Every secret-named container variable is filled from .env (or, for the API key, from a file by
-    near2-env) -- in the file as written, before interpolation."""
-    for name, service in raw_compose()["services"].items():
-        for key, value in environment(service).items():
-            if (SECRET_NAME.search(key) and not key.endswith("_FILE")) or URL_WITH_PASSWORD.search(value):
-                assert VARIABLE_REF.search(value), f"{name}.{key} = {value!r} is not a ${{VAR}} reference"
+    near2-env) -- in each compose file as written, before interpolation."""
+    for path in COMPOSE_FILES:
+        for name, service in raw_compose(path)["services"].items():
+            for key, value in environment(service).items():
+                if (SECRET_NAME.search(key) and not key.endswith("_FILE")) or URL_WITH_PASSWORD.search(value):
+                    assert VARIABLE_REF.search(value), f"{path.name}: {name}.{key} = {value!r} is not a ${{VAR}} reference"
 
 
 def test_images_ship_no_secret_and_build_only_allowlisted_files():
