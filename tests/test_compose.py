@@ -5,8 +5,9 @@ No Docker engine runs here, so nothing is started: the file is resolved the way 
 resolves it -- by `docker compose` itself when the plugin (or a v2 `docker-compose`) is installed, else
 by PyYAML plus compose's variable interpolation, `extends` and multi-file merge rules -- and its properties
 are checked against near2's real settings, CLI and Airflow connection code. The cluster override
-(docker-compose.cluster.yml) has its own tests in tests/test_compose_cluster.py, on the same helpers. The scripts the stack runs (es_setup.py, setup_users.py,
-start-server.sh, es-certs.sh) are exercised against real servers in tests/test_stack_security.py.
+(docker-compose.cluster.yml) has its own tests in tests/test_compose_cluster.py, on the same helpers.
+The scripts the stack runs (es_setup.py, setup_users.py, start-server.sh, es-certs.sh) are exercised
+against real servers in tests/test_stack_security.py.
 """
 
 from __future__ import annotations
@@ -428,7 +429,8 @@ def test_secret_environment_entries_are_pure_references():
         for name, service in raw_compose(path)["services"].items():
             for key, value in environment(service).items():
                 if (SECRET_NAME.search(key) and not key.endswith("_FILE")) or URL_WITH_PASSWORD.search(value):
-                    assert VARIABLE_REF.search(value), f"{path.name}: {name}.{key} = {value!r} is not a ${{VAR}} reference"
+                    assert VARIABLE_REF.search(value), \
+                        f"{path.name}: {name}.{key} = {value!r} is not a ${{VAR}} reference"
 
 
 def test_images_ship_no_secret_and_build_only_allowlisted_files():
@@ -680,6 +682,11 @@ def settings_from_env(env: dict[str, str], monkeypatch):
 
 
 def test_every_near2_variable_names_a_real_setting(services):
+    check_near2_variables(services, ("es-setup", "storefront", *AIRFLOW_COMPONENTS))
+
+
+def check_near2_variables(services: dict[str, dict], script_services: tuple[str, ...]) -> None:
+    """Every NEAR2_* variable of every service names a real near2 setting (also used by the cluster tests)."""
     from near2_tasks.config import Settings
 
     for name, service in services.items():
@@ -692,14 +699,20 @@ def test_every_near2_variable_names_a_real_setting(services):
                 assert part in model.model_fields, f"{name}: {key} is not a near2 setting"
                 model = model.model_fields[part].annotation
     # and the scripts' own variables do not pose as settings
-    for name in ("es-setup", "storefront", *AIRFLOW_COMPONENTS):
+    for name in script_services:
         assert not any(k.startswith("NEAR2_") and k.endswith("_FILE") for k in environment(services[name]))
 
 
 @pytest.mark.parametrize("service_name", sorted(NEAR2_SERVICES))
 def test_near2_settings_land_where_the_stack_points_them(service_name, services, tmp_path, monkeypatch):
+    check_near2_settings_land(services[service_name], tmp_path, monkeypatch)
+
+
+def check_near2_settings_land(service: dict, tmp_path: Path, monkeypatch) -> Any:
+    """near2's Settings as this container loads them (through near2-env) point where the stack says;
+    returns them (also used by the cluster tests)."""
     near2_env = load_script(REPO / "docker" / "near2_env.py")
-    env = environment(services[service_name])
+    env = environment(service)
     key_file = tmp_path / "api_key"
     key_file.write_text("ZmFrZS1pZDpmYWtlLWtleQ==\n")
     env.update(ES_API_KEY_FILE=str(key_file),
@@ -715,9 +728,10 @@ def test_near2_settings_land_where_the_stack_points_them(service_name, services,
     # unset: with a tracking server near2 then leaves the artifact root to the server (mlflow-artifacts:/<id>),
     # which the basic-auth app needs to apply experiment permissions to artifacts
     assert settings.mlflow.artifact_location is None
-    home_volume = next(src for src, target, _ in volumes(services[service_name]) if target == env["NEAR2_HOME"])
+    home_volume = next(src for src, target, _ in volumes(service) if target == env["NEAR2_HOME"])
     assert settings.home == Path(env["NEAR2_HOME"]) and home_volume, "NEAR2_HOME must be on a volume"
     assert prepared["MLFLOW_TRACKING_PASSWORD"], "the MLflow client authenticates from the environment"
+    return settings
 
 
 def test_airflow_connections_agree_with_the_near2_settings(services, tmp_path, monkeypatch):
@@ -766,9 +780,12 @@ def near2_image_services(services: dict[str, dict]) -> dict[str, dict]:
 
 
 def test_a_container_that_loads_an_api_key_starts_after_es_setup_and_mounts_it(services):
-    near2 = near2_image_services(services)
-    assert set(near2) == {*AIRFLOW_COMPONENTS, "airflow-init", "storefront", "es-setup"}
-    for name, service in near2.items():
+    assert set(near2_image_services(services)) == {*AIRFLOW_COMPONENTS, "airflow-init", "storefront", "es-setup"}
+    check_api_key_loaders(services)
+
+
+def check_api_key_loaders(services: dict[str, dict]) -> None:
+    for name, service in near2_image_services(services).items():
         key_file = environment(service).get("ES_API_KEY_FILE")
         if not key_file:
             continue
@@ -777,6 +794,10 @@ def test_a_container_that_loads_an_api_key_starts_after_es_setup_and_mounts_it(s
 
 
 def test_writable_volumes_of_the_near2_image_are_directories_it_owns(services):
+    check_writable_volumes(services)
+
+
+def check_writable_volumes(services: dict[str, dict]) -> None:
     """A fresh named volume takes the owner of the image directory it is mounted on: a mount point the
     image does not create would be root's, and the airflow user (uid 50000) could not write there."""
     dockerfile = (REPO / "docker" / "airflow.Dockerfile").read_text().replace("\\\n", " ")
@@ -794,6 +815,10 @@ def test_writable_volumes_of_the_near2_image_are_directories_it_owns(services):
 
 # ----- health and start order ------------------------------------------------------------------------------
 def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_restart(services):
+    check_health_and_restart(services)
+
+
+def check_health_and_restart(services: dict[str, dict]) -> None:
     for name, service in services.items():
         if name in ONE_SHOTS:
             assert str(service.get("restart", "no")) == "no", name
@@ -803,6 +828,12 @@ def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_resta
 
 
 def test_every_dependency_waits_for_health_or_completion(services):
+    check_dependencies(services, NEAR2_SERVICES)
+
+
+def check_dependencies(services: dict[str, dict], near2_services: set[str]) -> None:
+    """depends_on waits for health (servers) or completion (one-shots), without cycles, and nothing that
+    runs near2 starts before its keys and users exist."""
     for name, service in services.items():
         for dependency, condition in depends_on(service).items():
             assert dependency in services, f"{name} depends on unknown {dependency}"
@@ -821,7 +852,7 @@ def test_every_dependency_waits_for_health_or_completion(services):
     for name in services:
         visit(name, ())
     # nothing that runs near2 starts before its keys and users exist
-    for name in NEAR2_SERVICES:
+    for name in near2_services:
         assert {"es-setup", "mlflow-setup"} <= set(depends_on(services[name])), name
 
 
