@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -355,16 +356,20 @@ def test_without_the_cluster_profile_the_train_task_stays_on_the_default_queue(s
     assert queues["near2_retrain"]["train"] == "default"
 
 
-def test_the_celery_provider_requirement_is_stated_while_the_lock_lacks_it():
-    """The CeleryExecutor is in apache-airflow-providers-celery. The near2 image installs
-    requirements.lock; until the lock has the provider, the README says the cluster image must add it."""
+def test_the_image_installs_the_celery_provider_the_cluster_executor_needs():
+    """The CeleryExecutor is in apache-airflow-providers-celery: the near2 image installs requirements.lock,
+    so the lock must pin it (with celery and redis), and the Dockerfile must not filter it out."""
+    import importlib.metadata
+
     lock = (REPO / "requirements.lock").read_text()
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("\n## Scaling out"):]
-    section = section.split("\n## ")[1]  # up to the next top-level section, if any
-    if "apache-airflow-providers-celery==" not in lock:
-        assert "apache-airflow-providers-celery" in section
-        assert "apache-airflow-providers-celery" in (REPO / "docker-compose.cluster.yml").read_text()
+    for package in ("apache-airflow-providers-celery", "celery", "redis"):
+        assert re.search(rf"^{package}==", lock, re.M), f"{package} is not pinned in requirements.lock"
+    dockerfile = (REPO / "docker" / "airflow.Dockerfile").read_text()
+    excluded = re.search(r"grep -vE '([^']+)'", dockerfile).group(1)
+    assert not re.match(excluded, "apache-airflow-providers-celery==") and not re.match(excluded, "celery==")
+    # and the executor class the cluster names imports from what the lock installs here
+    importlib.metadata.version("apache-airflow-providers-celery")
+    from airflow.providers.celery.executors.celery_executor import CeleryExecutor  # noqa: F401
 
 
 # ----- the rules docker-compose.yml keeps hold in the cluster too -----------------------------------------------
