@@ -1,0 +1,152 @@
+"""One request or two: Elasticsearch's ``rescore_vector`` on a quantised field against near2's funnel.
+
+    .venv/bin/python bench/rescore_vector_benchmark.py --start-local-es \\
+        --model .near2/bench/recipes/C_pca/model --out bench/results/rescore_vector_9.2.4.json
+
+From Elasticsearch 9.1 a kNN query on a quantised field (``bbq_hnsw``, ``int8_hnsw``, ...) can rescore its
+``k × oversample`` best candidates with the float vectors in the same request (``rescore_vector``). That is
+a single-request alternative to the funnel (``mode=funnel``: a shortlist from the 64-bit codes, then a
+second request that scores the shortlist at 384-d). This script builds one index with the production
+mapping (``near2_tasks.index.build_verify_swap``: bbq_hnsw at 384/256/128, hnsw at 64/32, the 64-bit codes,
+force-merged), encodes the Home Depot **test-split** queries once, and runs, interleaved query by query:
+
+* kNN at 384-d with the query-time ``rescore_vector.oversample`` of the grid (0: no rescoring, the
+  bbq scores alone; the mapping's own default is 3),
+* kNN at the smallest served dimension (32-d ``hnsw``: floats, nothing to rescore),
+* the funnel through ``Searcher.retrieve`` (the storefront's code),
+
+and scores each with NDCG@10 against exact float search at 384-d (numpy, same vectors). RAM per product
+is ES's sizing rule (the quantised copy plus 4·m bytes of HNSW graph); the raw floats that rescoring reads
+stay on disk. The Home Depot data is read in place, never copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ALIAS = "near2-bench-rescore"
+
+
+def main() -> None:
+    from near2_tasks import conventions, elasticsearch_local
+    from near2_tasks.config import load_settings
+    from near2_tasks.embeddings import encode, load_encoder
+    from near2_tasks.evaluate import prepare_data
+    from near2_tasks.examples import configured_splits
+    from near2_tasks.index import build_verify_swap
+    from near2_tasks.metrics import mean_over, per_query_metrics
+    from near2_tasks.search import Searcher, knn_body, vector_bytes
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
+    parser.add_argument("--model", default=str(REPO / ".near2" / "bench" / "recipes" / "C_pca" / "model"))
+    parser.add_argument("--es-url", default="http://127.0.0.1:9254")
+    parser.add_argument("--start-local-es", action="store_true", help="start near2's local server on --es-url's port")
+    parser.add_argument("--oversample", default="0,1,2,3,5,10")
+    parser.add_argument("--num-candidates", type=int, default=100)
+    parser.add_argument("--queries", type=int, default=0, help="first N test queries only (0: all)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    port = int(args.es_url.rsplit(":", 1)[1])
+    home = Path(tempfile.mkdtemp(prefix="near2-rescore-"))
+    settings = load_settings(**{
+        "home": str(home),
+        "elasticsearch": {"url": args.es_url, "alias": ALIAS},
+        "local_elasticsearch": {"port": port, "heap": "1g",
+                                "cache_dir": str(REPO / ".near2" / "cache" / "elasticsearch")},
+    })
+    if args.start_local_es:
+        elasticsearch_local.start(settings)
+    version = elasticsearch_local.server_version(args.es_url)  # GET / answers 405 on this distribution
+
+    products = pd.read_csv(args.data_dir / "products.csv", dtype={"product_id": str})
+    judgments = pd.read_csv(args.data_dir / "judgments.csv", dtype={"product_id": str, "query_id": str})
+    test = configured_splits(settings, judgments).test
+    data = prepare_data(products.assign(text=products["title"].astype(str)), test, settings.dataset.text_template)
+
+    model = load_encoder(args.model)
+    catalog = encode(model, list(data.product_texts))  # once: indexed, and the exact reference
+    began = time.perf_counter()
+    build_verify_swap(settings, args.model, products, model_version="bench", vectors=catalog)
+    build_s = time.perf_counter() - began
+    searcher = Searcher(settings)
+    served = searcher.serving_index(refresh=True)
+    queries = encode(searcher.encoder(served), data.query_texts)
+    if args.queries:
+        queries = queries[:args.queries]
+    row_of = {pid: i for i, pid in enumerate(products["product_id"])}
+    full = served.full_dim
+    k = 10
+
+    def knn(vector, dim: int, oversample: float | None):
+        body = knn_body(dim, conventions.truncate(vector, dim), k, args.num_candidates, [])
+        if oversample is not None:
+            body["knn"]["rescore_vector"] = {"oversample": oversample}
+        return [hit["_source"]["product_id"] for hit in searcher.client.search(index=served.name, **body)["hits"]["hits"]]
+
+    _, shortlist_dim = searcher.pick_dims(served, None, "funnel")
+    modes = {f"kNN {full} ({served.index_types[full]}) rescore_vector x{o}": (lambda v, o=float(o): knn(v, full, o))
+             for o in args.oversample.split(",")}
+    small = min(served.dims)
+    modes[f"kNN {small} ({served.index_types[small]})"] = lambda v: knn(v, small, None)
+    funnel = (f"funnel {settings.serving.funnel_shortlist_size} @ {shortlist_dim}"
+              f"{' bits' if shortlist_dim in served.binary_centres else ''} -> {full} (2 requests)")
+    modes[funnel] = lambda v: [h.product_id for h in searcher.retrieve(served, v, k, full, shortlist_dim).hits]
+
+    rankings = {name: np.full((len(queries), k), -1, dtype=np.int64) for name in modes}
+    seconds: dict[str, list[float]] = {name: [] for name in modes}
+    for name in modes:  # one warm-up query each
+        modes[name](queries[0])
+    for i, vector in enumerate(queries):
+        names = list(modes)
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
+            start = time.perf_counter()
+            ids = modes[name](vector)
+            seconds[name].append(time.perf_counter() - start)
+            rows = [row_of[p] for p in ids][:k]
+            rankings[name][i, :len(rows)] = rows
+
+    floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
+    exact = np.argsort(-(queries @ catalog.T), axis=1)[:, :k]
+    rankings["exact float 384 (numpy)"] = exact
+    results = {"server": version, "index": served.name, "model": args.model, "queries": len(queries),
+               "products": len(products), "build_verify_swap_s": round(build_s, 1),
+               "num_candidates": args.num_candidates, "rows": []}
+    for name, ranking in rankings.items():
+        ndcg = mean_over(per_query_metrics(ranking, data.qrels, ["ndcg@10"], floor, threshold)["ndcg@10"])
+        recall = float(np.mean([len(set(ranking[i]) & set(exact[i])) / k for i in range(len(queries))]))
+        row = {"mode": name, "ndcg@10": round(ndcg, 4), "recall@10_vs_exact": round(recall, 4)}
+        if name in seconds:
+            ms = sorted(1000 * s for s in seconds[name])
+            row.update(p50_ms=round(statistics.median(ms), 2), p99_ms=round(ms[int(0.99 * (len(ms) - 1))], 2))
+        results["rows"].append(row)
+    results["ram_bytes_per_product"] = {
+        f"{dim} {served.index_types[dim]}": vector_bytes(served.index_types[dim], dim) for dim in served.dims}
+    print(f"Elasticsearch {version}, index {served.name}, {len(queries)} test queries, build {build_s:.0f} s")
+    print("| mode | NDCG@10 | recall@10 vs exact | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|")
+    for row in results["rows"]:
+        print(f"| {row['mode']} | {row['ndcg@10']} | {row['recall@10_vs_exact']} | "
+              f"{row.get('p50_ms', '–')} | {row.get('p99_ms', '–')} |")
+    print(json.dumps(results["ram_bytes_per_product"]))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    searcher.client.indices.delete(index=served.name)
+    if args.start_local_es:
+        elasticsearch_local.stop(settings)
+
+
+if __name__ == "__main__":
+    main()
