@@ -360,16 +360,14 @@ class RegisteredVersion:
 
 def registered_version(settings: Settings, ref: str | int) -> RegisteredVersion:
     """Resolve ``3``, ``challenger``, ``models:/near2-encoder/3`` or ``models:/near2-encoder@champion``."""
-    from near2_tasks.registry import get_version
+    from near2_tasks.conventions import parse_model_uri
+    from near2_tasks.registry import get_version, resolve_model_uri
 
-    name, selector = settings.mlflow.registered_model, str(ref)
-    if selector.startswith("models:/"):
-        body = selector.removeprefix("models:/")
-        uri_name, _, selector = body.partition("@") if "@" in body else body.partition("/")
-        if uri_name != name or not selector:
-            raise Near2Error(f"cannot use {ref!r}: expected models:/{name}/<version> or "
-                             f"models:/{name}@<alias>", hint="mlflow.registered_model names the model")
-    found = get_version(settings, selector)
+    name, parsed = settings.mlflow.registered_model, parse_model_uri(str(ref))
+    if parsed is not None and (parsed.name != name or parsed.selector is None):
+        raise Near2Error(f"cannot use {ref!r}: expected models:/{name}/<version> or "
+                         f"models:/{name}@<alias>", hint="mlflow.registered_model names the model")
+    found = resolve_model_uri(settings, parsed) if parsed else get_version(settings, str(ref))
     if not found.run_id:
         raise Near2Error(f"{name} version {found.version} was registered without a run; the backend "
                          "artefact has nowhere to live", hint="register models from a training run")

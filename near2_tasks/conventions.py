@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -69,6 +70,47 @@ def utc_timestamp(now: datetime | None = None) -> str:
 def index_name(alias: str, model_version: str | int, now: datetime | None = None) -> str:
     """``<alias>-v<model version>-<UTC timestamp>``, e.g. ``products-v7-20261121t120301``."""
     return f"{alias}-v{model_version}-{utc_timestamp(now)}"
+
+
+# ----- MLflow model references ------------------------------------------------------------------
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[^/@]+))?")
+
+
+@dataclass(frozen=True)
+class ModelUri:
+    """A parsed ``models:/`` reference: ``models:/<name>/<version>``, ``models:/<name>/latest``,
+    ``models:/<name>@<alias>``, or ``models:/<id>`` (an MLflow 3 logged model: no version, no alias)."""
+
+    name: str
+    version: str | None = None  #: a number, or "latest"
+    alias: str | None = None
+
+    @property
+    def selector(self) -> str | None:
+        """What picks the version: its number, ``latest`` or the alias; None for a logged model."""
+        return self.version or self.alias
+
+    def __str__(self) -> str:
+        return f"models:/{self.name}" + (f"@{self.alias}" if self.alias else f"/{self.version}" if self.version else "")
+
+    @property
+    def pinned(self) -> bool:
+        """Names one version for good (a number), not one that can move (an alias, ``latest``)."""
+        return bool(self.version and self.version.isdigit())
+
+
+def parse_model_uri(ref: str) -> ModelUri | None:
+    """The one parser of ``models:/`` references (index, evaluation, backends and the CLI use it).
+    None for anything else (a directory, a hub id, ``runs:/``); a malformed ``models:/`` is an error."""
+    from near2_tasks.errors import Near2Error
+
+    if not ref.startswith("models:/"):
+        return None
+    match = _MODEL_URI.fullmatch(ref)
+    if match is None:
+        raise Near2Error(f"cannot read the model URI {ref!r}",
+                         hint="URIs look like models:/<name>/<version>, models:/<name>@<alias> or models:/<name>/latest")
+    return ModelUri(match["name"], match["version"], match["alias"])
 
 
 def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:

@@ -318,25 +318,14 @@ def _directory_fingerprint(directory: Path) -> str:
 def _resolve_models_uri(settings: Settings, uri: str) -> ResolvedModel:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> that exact registered version;
     ``models:/m-<id>`` (an MLflow 3 logged model) is taken as is."""
-    from mlflow.exceptions import MlflowException
+    from near2_tasks.conventions import parse_model_uri
+    from near2_tasks.registry import configure_mlflow, resolve_model_uri
 
-    from near2_tasks.registry import client, configure_mlflow
-
-    body = uri[len("models:/"):]
-    name, alias = body.split("@", 1) if "@" in body else (body, None)
-    name, _, number = name.rpartition("/") if alias is None and "/" in name else (name, "", "")
-    if not name:  # a logged model id: immutable, so the id is its own cache key
-        return ResolvedModel(ref=uri, load_ref=uri, cache_key=f"logged-{body}")
+    parsed = parse_model_uri(uri)
+    if parsed.selector is None:  # a logged model id: immutable, so the id is its own cache key
+        return ResolvedModel(ref=uri, load_ref=uri, cache_key=f"logged-{parsed.name}")
     configure_mlflow(settings)
-    registry = client(settings)
-    try:
-        version = registry.get_model_version_by_alias(name, alias) if alias else registry.get_model_version(name, number)
-    except MlflowException as exc:
-        raise Near2Error(
-            f"unknown model URI {uri!r}: {str(exc).splitlines()[0]}",
-            hint=f"list versions in the MLflow UI ({settings.tracking_uri}); URIs look like "
-                 f"models:/{settings.mlflow.registered_model}@champion or models:/{settings.mlflow.registered_model}/3",
-        ) from exc
+    version = resolve_model_uri(settings, parsed)
     return ResolvedModel(
         ref=uri, load_ref=f"models:/{version.name}/{version.version}",
         cache_key=f"{version.name}-v{version.version}", registered_model=version.name,

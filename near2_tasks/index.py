@@ -237,24 +237,15 @@ def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dic
 def pin_model_uri(settings: Settings, model_ref: str, model_version: str) -> str:
     """A reference that loads the same weights tomorrow: registry aliases resolved to a version,
     local directories made absolute. It goes into ``_meta.model_uri``."""
-    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(latest))", model_ref)
-    if match:
-        name, alias = match.group(1), match.group(2)
-        try:
-            from near2_tasks.registry import client as registry_client
+    parsed = conventions.parse_model_uri(model_ref)
+    if parsed is not None and parsed.selector is not None and not parsed.pinned:  # an alias, or latest
+        from near2_tasks.registry import resolve_model_uri
 
-            client = registry_client(settings)
-            if alias:
-                version = client.get_model_version_by_alias(name, alias).version
-            else:
-                version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        except Exception as exc:  # noqa: BLE001 - any registry failure means: cannot pin
-            raise Near2Error(f"cannot resolve {model_ref} to a model version: {error_reason(exc)}",
-                             hint="pass models:/<name>/<version>") from exc
+        version = resolve_model_uri(settings, parsed).version
         if str(version) != str(model_version):
             raise Near2Error(f"{model_ref} is version {version}, but model_version={model_version} was given",
                              hint="pass the version the alias points at")
-        return f"models:/{name}/{version}"
+        return f"models:/{parsed.name}/{version}"
     if model_ref.startswith(("models:/", "runs:/")):
         return model_ref
     local = Path(model_ref).expanduser()
@@ -271,9 +262,9 @@ def load_meta_model(settings: Settings, model_uri: str) -> SentenceTransformer:
 
 
 def default_model_name(model_ref: str) -> str:
-    match = re.match(r"models:/([^/@]+)", model_ref)
-    if match:
-        return match.group(1)
+    parsed = conventions.parse_model_uri(model_ref)
+    if parsed:
+        return parsed.name
     return Path(model_ref).name or model_ref
 
 

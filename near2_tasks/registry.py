@@ -26,7 +26,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from near2_tasks.conventions import CHALLENGER, TAG_DATASET_VERSION, TAG_DIMS, TAG_GIT_COMMIT
+from near2_tasks.conventions import (CHALLENGER, TAG_DATASET_VERSION, TAG_DIMS, TAG_GIT_COMMIT, ModelUri,
+                                    parse_model_uri)
 from near2_tasks.errors import Near2Error, ServiceUnavailable
 
 if TYPE_CHECKING:
@@ -265,6 +266,34 @@ def get_version(settings: Settings, alias_or_version: str | int) -> ModelVersion
         raise Near2Error(
             f"registered model {name!r} has no version {ref!r}",
             hint="train one with `near2 train`, or list versions in the MLflow UI",
+        ) from exc
+
+
+def resolve_model_uri(settings: Settings, uri: str | ModelUri) -> ModelVersion:
+    """The registered version a ``models:/`` URI names now: its number, or where its alias or ``latest``
+    points. Any registry failure is a Near2Error that names the URI."""
+    from mlflow.exceptions import MlflowException
+
+    parsed = parse_model_uri(uri) if isinstance(uri, str) else uri
+    text = str(parsed or uri)
+    if parsed is None or parsed.selector is None:
+        raise Near2Error(f"{text!r} names no registered version",
+                         hint="URIs look like models:/<name>/<version>, models:/<name>@<alias> or models:/<name>/latest")
+    registry = client(settings)
+    try:
+        if parsed.alias:
+            return registry.get_model_version_by_alias(parsed.name, parsed.alias)
+        if parsed.version == "latest":
+            versions = registry.search_model_versions(f"name='{parsed.name}'")
+            if not versions:
+                raise MlflowException(f"registered model {parsed.name!r} has no versions")
+            return max(versions, key=lambda v: int(v.version))
+        return registry.get_model_version(parsed.name, parsed.version)
+    except MlflowException as exc:
+        raise Near2Error(
+            f"unknown model URI {text!r}: {str(exc).splitlines()[0]}",
+            hint=f"list versions in the MLflow UI ({settings.tracking_uri}); URIs look like "
+                 f"models:/{settings.mlflow.registered_model}@champion or models:/{settings.mlflow.registered_model}/3",
         ) from exc
 
 

@@ -151,7 +151,7 @@ def test_export_backend_logs_next_to_the_version_and_serving_loads_it(tiny_setti
 
 
 def test_unknown_version_is_a_clear_error(tiny_settings):
-    with pytest.raises(Near2Error, match="has no version '99'"):
+    with pytest.raises(Near2Error, match=r"unknown model URI 'models:/near2-encoder/99': .*not found"):
         backends.registered_version(tiny_settings, "models:/near2-encoder/99")
     with pytest.raises(Near2Error, match="expected models:/near2-encoder/<version>"):
         backends.registered_version(tiny_settings, "models:/other-model/1")

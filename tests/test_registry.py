@@ -115,6 +115,28 @@ def test_unknown_version_or_alias_is_a_clear_error(store):
         registry.load_model_from_mlflow("models:/near2-encoder/999", settings=settings)
 
 
+def test_every_form_of_model_uri_parses_and_resolves_to_the_version_the_registry_holds(store):
+    from near2_tasks import registry
+    from near2_tasks.conventions import ModelUri, parse_model_uri
+
+    assert parse_model_uri("models:/m-1a2b") == ModelUri("m-1a2b")  # a logged model: nothing to resolve
+    assert parse_model_uri("/srv/models/encoder") is None and parse_model_uri("runs:/abc/model") is None
+    with pytest.raises(Near2Error, match="cannot read the model URI 'models:/a/b/c'"):
+        parse_model_uri("models:/a/b/c")
+    settings, run_id, info = store
+    name = settings.mlflow.registered_model
+    newest = registry.register_model(settings, info.model_uri, run_id, "ds-uri", [64], run_key="k-uri")
+    registry.client(settings).set_registered_model_alias(name, "reviewed", newest.version)
+    for text in (f"models:/{name}/{newest.version}", f"models:/{name}@reviewed", f"models:/{name}/latest"):
+        parsed = parse_model_uri(text)
+        assert str(parsed) == text and parsed.pinned == text.endswith(f"/{newest.version}")
+        assert str(registry.resolve_model_uri(settings, text).version) == str(newest.version), text
+    with pytest.raises(Near2Error, match=f"unknown model URI 'models:/{name}@nobody'"):
+        registry.resolve_model_uri(settings, f"models:/{name}@nobody")
+    with pytest.raises(Near2Error, match="names no registered version"):
+        registry.resolve_model_uri(settings, "models:/m-1a2b")
+
+
 def test_logged_model_reloads_identically_from_run_and_registry(store, tiny_model_dir):
     from sentence_transformers import SentenceTransformer
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import click
@@ -34,34 +33,21 @@ def read_catalog(settings, path: Path | None):
     return frame.reset_index(drop=True)
 
 
-#: ``models:/<name>/<number>`` or ``models:/<name>@<alias>``
-MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<number>\d+)|@(?P<alias>.+))")
-
-
 def model_ref_version(settings, model_ref: str) -> tuple[str, str | None]:
     """(the version recorded in the index name and _meta, the registered version of
     ``settings.mlflow.registered_model`` it is, or None).
 
-    ``models:/name/3`` -> 3; ``models:/name@alias`` -> the version the alias points at now; anything else
-    (a directory, a hub id) -> ``0``, not registered.
+    ``models:/name/3`` -> 3; ``models:/name@alias`` (or ``/latest``) -> the version it points at now;
+    anything else (a directory, a hub id, a logged model) -> ``0``, not registered.
     """
-    match = MODEL_URI.fullmatch(model_ref)
-    if not match:
+    from near2_tasks.conventions import parse_model_uri
+    from near2_tasks.registry import resolve_model_uri
+
+    parsed = parse_model_uri(model_ref)
+    if parsed is None or parsed.selector is None:
         return "0", None
-    version = match["number"] or _resolve_alias(settings, match["name"], match["alias"], model_ref)
-    return version, version if match["name"] == settings.mlflow.registered_model else None
-
-
-def _resolve_alias(settings, name: str, alias: str, model_ref: str) -> str:
-    from mlflow import MlflowClient
-
-    from near2_tasks.errors import Near2Error
-
-    try:
-        return str(MlflowClient(tracking_uri=settings.tracking_uri).get_model_version_by_alias(name, alias).version)
-    except Exception as exc:  # noqa: BLE001 - any registry failure: say which URI
-        raise Near2Error(f"cannot resolve {model_ref}: {str(exc).splitlines()[0]}",
-                         hint="check the registered model and alias, or pass models:/<name>/<version>") from exc
+    version = parsed.version if parsed.pinned else str(resolve_model_uri(settings, parsed).version)
+    return version, version if parsed.name == settings.mlflow.registered_model else None
 
 
 def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> tuple[str, str, str | None]:
