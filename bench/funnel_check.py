@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
+    from near2_tasks.backends import resolved_backend
     from near2_tasks.config import load_settings
     from near2_tasks.embeddings import encode
     from near2_tasks.evaluate import prepare_data
@@ -68,7 +69,7 @@ def main() -> None:
             rows = [row_of[h.product_id] for h in hits][:10]
             rankings[name][i] = rows + [-1] * (10 - len(rows))  # -1: padding, never judged
     floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
-    results = {"index": served.name, "model_uri": served.model_uri, "backend": settings.model.resolved_backend(),
+    results = {"index": served.name, "model_uri": served.model_uri, "backend": resolved_backend(settings.model),
                "queries": len(queries), "products": len(products), "rows": []}
     for name in modes:
         ndcg = mean_over(per_query_metrics(rankings[name], data.qrels, ["ndcg@10"], floor, threshold)["ndcg@10"])

@@ -39,7 +39,7 @@ from near2_tasks.errors import Near2Error
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-    from near2_tasks.config import Settings
+    from near2_tasks.config import ModelSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,16 @@ class BackendSpec:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BackendSpec:
-        return cls(settings.model.resolved_backend(), settings.model.quantize)  # type: ignore[arg-type]
+        return cls(resolved_backend(settings.model), settings.model.quantize)  # type: ignore[arg-type]
+
+
+def resolved_backend(model: ModelSettings) -> str:
+    """``model.backend`` with ``auto`` decided: torch when the model runs on a GPU, else openvino."""
+    if model.backend != "auto":
+        return model.backend
+    from near2_tasks.embeddings import pick_device
+
+    return "torch" if pick_device(model.device).startswith("cuda") else "openvino"
 
 
 def cpu_threads(requested: int | None = None) -> int:

@@ -86,14 +86,6 @@ class ModelSettings(Section):
     def full_dim(self) -> int:
         return self.dims[0]
 
-    def resolved_backend(self) -> str:
-        """``backend`` with ``auto`` decided: torch when the model runs on a GPU, else openvino."""
-        if self.backend != "auto":
-            return self.backend
-        from near2_tasks.embeddings import pick_device
-
-        return "torch" if pick_device(self.device).startswith("cuda") else "openvino"
-
 
 class DatasetSettings(Section):
     """Where the catalog and the judgments come from, and how relevance is read."""

@@ -238,7 +238,7 @@ def reviewer_details(settings: Settings, report: EvaluationReport, reference: st
 
     lines = [f"## {HEADLINE_METRIC} by query slice and dimension", "", *slice_table(report, reference)]
     if run_id:
-        from near2_tasks.pipeline import mlflow_run_url
+        from near2_tasks.registry import mlflow_run_url
 
         plot = f"{mlflow_run_url(settings, run_id)}/artifacts/{PLOT_ARTIFACT}"
         lines += ["", f"Plot: [{HEADLINE_METRIC} by dimension, against the references]({plot}) "
@@ -322,40 +322,56 @@ def current_champion(settings: Settings):
         raise
 
 
+def evaluate_with_references(settings: Settings, challenger_ref: str, version: str | int, products: pd.DataFrame,
+                             judgments: pd.DataFrame, dims: list[int]) -> tuple[EvaluationReport, str | None]:
+    """The challenger ``version`` (loaded from ``challenger_ref``) evaluated on ``judgments`` with its
+    references in ``report.references``: the champion, when there is one and it is another version, and
+    the base model (``settings.model.base_model``, also for the plot), all at the same dims and k.
+    Returns (report, the champion's version or None). The DAG's evaluate step and ``near2 gate`` both
+    call this; :func:`reference_role` says which reference the gate compares with."""
+    from near2_tasks.evaluate import evaluate_model
+    from near2_tasks.registry import model_uri
+
+    def run(ref: str, label: str, references: Mapping[str, EvaluationReport] | None = None) -> EvaluationReport:
+        log.info("evaluating %s (%s)", label, ref)
+        report = evaluate_model(settings, ref, products, judgments, dims=dims, k=settings.evaluation.k,
+                                reference_reports=references)
+        report.label = label
+        return report
+
+    references: dict[str, EvaluationReport] = {}
+    champion = current_champion(settings)
+    champion_number = None if champion is None else str(champion.version)
+    if champion_number is not None and champion_number != str(version):
+        references["champion"] = run(model_uri(settings, champion_number), f"champion v{champion_number}")
+    references["base"] = run(settings.model.base_model, "base")
+    return run(challenger_ref, f"challenger v{version}", references), champion_number
+
+
+def reference_role(report: EvaluationReport) -> Literal["champion", "base"]:
+    """The reference a gate compares with: the champion when the report has one, else the base model."""
+    return "champion" if "champion" in report.references else "base"
+
+
 def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataFrame,
                  version: str | int = "challenger", output_dir: Path | None = None) -> GateResult:
     """Evaluate ``version`` (number or alias) and its reference on the same judgments, decide and record.
 
     The reference is the champion (unless ``version`` is the champion), else the base model
-    (``settings.model.base_model``). The base model is evaluated in any case for the plot; cached
-    embeddings make the repeated evaluations cheap. The challenger's report (with the references) goes
-    to ``output_dir`` (default ``<home>/reports/v<version>``) and to its MLflow run.
+    (:func:`evaluate_with_references`; cached embeddings make the repeated evaluations cheap). The
+    challenger's report (with the references) goes to ``output_dir`` (default ``<home>/reports/v<version>``)
+    and to its MLflow run.
     """
-    from near2_tasks.evaluate import evaluate_model, log_evaluation, write_report
+    from near2_tasks.evaluate import log_evaluation, write_report
     from near2_tasks.registry import configure_mlflow, get_version, model_uri
 
     configure_mlflow(settings)
     challenger_version = get_version(settings, version)
     number = str(challenger_version.version)
     dims = version_dims(settings, challenger_version.tags)
-    k = settings.evaluation.k
-
-    def evaluate(ref: str, label: str, references: Mapping[str, EvaluationReport] | None = None) -> EvaluationReport:
-        log.info("evaluating %s (%s)", label, ref)
-        report = evaluate_model(settings, ref, products, judgments, dims=dims, k=k, reference_reports=references)
-        report.label = label
-        return report
-
-    references: dict[str, EvaluationReport] = {}
-    champion = current_champion(settings)
-    if champion is not None and str(champion.version) != number:
-        # keyed "champion" as in the DAG's evaluate step; the label names the version
-        references["champion"] = evaluate(model_uri(settings, champion.version), f"champion v{champion.version}")
-    references["base"] = evaluate(settings.model.base_model, "base")
-    challenger = evaluate(model_uri(settings, number), f"challenger v{number}", references)
-
-    role: Literal["champion", "base"] = "champion" if len(references) > 1 else "base"
-    reference = next(iter(references.values()))  # the champion when there is one, else the base model
+    challenger, _ = evaluate_with_references(settings, model_uri(settings, number), number, products, judgments, dims)
+    role = reference_role(challenger)
+    reference = challenger.references[role]
     decision = decide(challenger, reference, settings.gates, reference_role=role)
     output_dir = Path(output_dir or settings.home / "reports" / f"v{number}")
     files = write_report(challenger, output_dir / "report.json")

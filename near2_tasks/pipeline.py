@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from near2_tasks import conventions
 from near2_tasks.errors import Near2Error
 from near2_tasks.promotion import champion_version, not_served_reason
+from near2_tasks.registry import mlflow_run_url, mlflow_version_url
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -166,26 +167,6 @@ def read_step(run_dir: Path, step: str) -> Result | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def mlflow_ui_base(settings: Settings) -> str:
-    if settings.airflow.mlflow_ui_url:
-        return settings.airflow.mlflow_ui_url.rstrip("/")
-    uri = settings.tracking_uri
-    if uri.startswith(("http://", "https://")):
-        return uri.rstrip("/")
-    return "http://127.0.0.1:5000"
-
-
-def mlflow_run_url(settings: Settings, run_id: str) -> str:
-    from near2_tasks import registry
-
-    experiment_id = registry.client(settings).get_run(run_id).info.experiment_id
-    return f"{mlflow_ui_base(settings)}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def mlflow_version_url(settings: Settings, version: str | int) -> str:
-    return f"{mlflow_ui_base(settings)}/#/models/{settings.mlflow.registered_model}/versions/{version}"
-
-
 def index_url(settings: Settings, index: str) -> str:
     from near2_tasks.es_client import redact_url
 
@@ -293,32 +274,22 @@ def train(ctx: StepContext, validation: Result, examples: Result) -> Result:
 def evaluate(ctx: StepContext, validation: Result, examples: Result, trained: Result) -> Result:
     """Evaluate the challenger, the champion (if any) and the base model per dimension on the held-out
     test queries; the challenger's report (with the others as references) goes to its MLflow run."""
-    from near2_tasks import registry
-    from near2_tasks.evaluate import evaluate_model, log_evaluation, write_report
+    from near2_tasks.evaluate import log_evaluation, write_report
+    from near2_tasks.gates import evaluate_with_references, reference_role
 
     settings = ctx.settings
     products, _ = _accepted(validation)
     test = _split(examples, "test")
     version = str(trained["model_version"])
     out = ctx.run_dir / "evaluation"
-    dims, k = settings.model.dims, settings.evaluation.k
-
-    def run(ref: str, label: str, references: Mapping[str, Any] | None = None):
-        report = evaluate_model(settings, ref, products, test, dims=dims, k=k, reference_reports=references)
-        report.label = label
-        return report
-
-    references = {}
-    champion = champion_version(settings)
-    if champion is not None and champion != version:
-        references["champion"] = run(registry.model_uri(settings, champion), f"champion v{champion}")
-    references["base"] = run(settings.model.base_model, "base")
-    challenger = run(trained["model_uri"], f"challenger v{version}", references)
+    dims = settings.model.dims
+    challenger, champion = evaluate_with_references(settings, trained["model_uri"], version, products, test, dims)
+    references = challenger.references
     files = write_report(challenger, out / "report.json")
     log_evaluation(settings, challenger, files)
     return _record(ctx, "evaluate", {
         "report": str(files.json), "plot": str(files.plot),
-        "reference": "champion" if "champion" in references else "base", "champion_version": champion,
+        "reference": reference_role(challenger), "champion_version": champion,
         "ndcg_at_10": {label: {str(d): report.dims[d].get("ndcg@10") for d in dims}
                        for label, report in {"challenger": challenger, **references}.items()},
         "links": {"MLflow run": mlflow_run_url(settings, trained["run_id"]),

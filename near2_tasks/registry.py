@@ -297,6 +297,26 @@ def resolve_model_uri(settings: Settings, uri: str | ModelUri) -> ModelVersion:
         ) from exc
 
 
+# ----- links for people (Airflow extra links, the version description) ---------------------------------
+def mlflow_ui_base(settings: Settings) -> str:
+    """Where a person opens the MLflow UI: airflow.mlflow_ui_url, else an http(s) tracking URI, else the local default."""
+    if settings.airflow.mlflow_ui_url:
+        return settings.airflow.mlflow_ui_url.rstrip("/")
+    uri = settings.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return "http://127.0.0.1:5000"
+
+
+def mlflow_run_url(settings: Settings, run_id: str) -> str:
+    experiment_id = client(settings).get_run(run_id).info.experiment_id
+    return f"{mlflow_ui_base(settings)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def mlflow_version_url(settings: Settings, version: str | int) -> str:
+    return f"{mlflow_ui_base(settings)}/#/models/{settings.mlflow.registered_model}/versions/{version}"
+
+
 def load_model_from_mlflow(uri: str, device: str = "cpu", settings: Settings | None = None) -> SentenceTransformer:
     """Load a ``models:/...`` or ``runs:/...`` URI back into a ``SentenceTransformer`` on ``device``.
 

@@ -202,10 +202,10 @@ _ENCODERS_LOCK = threading.Lock()
 
 def encoder_for(settings: Settings, model_uri: str) -> SentenceTransformer:
     """The query encoder for ``model_uri``, loaded once (LRU of ``serving.encoder_cache_size`` models)."""
-    from near2_tasks.backends import load_inference_encoder
+    from near2_tasks.backends import load_inference_encoder, resolved_backend
 
     cfg = settings.model
-    backend = cfg.resolved_backend()
+    backend = resolved_backend(cfg)
     key = (model_uri, cfg.device, backend, cfg.quantize, cfg.precision)
     with _ENCODERS_LOCK:
         if key in _ENCODERS:

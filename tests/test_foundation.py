@@ -9,6 +9,7 @@ from near2_tasks import conventions
 from near2_tasks.config import load_settings
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.errors import Near2Error
+from tests.stack_support import REPO
 
 
 def test_dims_must_descend_and_be_unique():
@@ -98,3 +99,28 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 
     with pytest.raises(Near2Error, match="not found"):
         load_encoder(str(tmp_path / "nope"))
+
+
+def test_the_package_has_no_import_cycle_even_through_imports_inside_functions():
+    """ARCHITECTURE.md's module map is a layering: config and conventions at the bottom, stages above them,
+    pipeline and the CLI on top. A lazy import inside a function still makes a cycle (config -> embeddings ->
+    registry -> config was one): every ``near2_tasks`` import, wherever it sits, is an edge here."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+
+    package = REPO / "near2_tasks"
+    graph: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        name = ".".join(("near2_tasks", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
+        edges = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("near2_tasks"):
+                edges.add(node.module)
+                edges.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from near2_tasks import x`
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names if alias.name.startswith("near2_tasks"))
+    graph = {name: {edge for edge in edges if edge in graph and edge != name} for name, edges in graph.items()}
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as cycle:
+        pytest.fail(f"import cycle: {' -> '.join(cycle.args[1])}")

@@ -28,12 +28,12 @@ def export(ctx: click.Context, model_ref: str, backend_name: str | None, quantiz
     """
     from pathlib import Path
 
-    from near2_tasks.backends import BackendSpec, export_backend, load_inference_encoder
+    from near2_tasks.backends import BackendSpec, export_backend, load_inference_encoder, resolved_backend
     from near2_tasks.embeddings import MINILM_ALIASES
     from near2_tasks.errors import Near2Error
 
     settings = settings_from(ctx)
-    spec = BackendSpec(backend_name or settings.model.resolved_backend(), quantize or settings.model.quantize)  # type: ignore[arg-type]
+    spec = BackendSpec(backend_name or resolved_backend(settings.model), quantize or settings.model.quantize)  # type: ignore[arg-type]
     if spec.backend == "torch":
         raise Near2Error("model.backend is torch: nothing to export", hint="pass --backend onnx or openvino")
     if model_ref in MINILM_ALIASES or Path(model_ref).expanduser().is_dir():
