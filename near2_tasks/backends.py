@@ -103,6 +103,8 @@ def cpu_threads(requested: int | None = None) -> int:
 def _require(module: str, extra: str) -> Any:
     import importlib
 
+    if module == "openvino":
+        openvino_telemetry_off()
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -110,6 +112,24 @@ def _require(module: str, extra: str) -> Any:
             f"the {extra} backend needs the Python package {module!r}, which is not installed",
             hint="install from requirements.lock, or set model.backend: torch",
         ) from exc
+
+
+def openvino_telemetry_off() -> None:
+    """``import openvino`` (it imports its converter, ``openvino.tools.ovc``) and each conversion report to
+    Google Analytics unless a consent file under ``~/intel`` says no or ``CI=true``; near2 never reports
+    usage. Offline it also hung: the sender is a forked child of the multi-threaded process, which
+    deadlocked in ``getaddrinfo`` and kept pytest from exiting. Before OpenVINO is first imported,
+    ``openvino_telemetry`` is made unimportable, so the converter takes the no-op ``telemetry_stub`` it
+    ships for installs without that package; if it was imported already, its modules are pointed there."""
+    import sys
+
+    if "openvino.tools.ovc" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import raises ImportError
+        return
+    from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
+
+    convert_impl.tm = telemetry_stub
+    telemetry_utils.tm = telemetry_stub
 
 
 def export_onnx(model: SentenceTransformer, path: Path) -> Path:

@@ -210,3 +210,32 @@ def test_evaluation_and_serving_encode_with_the_configured_backend(tiny_settings
     assert not hasattr(fallback, "encode_normalized")  # fp32 torch, and nothing was exported for it
     tags = mlflow_client(onnx).get_model_version(onnx.mlflow.registered_model, version).tags
     assert "backend.onnx" not in tags
+
+
+def test_openvino_reports_nothing_to_telemetry_once_near2_imports_it(tmp_path):
+    """Outside CI (no CI=true) ``import openvino`` and each conversion send usage events to Google
+    Analytics; near2 never does (offline, the sender's forked child hung and kept pytest from exiting).
+    Checked in fresh interpreters, since this process may have imported OpenVINO already: what the
+    converter would report through, without near2 (the control) and after near2 imported OpenVINO."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("from openvino.tools.ovc import telemetry_stub, telemetry_utils\n"
+             "print(isinstance(telemetry_utils.init_ovc_telemetry(), telemetry_stub.Telemetry))")
+    opted_out, fresh = tmp_path / "opted-out", tmp_path / "fresh"
+    (opted_out / "intel").mkdir(parents=True)
+    (opted_out / "intel" / "openvino_telemetry").write_text("0\n")  # what `opt_in_out --opt_out` writes
+    fresh.mkdir()
+
+    def stub_in_use(prelude: str, home: Path) -> bool:
+        env = {k: v for k, v in os.environ.items() if k != "CI"} | {"HOME": str(home)}
+        out = subprocess.run([sys.executable, "-c", prelude + probe], capture_output=True, text=True, env=env,
+                             timeout=120, check=True).stdout.split()
+        return out[-1] == "True"
+
+    # the control, on a home that opted out (so it sends nothing): on its own OpenVINO uses its real telemetry
+    assert not stub_in_use("import openvino\n", opted_out)
+    # near2 on a home that never answered, where OpenVINO alone would report: the no-op stub
+    assert stub_in_use("from near2_tasks.backends import _require\n_require('openvino', 'openvino')\n", fresh)
