@@ -40,7 +40,7 @@ ALIAS = "near2-bench-rescore"
 
 
 def main() -> None:
-    from near2_tasks import conventions, elasticsearch_local
+    from near2_tasks import compact, conventions, elasticsearch_local
     from near2_tasks.config import load_settings
     from near2_tasks.embeddings import encode, load_encoder
     from near2_tasks.evaluate import prepare_data
@@ -57,14 +57,17 @@ def main() -> None:
     parser.add_argument("--oversample", default="0,1,2,3,5,10")
     parser.add_argument("--num-candidates", type=int, default=100)
     parser.add_argument("--queries", type=int, default=0, help="first N test queries only (0: all)")
+    parser.add_argument("--extra-code-dims", default="128", help="more bit-code dims to index and funnel from")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.extra_code_dims = [int(d) for d in args.extra_code_dims.split(",") if d]
 
     port = int(args.es_url.rsplit(":", 1)[1])
     home = Path(tempfile.mkdtemp(prefix="near2-rescore-"))
     settings = load_settings(**{
         "home": str(home),
-        "elasticsearch": {"url": args.es_url, "alias": ALIAS},
+        "elasticsearch": {"url": args.es_url, "alias": ALIAS,
+                          "binary_dims": sorted({64, *args.extra_code_dims}, reverse=True)},
         "local_elasticsearch": {"port": port, "heap": "1g",
                                 "cache_dir": str(REPO / ".near2" / "cache" / "elasticsearch")},
     })
@@ -97,24 +100,53 @@ def main() -> None:
             body["knn"]["rescore_vector"] = {"oversample": oversample}
         return [hit["_source"]["product_id"] for hit in searcher.client.search(index=served.name, **body)["hits"]["hits"]]
 
-    _, shortlist_dim = searcher.pick_dims(served, None, "funnel")
-    modes = {f"kNN {full} ({served.index_types[full]}) rescore_vector x{o}": (lambda v, o=float(o): knn(v, full, o))
+    shortlist_dim = min(settings.elasticsearch.binary_dims)  # the production funnel: the default 64-bit codes
+    modes = {f"kNN {full} ({served.index_types[full]}) rescore_vector x{o}": (lambda v, i, o=float(o): knn(v, full, o))
              for o in args.oversample.split(",")}
     small = min(served.dims)
-    modes[f"kNN {small} ({served.index_types[small]})"] = lambda v: knn(v, small, None)
+    modes[f"kNN {small} ({served.index_types[small]})"] = lambda v, i: knn(v, small, None)
     funnel = (f"funnel {settings.serving.funnel_shortlist_size} @ {shortlist_dim}"
               f"{' bits' if shortlist_dim in served.binary_centres else ''} -> {full} (2 requests)")
-    modes[funnel] = lambda v: [h.product_id for h in searcher.retrieve(served, v, k, full, shortlist_dim).hits]
+    modes[funnel] = lambda v, i: [h.product_id for h in searcher.retrieve(served, v, k, full, shortlist_dim).hits]
+    assert shortlist_dim in served.binary_centres, served.binary_centres.keys()
 
+    # where the funnel's time goes: its two requests timed apart, then trimmed first stages, and the
+    # funnel from the 128-bit codes (16 B per product) with shorter shortlists
+    def shortlist(vector, trim: str, code_dim: int = shortlist_dim, size: int = settings.serving.funnel_shortlist_size):
+        body = knn_body(code_dim, None, size, size, [], source=False,
+                        code=compact.query_code(vector, code_dim, served.binary_centres[code_dim]))
+        if trim == "none":
+            return [h["_id"] for h in searcher.client.search(index=served.name, **body)["hits"]["hits"]]
+        if trim == "filter_path":
+            hits = searcher.client.search(index=served.name, **body, track_total_hits=False,
+                                          filter_path=["hits.hits._id"])["hits"]["hits"]
+            return [h["_id"] for h in hits]
+        hits = searcher.client.search(index=served.name, **body, track_total_hits=False, stored_fields="_none_",
+                                      docvalue_fields=["product_id"],
+                                      filter_path=["hits.hits.fields.product_id"])["hits"]["hits"]
+        return [h["fields"]["product_id"][0] for h in hits]
+
+    def rescore(vector, ids):
+        body = knn_body(full, conventions.truncate(vector, full), k, len(ids), [{"ids": {"values": ids}}])
+        return [h["_source"]["product_id"] for h in searcher.client.search(index=served.name, **body)["hits"]["hits"]]
+
+    for trim in ("none", "filter_path", "docvalues"):
+        modes[f"funnel stage 1 only, 2,000 @ {shortlist_dim} bits ({trim})"] = (
+            lambda v, i, t=trim: shortlist(v, t)[:k])
+    shortlists = [shortlist(v, "filter_path") for v in queries]  # stage 2 alone is timed on these
+    modes["funnel stage 2 only (the 2,000 ids, rescored at 384)"] = lambda v, i: rescore(v, shortlists[i])
+    for code_dim, size in ((shortlist_dim, 2000), *((d, n) for d in args.extra_code_dims for n in (400, 800))):
+        modes[f"funnel {size} @ {code_dim} bits -> {full}, trimmed stage 1"] = (
+            lambda v, i, d=code_dim, n=size: rescore(v, shortlist(v, "docvalues", d, n)))
     rankings = {name: np.full((len(queries), k), -1, dtype=np.int64) for name in modes}
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     for name in modes:  # one warm-up query each
-        modes[name](queries[0])
+        modes[name](queries[0], 0)
     for i, vector in enumerate(queries):
         names = list(modes)
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
             start = time.perf_counter()
-            ids = modes[name](vector)
+            ids = modes[name](vector, i)
             seconds[name].append(time.perf_counter() - start)
             rows = [row_of[p] for p in ids][:k]
             rankings[name][i, :len(rows)] = rows
