@@ -210,9 +210,14 @@ def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dic
     """Settings (loading mode: no refresh, no replicas) and mappings of a new serving index."""
     properties: dict[str, Any] = {
         "product_id": {"type": "keyword"},
-        "title": {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}},
-        "category": {"type": "keyword"},
-        "brand": {"type": "keyword"},
+        # lexical fields of hybrid search (conventions.LEXICAL_FIELDS): text with the core analyzer;
+        # category and brand stay keywords (exact filters) with a .text subfield for BM25
+        "title": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER,
+                  "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}},
+        "category": {"type": "keyword",
+                     "fields": {"text": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER}}},
+        "brand": {"type": "keyword",
+                  "fields": {"text": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER}}},
         "price": {"type": "float"},
     }
     for dim in dims:
@@ -337,6 +342,7 @@ def _build(settings, model_ref, products, model_version, run_id, catalog_version
         "dims": dims,
         "catalog_version": catalog_version or catalog_fingerprint(products),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        conventions.META_LEXICAL_FIELDS: list(conventions.LEXICAL_FIELDS),
     }
     if vectors is None:  # before the index exists: a failed encode leaves nothing behind
         log.info("encoding %d products with %s", len(products), model_ref)
@@ -803,8 +809,13 @@ def build_verify_swap(
     expected_current: str | None | type[Ellipsis] = ...,
     progress: Progress | None = None,
     champion: str | None = None,
+    tune_judgments: pd.DataFrame | None = None,
 ) -> SwapResult:
-    """Build, verify, swap (compare-and-swap against the target read before the build), prune.
+    """Build, (tune the hybrid weights,) verify, swap (compare-and-swap against the target read before the
+    build), prune.
+
+    ``tune_judgments``: validation-split judgments; when given, :func:`near2_tasks.hybrid.tune_weights`
+    stores the linear-fusion weight per dim in ``_meta.hybrid_weights`` before verification and swap.
 
     ``expected_current``: the alias target the caller based its decision on (default: the target
     when this call starts). If the alias moved meanwhile, AliasChanged is raised after the build
@@ -818,6 +829,13 @@ def build_verify_swap(
             expected_current = current_target(client, es.alias)
     built, model = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
                           model_name=model_name, index_name=index_name, client=client, progress=progress)
+    if tune_judgments is not None:
+        from near2_tasks.hybrid import tune_weights
+
+        tuned = tune_weights(settings, built.name, products, tune_judgments, model=model, client=client)
+        if tuned.weights:
+            built = BuiltIndex(name=built.name, count=built.count, meta={
+                **built.meta, conventions.META_HYBRID_WEIGHTS: {str(d): w for d, w in tuned.weights.items()}})
     report = verify_index(settings, built.name, products, model=model, client=client)
     previous = swap_to_champion_index(client, es.alias, built.name, expected_current,  # type: ignore[arg-type]
                                       model_version, champion)
