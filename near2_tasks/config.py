@@ -315,9 +315,30 @@ class ServingSettings(Section):
     """The storefront search: defaults and the bounds every request is checked against."""
 
     default_dim: int | None = Field(None, description="None: the serving index's full dimension.")
-    mode: Literal["knn", "funnel"] = Field(
+    mode: Literal["knn", "funnel", "hybrid"] = Field(
         "knn", description="knn: one request on the field (bbq_hnsw rescored 3x at 384-d: -0.6% NDCG@10 vs exact "
-                           "float, 5 ms p50 on ES 9.2.4); funnel: 8 B/product in RAM, -2.5%, 35 ms (BENCHMARKS.md).")
+                           "float, 4-5 ms p50 on ES 9.2.4); funnel: 8 B/product in RAM, -2.5%, 17 ms; hybrid: BM25 + "
+                           "kNN fused, +0.034 NDCG@10 over dense at 384-d, 6.8 ms (BENCHMARKS.md).")
+    # hybrid retrieval (near2_tasks.hybrid): BM25 and kNN top-N, fused in Python
+    hybrid_fusion: Literal["rrf", "linear"] = Field(
+        "linear", description="How mode=hybrid fuses when a request names no fusion: a linear combination of "
+                              "min-max normalised scores (the weight tuned per dim), or reciprocal-rank fusion. "
+                              "Linear beat RRF at every dim on Home Depot (0.374 vs 0.359 at 384-d; BENCHMARKS.md).")
+    hybrid_candidates: int = Field(
+        100, gt=0, description="Top-N taken from each side (BM25 and kNN) before fusion; at least k.")
+    rrf_k: float = Field(60.0, gt=0, description="RRF constant: a product scores sum(1 / (rrf_k + rank)).")
+    hybrid_weight: float = Field(
+        0.5, ge=0, le=1, description="Weight of the dense side in linear fusion (1 - it for BM25) when the "
+                                     "serving index's _meta.hybrid_weights has none for the dimension.")
+    hybrid_funnel: bool = Field(
+        False, description="The dense side of mode=hybrid is the funnel (shortlist, then rescore) instead of "
+                           "one kNN at the dimension.")
+    lexical_fields: list[str] = Field(
+        default_factory=lambda: ["title", "brand.text", "category.text"],
+        description="Fields of the BM25 side (multi_match; `field^boost` allowed); fields the serving index "
+                    "does not hold are left out (older indices have title only).")
+    lexical_type: Literal["best_fields", "most_fields", "cross_fields"] = Field(
+        "best_fields", description="multi_match type of the BM25 side.")
     funnel_shortlist_dim: int | None = Field(
         None, description="None: the largest dim with bit codes below the rescore dim (elasticsearch.binary_dims), "
                           "else the smallest dimension the index serves.")
@@ -496,6 +517,12 @@ class EvaluationSettings(Section):
                     "case-insensitive).",
     )
     query_batch_size: int = Field(256, gt=0, description="Queries scored against the whole catalog per matrix product.")
+    hybrid_weight_grid: list[float] = Field(
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
+        description="Linear-fusion weights (of the dense side) tried per dimension on the validation split "
+                    "(near2_tasks.hybrid_tuning.tune_weights); the best is stored in the index _meta.hybrid_weights.")
+    tune_hybrid: bool = Field(
+        True, description="Tune the hybrid weights after the DAG's build_index step (needs judgments).")
     cache_dir: Path | None = Field(None, description="Embedding cache; default <home>/cache/embeddings.")
 
     @field_validator("slices")

@@ -28,6 +28,16 @@ APPROVED, REJECTED, PENDING = "approved", "rejected", "pending"
 #: Keys of an index's ``_meta``.
 INDEX_META_KEYS = ("model_name", "model_version", "model_uri", "run_id", "dims", "catalog_version", "built_at")
 
+#: Text fields of the BM25 side of hybrid search (``title`` is text, ``brand``/``category`` keyword with a
+#: ``.text`` subfield, so filters keep their exact ``term`` match), all with the core ``standard`` analyzer.
+LEXICAL_FIELDS = ("title", "brand.text", "category.text")
+#: The analyzer of the lexical fields: the local server has no analysis-common (no ``english`` analyzer).
+LEXICAL_ANALYZER = "standard"
+#: ``_meta`` keys of hybrid search: the lexical fields an index holds, and the tuned linear weight per dim.
+META_LEXICAL_FIELDS = "lexical_fields"
+META_HYBRID_WEIGHTS = "hybrid_weights"
+META_HYBRID_TUNING = "hybrid_tuning"
+
 
 def vector_field(dim: int) -> str:
     """``embedding_<d>``: the dense_vector field that holds the d-dimensional prefix."""

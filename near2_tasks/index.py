@@ -210,9 +210,14 @@ def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dic
     """Settings (loading mode: no refresh, no replicas) and mappings of a new serving index."""
     properties: dict[str, Any] = {
         "product_id": {"type": "keyword"},
-        "title": {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}},
-        "category": {"type": "keyword"},
-        "brand": {"type": "keyword"},
+        # lexical fields of hybrid search (conventions.LEXICAL_FIELDS): text with the core analyzer;
+        # category and brand stay keywords (exact filters) with a .text subfield for BM25
+        "title": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER,
+                  "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}},
+        "category": {"type": "keyword",
+                     "fields": {"text": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER}}},
+        "brand": {"type": "keyword",
+                  "fields": {"text": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER}}},
         "price": {"type": "float"},
     }
     for dim in dims:
@@ -328,6 +333,7 @@ def _build(settings, model_ref, products, model_version, run_id, catalog_version
         "dims": dims,
         "catalog_version": catalog_version or catalog_fingerprint(products),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        conventions.META_LEXICAL_FIELDS: list(conventions.LEXICAL_FIELDS),
     }
     if vectors is None:  # before the index exists: a failed encode leaves nothing behind
         log.info("encoding %d products with %s", len(products), model_ref)
@@ -794,8 +800,13 @@ def build_verify_swap(
     expected_current: str | None | type[Ellipsis] = ...,
     progress: Progress | None = None,
     champion: str | None = None,
+    before_verify: Callable[[BuiltIndex, SentenceTransformer | None], BuiltIndex] | None = None,
 ) -> SwapResult:
     """Build, verify, swap (compare-and-swap against the target read before the build), prune.
+
+    ``before_verify(built, model)``: runs on the loaded index before verification and swap and returns it
+    with whatever ``_meta`` it added, e.g. :func:`near2_tasks.hybrid_tuning.weight_tuning` (the hybrid
+    weights measured on the validation split).
 
     ``expected_current``: the alias target the caller based its decision on (default: the target
     when this call starts). If the alias moved meanwhile, AliasChanged is raised after the build
@@ -809,6 +820,8 @@ def build_verify_swap(
             expected_current = current_target(client, es.alias)
     built, model = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
                           model_name=model_name, index_name=index_name, client=client, progress=progress)
+    if before_verify is not None:
+        built = before_verify(built, model)
     report = verify_index(settings, built.name, products, model=model, client=client)
     previous = swap_to_champion_index(client, es.alias, built.name, expected_current,  # type: ignore[arg-type]
                                       model_version, champion)

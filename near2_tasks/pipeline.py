@@ -394,9 +394,19 @@ def build_index(ctx: StepContext, validation: Result, model: Result) -> Result:
     built = idx.build_index(settings, model_uri, products, model["model_version"], run_id=model.get("run_id"),
                             catalog_version=validation["catalog_version"], dims=settings.model.dims,
                             vectors=vectors, index_name=state["index"])
+    weights: dict[str, float] = {}
+    judgments = _accepted(validation)[1]
+    if settings.evaluation.tune_hybrid and not judgments.empty:
+        # the hybrid linear weight per dim, measured on the validation split, into _meta before the swap
+        from near2_tasks.examples import configured_splits
+        from near2_tasks.hybrid_tuning import tune_weights
+
+        tuned = tune_weights(settings, built.name, products, configured_splits(settings, judgments).validation,
+                             model=encoder)
+        weights = {str(d): w for d, w in tuned.weights.items()}
     return _record(ctx, "build_index", {
         "index": built.name, "documents": built.count, "model_version": str(model["model_version"]),
-        "model_uri": built.meta["model_uri"], "dims": built.meta["dims"],
+        "model_uri": built.meta["model_uri"], "dims": built.meta["dims"], "hybrid_weights": weights,
         "expected_current": state["expected_current"],
         "links": {"Elasticsearch index": index_url(settings, built.name)},
     })

@@ -13,9 +13,13 @@ Modes:
   restricted to the shortlist (an ``ids`` filter; Lucene scores a small filtered set exhaustively).
   When the index holds 1-bit codes of a dimension (``elasticsearch.binary_dims``), the shortlist
   compares codes by Hamming distance (``near2_tasks.compact``: d/8 bytes per product).
+* ``hybrid``: BM25 top-N over the lexical fields and kNN top-N at the dimension (or the funnel, with
+  ``serving.hybrid_funnel``), in one ``_msearch``, fused in Python by reciprocal-rank fusion or a linear
+  combination of min-max normalised scores with the weight the index ``_meta`` holds for the dimension
+  (``near2_tasks.hybrid``: why one request, the tie-breaking order).
 
 Filters (category, brand, price range) run inside the kNN ``filter``, so k results come back even
-when the filter is selective. Request bodies are built as structures, never from strings.
+when the filter is selective (and as the BM25 side's ``bool.filter`` in hybrid mode). Request bodies are built as structures, never from strings.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from near2_tasks import compact, conventions
+from near2_tasks import compact, conventions, hybrid
 from near2_tasks.errors import Near2Error
 from near2_tasks.es_client import es_errors, make_client
 
@@ -44,8 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["knn", "funnel"]
-MODES = ("knn", "funnel")
+Mode = Literal["knn", "funnel", "hybrid"]
+MODES = ("knn", "funnel", "hybrid")
 
 
 class BadSearchRequest(Near2Error):
@@ -148,6 +152,8 @@ class SearchResponse:
     filters: dict[str, Any] = field(default_factory=dict)
     shortlist_dim: int | None = None
     shortlist_size: int | None = None
+    #: mode=hybrid only: fusion, rrf_k or weight (and where the weight came from), per-side hit counts
+    hybrid: dict[str, Any] | None = None
 
     def to_dict(self, include_model_uri: bool = True) -> dict[str, Any]:
         data = asdict(self)
@@ -161,6 +167,23 @@ class Retrieved:
     hits: list[Hit]
     timings_ms: dict[str, float]
     shortlist_size: int | None = None
+    hybrid: dict[str, Any] | None = None
+
+
+@dataclass
+class HybridSides:
+    """The two rankings of a hybrid search before fusion, best first, and every hit by product id."""
+
+    dense: list[tuple[str, float]]
+    lexical: list[tuple[str, float]]
+    hits: dict[str, Hit]
+    timings_ms: dict[str, float]
+    requests: int
+    shortlist_size: int | None = None
+
+
+class IndexVanished(Near2Error):
+    """An ``_msearch`` item answered index_not_found: the alias moved and the old index was deleted."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +200,10 @@ class ServingIndex:
     binary_centres: dict[int, np.ndarray] = field(default_factory=dict, compare=False)
     #: dim -> the ``index_options.type`` of ``embedding_<dim>`` in the index's mapping (hnsw, bbq_hnsw, ...)
     index_types: dict[int, str] = field(default_factory=dict, compare=False)
+    #: text fields for the BM25 side of hybrid search (``_meta.lexical_fields``; older indices: title)
+    lexical_fields: tuple[str, ...] = ("title",)
+    #: dim -> linear-fusion weight of the dense side, tuned on the validation split (``_meta.hybrid_weights``)
+    hybrid_weights: dict[int, float] = field(default_factory=dict, compare=False)
 
     @property
     def full_dim(self) -> int:
@@ -278,6 +305,13 @@ class Searcher:
             name = targets[0]
             if self._serving is not None and self._serving.name == name:
                 return self._serving  # _meta of a built index does not change what search needs
+        return self.serving_index_of(name)
+
+    def serving_index_of(self, name: str) -> ServingIndex:
+        """What search needs to know about the concrete index ``name`` (served or not: tuning and
+        evaluation query an index before the swap)."""
+        alias = self.settings.elasticsearch.alias
+        with es_errors(self.settings.elasticsearch.url, f"reading the mapping of {name}"):
             mapping = next(iter(self.client.indices.get_mapping(index=name).values()))["mappings"]
         meta = mapping.get("_meta") or {}
         dims = [int(d) for d in meta.get("dims") or []]
@@ -290,9 +324,12 @@ class Searcher:
         properties = mapping.get("properties") or {}
         index_types = {d: (properties.get(conventions.vector_field(d), {}).get("index_options") or {}).get(
             "type", "hnsw") for d in dims}
+        lexical = tuple(meta.get(conventions.META_LEXICAL_FIELDS) or ("title",))
+        weights = {int(d): float(w) for d, w in (meta.get(conventions.META_HYBRID_WEIGHTS) or {}).items()}
         return ServingIndex(alias=alias, name=name, dims=dims, model_uri=meta["model_uri"],
                             model_name=meta.get("model_name"), model_version=meta.get("model_version"),
-                            binary_centres=centres, index_types=index_types)
+                            binary_centres=centres, index_types=index_types, lexical_fields=lexical,
+                            hybrid_weights=weights)
 
     def encoder(self, serving: ServingIndex) -> SentenceTransformer:
         return encoder_for(self.settings, serving.model_uri)
@@ -300,18 +337,26 @@ class Searcher:
     # ----- search ----------------------------------------------------------------------------
     def search(self, query: str, k: int = 10, dim: int | None = None, mode: Mode | None = None,
                filters: SearchFilters | dict[str, Any] | None = None,
-               num_candidates: int | None = None) -> SearchResponse:
-        """Validate, resolve the served index, encode, search; see the module docstring."""
+               num_candidates: int | None = None, fusion: hybrid.Fusion | None = None) -> SearchResponse:
+        """Validate, resolve the served index, encode, search; see the module docstring.
+
+        ``fusion`` (mode=hybrid only): ``rrf`` or ``linear``; default ``serving.hybrid_fusion``."""
         from elasticsearch import NotFoundError
 
         query, k, mode, filters, num_candidates = self._validate(query, k, mode, filters, num_candidates)
+        if fusion is not None and mode != "hybrid":
+            raise BadSearchRequest(f"fusion applies to mode=hybrid only, not {mode}", hint="pass mode=hybrid")
+        fusion = fusion or self.settings.serving.hybrid_fusion
+        if fusion not in hybrid.FUSIONS:
+            raise BadSearchRequest(f"unknown fusion {fusion!r}", hint=f"fusions are {list(hybrid.FUSIONS)}")
         try:
-            return self._search(self.serving_index(), query, k, dim, mode, filters, num_candidates)
-        except NotFoundError:  # the index was deleted right after the alias moved: follow the alias
+            return self._search(self.serving_index(), query, k, dim, mode, filters, num_candidates, fusion)
+        except (NotFoundError, IndexVanished):  # the index was deleted right after the alias moved: follow it
             pass
         try:
-            return self._search(self.serving_index(refresh=True), query, k, dim, mode, filters, num_candidates)
-        except NotFoundError as exc:
+            return self._search(self.serving_index(refresh=True), query, k, dim, mode, filters, num_candidates,
+                                fusion)
+        except (NotFoundError, IndexVanished) as exc:
             raise Near2Error(f"the index behind alias {self.settings.elasticsearch.alias!r} vanished twice "
                              "during the search", hint="check `near2 index status`") from exc
 
@@ -348,6 +393,8 @@ class Searcher:
 
         if dim is not None:
             dim = check(dim, "dim")
+        if mode == "hybrid":  # the dense side is a kNN at dim, or the funnel
+            mode = "funnel" if serving.hybrid_funnel else "knn"
         if mode == "knn":
             if dim is None:
                 dim = serving.default_dim if serving.default_dim in served.dims else served.full_dim
@@ -363,7 +410,7 @@ class Searcher:
         return dim, shortlist_dim
 
     def _search(self, served: ServingIndex, query: str, k: int, dim: int | None, mode: str,
-                filters: SearchFilters, num_candidates: int) -> SearchResponse:
+                filters: SearchFilters, num_candidates: int, fusion: str = "rrf") -> SearchResponse:
         from near2_tasks.embeddings import encode
 
         dim, shortlist_dim = self.pick_dims(served, dim, mode)
@@ -373,7 +420,11 @@ class Searcher:
         with torch_threads(self.settings.serving.encode_threads):
             full = encode(model, [query], batch_size=1)[0]
         encoded = time.perf_counter()
-        retrieved = self.retrieve(served, full, k, dim, shortlist_dim, filters.clauses(), num_candidates)
+        if mode == "hybrid":
+            retrieved = self.retrieve_hybrid(served, query, full, k, dim, shortlist_dim, filters.clauses(),
+                                             num_candidates, fusion)
+        else:
+            retrieved = self.retrieve(served, full, k, dim, shortlist_dim, filters.clauses(), num_candidates)
         done = time.perf_counter()
         timings = {"model_load": round((loaded - began) * 1000, 3), "encode": round((encoded - loaded) * 1000, 3),
                    **retrieved.timings_ms, "total": round((done - began) * 1000, 3)}
@@ -381,7 +432,7 @@ class Searcher:
             query=query, k=k, dim=dim, mode=mode, index=served.name, model_name=served.model_name,
             model_version=served.model_version, model_uri=served.model_uri, hits=retrieved.hits,
             timings_ms=timings, filters=filters.active(), shortlist_dim=shortlist_dim,
-            shortlist_size=retrieved.shortlist_size)
+            shortlist_size=retrieved.shortlist_size, hybrid=retrieved.hybrid)
 
     def retrieve(self, served: ServingIndex, full_vector, k: int, dim: int, shortlist_dim: int | None = None,
                  clauses: list[dict[str, Any]] | None = None, num_candidates: int = 100) -> Retrieved:
@@ -418,6 +469,105 @@ class Searcher:
         timings["es_took"] = float(took)
         return Retrieved(hits=[_hit(h) for h in response["hits"]["hits"]], timings_ms=timings,
                          shortlist_size=shortlist_size)
+
+    def retrieve_lexical(self, served: ServingIndex, query: str, k: int, clauses: list[dict[str, Any]] | None = None,
+                         fields: list[str] | None = None) -> Retrieved:
+        """BM25 alone (``multi_match`` over the lexical fields): the lexical side, for evaluation."""
+        fields = fields or hybrid.lexical_fields(self.settings.serving.lexical_fields, served.lexical_fields)
+        began = time.perf_counter()
+        with es_errors(self.settings.elasticsearch.url, "search", keep_not_found=True):
+            response = self.client.search(index=served.name, **hybrid.lexical_body(
+                query, fields, k, clauses or [], self.settings.serving.lexical_type))
+        return Retrieved(hits=[_hit(h) for h in response["hits"]["hits"]],
+                         timings_ms={"search": round((time.perf_counter() - began) * 1000, 3),
+                                     "es_took": float(response["took"])})
+
+    def hybrid_sides(self, served: ServingIndex, query: str, full_vector, n: int, dim: int,
+                     shortlist_dim: int | None = None, clauses: list[dict[str, Any]] | None = None,
+                     num_candidates: int = 100, fields: list[str] | None = None) -> HybridSides:
+        """The BM25 top ``n`` and the dense top ``n`` (kNN at ``dim``, or the funnel when ``shortlist_dim``
+        is given), the same filter clauses on both sides. One ``_msearch`` carries both searches (the
+        funnel's rescore is a second request, it needs the shortlist). No input checks: callers validate."""
+        serving = self.settings.serving
+        clauses = clauses or []
+        fields = fields or hybrid.lexical_fields(serving.lexical_fields, served.lexical_fields)
+        lexical = hybrid.lexical_body(query, fields, n, clauses, serving.lexical_type)
+        shortlist_size = None
+        if shortlist_dim is None:
+            dense = knn_body(dim, conventions.truncate(full_vector, dim), n, max(n, num_candidates), clauses)
+        else:
+            shortlist_size = min(max(n, serving.funnel_shortlist_size), serving.max_num_candidates)
+            candidates = max(shortlist_size, num_candidates)
+            if shortlist_dim in served.binary_centres:
+                dense = knn_body(shortlist_dim, None, shortlist_size, candidates, clauses, source=False,
+                                 code=compact.query_code(full_vector, shortlist_dim, served.binary_centres[shortlist_dim]))
+            else:
+                dense = knn_body(shortlist_dim, conventions.truncate(full_vector, shortlist_dim), shortlist_size,
+                                 candidates, clauses, source=False)
+        began = time.perf_counter()
+        timings: dict[str, float] = {}
+        requests = 1
+        with es_errors(self.settings.elasticsearch.url, "search", keep_not_found=True):
+            response = self.client.msearch(searches=[{"index": served.name}, lexical, {"index": served.name}, dense])
+            answers = response["responses"]
+            for answer in answers:
+                if "error" in answer:
+                    error = answer["error"]
+                    kind = error.get("type") if isinstance(error, dict) else None
+                    if kind == "index_not_found_exception":
+                        raise IndexVanished(f"index {served.name} no longer exists")
+                    reason = error.get("reason") if isinstance(error, dict) else error
+                    raise Near2Error(f"hybrid search on {served.name} failed: {kind}: {reason}"[:500])
+            took = max(float(a.get("took", 0)) for a in answers)
+            lexical_raw, dense_raw = answers[0]["hits"]["hits"], answers[1]["hits"]["hits"]
+            if shortlist_dim is not None:
+                timings["shortlist"] = round((time.perf_counter() - began) * 1000, 3)
+                ids = [hit["_id"] for hit in dense_raw]
+                dense_raw = []
+                if ids:  # exact scores at dim over the shortlist, as the funnel does
+                    rescored = self.client.search(index=served.name, **knn_body(
+                        dim, conventions.truncate(full_vector, dim), min(n, len(ids)), len(ids),
+                        [{"ids": {"values": ids}}]))
+                    dense_raw = rescored["hits"]["hits"]
+                    took += float(rescored["took"])
+                    requests = 2
+        timings["search"] = round((time.perf_counter() - began) * 1000, 3)
+        timings["es_took"] = took
+        hits: dict[str, Hit] = {}
+        sides = []
+        for raw_hits in (dense_raw, lexical_raw):
+            side = []
+            for raw in raw_hits:
+                hit = _hit(raw)
+                hits.setdefault(hit.product_id, hit)
+                side.append((hit.product_id, hit.score))
+            sides.append(side)
+        return HybridSides(dense=sides[0], lexical=sides[1], hits=hits, timings_ms=timings, requests=requests,
+                           shortlist_size=shortlist_size)
+
+    def retrieve_hybrid(self, served: ServingIndex, query: str, full_vector, k: int, dim: int,
+                        shortlist_dim: int | None = None, clauses: list[dict[str, Any]] | None = None,
+                        num_candidates: int = 100, fusion: str = "rrf") -> Retrieved:
+        """:meth:`hybrid_sides` with top-N ``serving.hybrid_candidates`` (at least k), fused
+        (:func:`near2_tasks.hybrid.fuse`); a hit's score is its fused score."""
+        serving = self.settings.serving
+        n = min(max(k, serving.hybrid_candidates), serving.max_num_candidates)
+        sides = self.hybrid_sides(served, query, full_vector, n, dim, shortlist_dim, clauses,
+                                  max(n, num_candidates))
+        began = time.perf_counter()
+        weight, source = hybrid.weight_for(served, dim, serving.hybrid_weight)
+        fused = hybrid.fuse(sides.dense, sides.lexical, fusion, rrf_k=serving.rrf_k, weight=weight)[:k]
+        hits = [replace(sides.hits[f.product_id], score=round(f.score, 8)) for f in fused]
+        timings = {**sides.timings_ms, "fusion": round((time.perf_counter() - began) * 1000, 3)}
+        info: dict[str, Any] = {"fusion": fusion, "candidates": n, "requests": sides.requests,
+                                "dense_hits": len(sides.dense), "lexical_hits": len(sides.lexical),
+                                "dense_ranks": [f.dense_rank for f in fused],
+                                "lexical_ranks": [f.lexical_rank for f in fused]}
+        if fusion == "rrf":
+            info["rrf_k"] = serving.rrf_k
+        else:
+            info.update(weight=weight, weight_source=source)
+        return Retrieved(hits=hits, timings_ms=timings, shortlist_size=sides.shortlist_size, hybrid=info)
 
 
 def shortlist_ids(client: Elasticsearch, index: str, body: dict[str, Any]) -> tuple[list[str], int]:
@@ -466,8 +616,9 @@ def _shared_client(settings: Settings) -> Elasticsearch:
 
 def search(settings: Settings, query: str, k: int = 10, dim: int | None = None, mode: Mode | None = None,
            filters: SearchFilters | dict[str, Any] | None = None, num_candidates: int | None = None,
-           *, searcher: Searcher | None = None) -> SearchResponse:
+           *, searcher: Searcher | None = None, fusion: hybrid.Fusion | None = None) -> SearchResponse:
     """One storefront query. Without a ``searcher`` the alias is read afresh (the encoder and the
     client are still cached); the HTTP service passes its long-lived one."""
     searcher = searcher or Searcher(settings, client=_shared_client(settings))
-    return searcher.search(query, k=k, dim=dim, mode=mode, filters=filters, num_candidates=num_candidates)
+    return searcher.search(query, k=k, dim=dim, mode=mode, filters=filters, num_candidates=num_candidates,
+                           fusion=fusion)

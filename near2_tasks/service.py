@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from near2_tasks.config import Settings, load_settings
 from near2_tasks.errors import Near2Error, ServiceUnavailable
+from near2_tasks.hybrid import FUSIONS, weight_for
 from near2_tasks.search import MODES, BadSearchRequest, NoServingIndex, Searcher
 
 log = logging.getLogger(__name__)
@@ -38,24 +39,39 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self
                                            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
-SEARCH_PARAMS = frozenset({"q", "k", "dim", "mode", "category", "brand", "price_min", "price_max",
+SEARCH_PARAMS = frozenset({"q", "k", "dim", "mode", "fusion", "category", "brand", "price_min", "price_max",
                            "num_candidates"})
 
 
 class HitOut(BaseModel):
     product_id: str
     title: str
-    score: float = Field(description="Elasticsearch kNN score (dot_product: (1 + cosine) / 2).")
+    score: float = Field(description="Elasticsearch kNN score (dot_product: (1 + cosine) / 2); in hybrid mode "
+                                     "the fused score (RRF, or the linear combination of normalised scores).")
     category: str | None = None
     brand: str | None = None
     price: float | None = None
+
+
+class HybridOut(BaseModel):
+    fusion: Literal["rrf", "linear"]
+    candidates: int = Field(description="Top-N taken from each side before fusion.")
+    requests: int = Field(description="Elasticsearch round trips (1: one _msearch; 2 with a funnel dense side).")
+    dense_hits: int
+    lexical_hits: int
+    dense_ranks: list[int | None] = Field(description="Each result's rank on the dense side (null: absent).")
+    lexical_ranks: list[int | None] = Field(description="Each result's rank on the BM25 side (null: absent).")
+    rrf_k: float | None = None
+    weight: float | None = Field(None, description="Linear weight of the dense side at this dim.")
+    weight_source: Literal["index", "settings"] | None = Field(
+        None, description="index: tuned on the validation split, stored in _meta.hybrid_weights; settings: the default.")
 
 
 class SearchOut(BaseModel):
     query: str
     k: int
     dim: int = Field(description="Dimension of the final scores (the rescore dimension in funnel mode).")
-    mode: Literal["knn", "funnel"]
+    mode: Literal["knn", "funnel", "hybrid"]
     index: str = Field(description="The concrete index behind the alias that answered.")
     model_name: str | None
     model_version: str | None = Field(description="The model that encoded the query and the documents.")
@@ -64,6 +80,7 @@ class SearchOut(BaseModel):
     filters: dict[str, Any]
     shortlist_dim: int | None = None
     shortlist_size: int | None = None
+    hybrid: HybridOut | None = None
 
 
 class ServedFieldOut(BaseModel):
@@ -72,6 +89,8 @@ class ServedFieldOut(BaseModel):
     bytes_per_product: float = Field(description="Vector bytes a search reads per product (ES sizing formula, "
                                                  "HNSW graph not counted).")
     bit_code_bytes: float | None = Field(None, description="d/8 when the index also holds 1-bit codes of dim.")
+    hybrid_weight: float = Field(description="Linear-fusion weight of the dense side at dim (hybrid mode).")
+    hybrid_weight_source: Literal["index", "settings"]
 
 
 class ServedOut(BaseModel):
@@ -83,6 +102,9 @@ class ServedOut(BaseModel):
     fields: list[ServedFieldOut]
     modes: list[str] = Field(description="Search modes the service accepts.")
     default_mode: str
+    fusions: list[str] = Field(description="Fusions of mode=hybrid.")
+    default_fusion: str
+    lexical_fields: list[str] = Field(description="Text fields of the index's BM25 side.")
     default_dim: int = Field(description="The dim a knn search uses when none is given.")
 
 
@@ -219,8 +241,12 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
         q: str = Query(..., min_length=1, max_length=limits.max_query_chars, description="The shopper's query."),
         k: int = Query(10, ge=1, le=limits.k_max, description="How many products to return."),
         dim: int | None = Query(None, description="Embedding dimension; one the index serves (see /health)."),
-        mode: Literal["knn", "funnel"] | None = Query(
-            None, description="knn: one kNN at dim; funnel: small-dim shortlist rescored at dim."),
+        mode: Literal["knn", "funnel", "hybrid"] | None = Query(
+            None, description="knn: one kNN at dim; funnel: small-dim shortlist rescored at dim; hybrid: BM25 "
+                              "and kNN at dim fused."),
+        fusion: Literal["rrf", "linear"] | None = Query(
+            None, description="mode=hybrid: rrf (reciprocal-rank fusion) or linear (normalised scores, the "
+                              "weight tuned per dim); default from config."),
         category: str | None = Query(None, max_length=200, description="Exact category."),
         brand: str | None = Query(None, max_length=200, description="Exact brand."),
         price_min: float | None = Query(None, ge=0, allow_inf_nan=False),
@@ -237,7 +263,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
             raise BadSearchRequest(f"parameter(s) {repeated} given more than once")
         filters = {"category": category, "brand": brand, "price_min": price_min, "price_max": price_max}
         response = app.state.searcher.search(q, k=k, dim=dim, mode=mode, filters=filters,
-                                             num_candidates=num_candidates)
+                                             num_candidates=num_candidates, fusion=fusion)
         return response.to_dict(include_model_uri=False)
 
     @app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}}, summary="Readiness")
@@ -258,12 +284,17 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
              summary="What is served: index, model, dims with their bytes per product, modes")
     def served() -> Any:
         index = app.state.searcher.serving_index()
-        fields = [ServedFieldOut(dim=d, index_type=index.index_types.get(d, "hnsw"),
-                                 bytes_per_product=index.bytes_per_product(d),
-                                 bit_code_bytes=d / 8 if d in index.binary_centres else None) for d in index.dims]
+        fields = []
+        for d in index.dims:
+            weight, source = weight_for(index, d, settings.serving.hybrid_weight)
+            fields.append(ServedFieldOut(dim=d, index_type=index.index_types.get(d, "hnsw"),
+                                         bytes_per_product=index.bytes_per_product(d),
+                                         bit_code_bytes=d / 8 if d in index.binary_centres else None,
+                                         hybrid_weight=weight, hybrid_weight_source=source))
         return ServedOut(alias=index.alias, index=index.name, model_name=index.model_name,
                          model_version=index.model_version, dims=index.dims, fields=fields, modes=list(MODES),
-                         default_mode=settings.serving.mode,
+                         default_mode=settings.serving.mode, fusions=list(FUSIONS),
+                         default_fusion=settings.serving.hybrid_fusion, lexical_fields=list(index.lexical_fields),
                          default_dim=app.state.searcher.pick_dims(index, None, "knn")[0])
 
     @app.get("/", include_in_schema=False)

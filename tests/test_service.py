@@ -58,7 +58,7 @@ def test_health_and_openapi(api, served):
                       "model_name": "model", "model_version": "1", "dims": TINY_DIMS, "error": None}
     spec = api.get("/openapi.json").json()
     parameters = {p["name"]: p for p in spec["paths"]["/search"]["get"]["parameters"]}
-    assert set(parameters) == {"q", "k", "dim", "mode", "category", "brand", "price_min", "price_max",
+    assert set(parameters) == {"q", "k", "dim", "mode", "fusion", "category", "brand", "price_min", "price_max",
                                "num_candidates"}
     assert parameters["k"]["schema"]["maximum"] == 100
     assert "/health" in spec["paths"]
@@ -73,7 +73,8 @@ def test_health_and_openapi(api, served):
     ({"q": "drill", "k": 101}, 422, "k: Input should be less than or equal to 100"),
     ({"q": "drill", "k": "ten"}, 422, "k: Input should be a valid integer"),
     ({"q": "drill", "dim": 48}, 400, "dim 48 is not served"),
-    ({"q": "drill", "mode": "hybrid"}, 422, "mode: Input should be 'knn' or 'funnel'"),
+    ({"q": "drill", "mode": "lexical"}, 422, "mode: Input should be 'knn', 'funnel' or 'hybrid'"),
+    ({"q": "drill", "fusion": "linear"}, 400, "fusion applies to mode=hybrid only"),
     ({"q": "drill", "colour": "red"}, 400, "unknown parameter(s) ['colour']"),
     ({"q": "drill", "price_min": 50, "price_max": 10}, 400, "price_min 50.0 is above price_max 10.0"),
     ({"q": "drill", "price_max": "nan"}, 422, "price_max"),
@@ -150,7 +151,7 @@ def test_an_unexpected_failure_is_a_bare_500(served):
 def test_served_lists_dims_bytes_and_modes_and_the_page_is_locked_down(api, served):
     settings, _, index = served
     body = api.get("/served").json()
-    assert (body["index"], body["model_version"], body["dims"], body["modes"]) == (index, "1", TINY_DIMS, ["knn", "funnel"])
+    assert (body["index"], body["model_version"], body["dims"], body["modes"]) == (index, "1", TINY_DIMS, ["knn", "funnel", "hybrid"])
     assert [(f["dim"], f["index_type"], f["bytes_per_product"]) for f in body["fields"]] == [
         (d, "hnsw", 4 * d) for d in TINY_DIMS]
     assert body["default_dim"] == max(TINY_DIMS) and body["default_mode"] == "knn"

@@ -99,6 +99,24 @@ def test_switching_the_dimension_changes_results_and_latency(browser, storefront
     assert high["latency"] != low["latency"] and f"at {min(TINY_DIMS)}-d" in low["answered_by"]
 
 
+def test_hybrid_mode_and_its_fusion_are_chosen_on_the_page(browser, storefront):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    url, _, products = storefront
+    open_page(browser, url)
+    fusion = browser.find_element(By.ID, "fusion")
+    assert not fusion.is_enabled()  # the default mode is knn: fusion does not apply
+    Select(browser.find_element(By.ID, "mode")).select_by_value("hybrid")
+    assert fusion.is_enabled()
+    assert [o.get_attribute("value") for o in Select(fusion).options] == ["rrf", "linear"]
+    Select(fusion).select_by_value("linear")
+    result = search(browser, products.title[6])
+    assert result["ids"][0] == products.product_id[6]
+    assert "hybrid (BM25 + kNN, linear, dense weight 0.50 from settings" in result["answered_by"]
+    assert "mode=hybrid" in browser.current_url and "fusion=linear" in browser.current_url
+
+
 def test_side_by_side_shows_every_served_dimension(browser, storefront):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

@@ -33,6 +33,32 @@ def read_catalog(settings, path: Path | None):
     return frame.reset_index(drop=True)
 
 
+def read_judgments(settings, catalog: Path | None, judgments_path: Path | None):
+    """Judgments (query, product_id, relevance) for tuning: ``judgments_path``, else the catalog dataset's
+    own, else the synthetic catalog's (no ``--catalog``). Malformed records are left out."""
+    import pandas as pd
+
+    from near2_tasks.errors import Near2Error
+
+    if catalog is None and judgments_path is None:
+        from near2_tasks.data.synthetic import generate_catalog
+
+        ds = settings.dataset
+        return generate_catalog(ds.synthetic_products, ds.synthetic_queries, ds.synthetic_seed).judgments
+    from near2_tasks.data.adapters import load_dataset
+
+    if catalog is None:
+        raise Near2Error("--judgments needs --catalog (the products the judgments refer to)")
+    loaded = load_dataset(settings, Path(catalog), judgments_path)
+    if loaded.judgments is None:
+        raise Near2Error(f"no judgments found for {catalog}", hint="pass --judgments PATH")
+    frame = loaded.judgments.frame
+    frame = frame[frame["_well_formed"] & frame["_valid_encoding"]]
+    frame = frame[[c for c in frame.columns if not c.startswith("_")]].copy()
+    frame["relevance"] = pd.to_numeric(frame["relevance"], errors="coerce")
+    return frame.dropna(subset=["query", "product_id", "relevance"]).reset_index(drop=True)
+
+
 def model_ref_version(settings, model_ref: str) -> tuple[str, str | None]:
     """(the version recorded in the index name and _meta, the registered version of
     ``settings.mlflow.registered_model`` it is, or None).
@@ -94,16 +120,22 @@ def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> t
 @click.option("--model-version", help="Version recorded in the index name and _meta (default: from the URI).")
 @click.option("--catalog-version", help="Catalog version for _meta (default: a content hash of the rows).")
 @click.option("--alias", help="Alias to swap (default: elasticsearch.alias).")
+@click.option("--tune-hybrid", is_flag=True,
+              help="Before verification, tune the hybrid linear weight per dim on the validation split of the "
+                   "judgments (--judgments, else the catalog dataset's own) and store it in the index _meta.")
+@click.option("--judgments", "judgments_path", type=click.Path(exists=True, path_type=Path),
+              help="Judgments file for --tune-hybrid (default: the --catalog dataset's judgments).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, model_version, catalog_version, alias,
-          as_json) -> None:
+          tune_hybrid, judgments_path, as_json) -> None:
     """Build a new index with the champion, verify it, then move the alias to it (one atomic call).
 
     Subcommands: `status` lists indices, `rollback` moves the alias back.
     """
     if ctx.invoked_subcommand is not None:
-        if any(v for v in (model_ref, allow_non_champion, catalog, dims, model_version, catalog_version)):
+        if any(v for v in (model_ref, allow_non_champion, catalog, dims, model_version, catalog_version,
+                           tune_hybrid, judgments_path)):
             raise click.UsageError("build options go before no subcommand: near2 index --model ... --catalog ...")
         ctx.obj = {**(ctx.obj or {}), "alias": alias}
         return
@@ -122,13 +154,24 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
                              hint="e.g. --dims 384,128,64") from exc
     version = model_version or ref_version
     products = read_catalog(settings, catalog)
+    tune = None
+    if tune_hybrid:
+        from near2_tasks.examples import configured_splits
+
+        from near2_tasks.hybrid_tuning import weight_tuning
+
+        validation = configured_splits(settings, read_judgments(settings, catalog, judgments_path)).validation
+        click.echo(f"tuning the hybrid weights on {validation['query'].nunique()} validation queries", err=True)
+        tune = weight_tuning(settings, products, validation)
+    elif judgments_path is not None:
+        raise click.UsageError("--judgments is for --tune-hybrid")
     click.echo(f"indexing {len(products)} products with {model_ref} (version {version})", err=True)
     with click.progressbar(length=len(products), label="bulk load", file=click.get_text_stream("stderr")) as bar:
         def progress(done: int, total: int) -> None:
             bar.update(done - bar.pos)
 
         result = build_verify_swap(settings, model_ref, products, version, catalog_version=catalog_version,
-                                   dims=dim_list, progress=progress, champion=champion)
+                                   dims=dim_list, progress=progress, champion=champion, before_verify=tune)
     if as_json:
         click.echo(json.dumps({"index": result.index.name, "count": result.index.count, "meta": result.index.meta,
                                "previous": result.previous, "deleted": result.deleted,
@@ -136,6 +179,10 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
         return
     rates = ", ".join(f"{d}: {r:.0%}" for d, r in result.report.self_hit_rate.items())
     click.echo(f"built {result.index.name}: {result.index.count} documents, dims {result.index.meta['dims']}")
+    weights = result.index.meta.get("hybrid_weights")
+    if weights:
+        click.echo("hybrid weights (dense side, tuned on validation): "
+                   + ", ".join(f"{d}: {w:.1f}" for d, w in weights.items()))
     click.echo(f"verified: count matches, self-retrieval in top {result.report.top_k} by dim: {rates}")
     click.echo(f"alias {settings.elasticsearch.alias}: {result.previous or '(none)'} -> {result.index.name}")
     if result.deleted:

@@ -13,7 +13,9 @@ from near2_tasks.cli import settings_from
 @click.argument("query")
 @click.option("--k", "k", type=int, default=10, show_default=True, help="How many products.")
 @click.option("--dim", type=int, help="Embedding dimension (default: serving.default_dim or the full one).")
-@click.option("--mode", type=click.Choice(["knn", "funnel"]), help="Default: serving.mode.")
+@click.option("--mode", type=click.Choice(["knn", "funnel", "hybrid"]), help="Default: serving.mode.")
+@click.option("--fusion", type=click.Choice(["rrf", "linear"]),
+              help="mode hybrid: rrf or linear (weight from the index _meta); default: serving.hybrid_fusion.")
 @click.option("--category", help="Only this exact category.")
 @click.option("--brand", help="Only this exact brand.")
 @click.option("--price-min", type=float)
@@ -21,18 +23,22 @@ from near2_tasks.cli import settings_from
 @click.option("--num-candidates", type=int, help="kNN candidates (default: elasticsearch.num_candidates).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full response as JSON.")
 @click.pass_context
-def search_command(ctx: click.Context, query, k, dim, mode, category, brand, price_min, price_max,
+def search_command(ctx: click.Context, query, k, dim, mode, fusion, category, brand, price_min, price_max,
                    num_candidates, as_json) -> None:
     """Search the products behind the serving alias, e.g. near2 search "cordless drill" --dim 64."""
     from near2_tasks.search import search
 
     settings = settings_from(ctx)
-    response = search(settings, query, k=k, dim=dim, mode=mode, num_candidates=num_candidates,
+    response = search(settings, query, k=k, dim=dim, mode=mode, num_candidates=num_candidates, fusion=fusion,
                       filters={"category": category, "brand": brand, "price_min": price_min, "price_max": price_max})
     if as_json:
         click.echo(json.dumps(response.to_dict()))
         return
-    extra = f" (shortlist {response.shortlist_size} at dim {response.shortlist_dim})" if response.mode == "funnel" else ""
+    extra = f" (shortlist {response.shortlist_size} at dim {response.shortlist_dim})" if response.shortlist_dim else ""
+    if response.hybrid:
+        h = response.hybrid
+        how = f"rrf k={h['rrf_k']:g}" if h["fusion"] == "rrf" else f"linear w={h['weight']:.2f} ({h['weight_source']})"
+        extra += f", {how}, {h['dense_hits']} dense + {h['lexical_hits']} BM25 candidates"
     click.echo(f"{len(response.hits)} results for {response.query!r}: {response.mode} at dim {response.dim}{extra}, "
                f"model {response.model_name} v{response.model_version}, index {response.index}")
     for rank, hit in enumerate(response.hits, 1):

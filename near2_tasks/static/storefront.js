@@ -80,6 +80,17 @@ async function loadServed() {
     return option;
   }));
   modeSelect.value = served.modes.includes(chosenMode) ? chosenMode : served.default_mode;
+  const fusionSelect = $("fusion");
+  const chosenFusion = fusionSelect.value || new URLSearchParams(location.search).get("fusion");
+  fusionSelect.replaceChildren(...(served.fusions || []).map((f) => {
+    const option = el("option", f);
+    option.value = f;
+    return option;
+  }));
+  fusionSelect.value = (served.fusions || []).includes(chosenFusion) ? chosenFusion : served.default_fusion;
+  const syncFusion = () => { fusionSelect.disabled = modeSelect.value !== "hybrid"; };
+  modeSelect.onchange = syncFusion;
+  syncFusion();
   $("served").textContent = `Model ${served.model_name ?? "?"} v${served.model_version ?? "?"} · index ${served.index}`
     + ` (alias ${served.alias}) · dims ${served.dims.join(", ")}`;
 }
@@ -90,11 +101,13 @@ function searchParams(overrides) {
   params.set("k", $("k").value || "10");
   params.set("dim", $("dim").value);
   params.set("mode", $("mode").value);
+  if ($("mode").value === "hybrid" && $("fusion").value) params.set("fusion", $("fusion").value);
   for (const name of FILTERS) {
     const value = $(name).value.trim();
     if (value !== "") params.set(name, value);
   }
   for (const [name, value] of Object.entries(overrides || {})) params.set(name, value);
+  if (params.get("mode") !== "hybrid") params.delete("fusion");
   return params;
 }
 
@@ -102,7 +115,11 @@ function answeredBy(body) {
   const field = fieldOf(body.dim);
   const funnel = body.mode === "funnel"
     ? ` (shortlist of ${body.shortlist_size} at ${body.shortlist_dim}-d, rescored at ${body.dim}-d)` : "";
-  return `${body.hits.length} results at ${body.dim}-d, ${body.mode}${funnel} · `
+  const h = body.hybrid;
+  const fused = h ? ` (BM25 + kNN, ${h.fusion === "rrf" ? `RRF k=${h.rrf_k}`
+    : `linear, dense weight ${Number(h.weight).toFixed(2)} from ${h.weight_source}`}; `
+    + `${h.lexical_hits} BM25 and ${h.dense_hits} kNN candidates)` : "";
+  return `${body.hits.length} results at ${body.dim}-d, ${body.mode}${funnel}${fused} · `
     + `${ms(body.timings_ms.total)} (search ${ms(body.timings_ms.search)}, encode ${ms(body.timings_ms.encode)}) · `
     + `${field ? bytes(field.bytes_per_product) : "?"} per product · `
     + `answered by model ${body.model_name ?? "?"} v${body.model_version ?? "?"}, index ${body.index}`;
