@@ -25,7 +25,8 @@ retraining, or after the champion changed outside `near2_retrain` (rollback, man
 1. **validate** the catalog (and judgments, if configured).
 2. **reindex_needed**: does the alias already serve the champion on this catalog? Then the run ends
    here (trigger with `force: true` to rebuild anyway).
-3. **build_index** → **verify_index** → **swap_alias** → **smoke_search**, as in `near2_retrain`.
+3. **create_index** → **encode_shard** (mapped, `airflow.encode_shards` shards) → **finalize_index** →
+   **verify_index** → **swap_alias** → **smoke_search**, as in `near2_retrain`.
 
 Runs when triggered by hand and when the `near2_champion` asset is updated.
 """
@@ -54,7 +55,7 @@ def near2_reindex():
 
     validation = validate()
     champion = reindex_needed(validation)
-    publish_index(validation, champion)
+    publish_index(validation, champion, shards=SETTINGS.airflow.encode_shards)
 
 
 near2_reindex()

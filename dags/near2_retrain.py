@@ -42,8 +42,10 @@ champion at **every** served dimension, serves it.
 6. **wait_for_approval**: polls the version's MLflow tag `approval` (`approved` / `rejected`) in
    reschedule mode; skipped when `auto_approve` is on.
 7. **promote** the challenger to `champion`.
-8. **build_index** → **verify_index** → **swap_alias**: a new versioned index, checked, then the alias
-   moves atomically. **smoke_search** queries it at several dimensions.
+8. **create_index** → **encode_shard** (one mapped task per shard, `airflow.encode_shards`; each encodes
+   its slice of the catalog and loads it into the new index, a failed shard retries alone) →
+   **finalize_index** → **verify_index** → **swap_alias**: a new versioned index, checked, then the alias
+   moves atomically, once every shard loaded. **smoke_search** queries it at several dimensions.
 
 Trigger with params to override the config for one run (dims, epochs, max_steps, auto_approve,
 dataset paths). Schedule: cron `airflow.schedule` (UTC) **or** an update of the `near2_catalog` asset.
@@ -107,7 +109,7 @@ def near2_retrain():
     gate(trained, evaluation) >> approval
     promoted = promote(trained)
     approval >> promoted
-    publish_index(validation, promoted, swap_outlets=[CHAMPION])
+    publish_index(validation, promoted, swap_outlets=[CHAMPION], shards=SETTINGS.airflow.encode_shards)
 
 
 near2_retrain()

@@ -243,15 +243,34 @@ def dag_params(reindex: bool = False) -> dict[str, Any]:
     return params
 
 
-def publish_index(validation: Any, model: Any, swap_outlets: list | None = None) -> Any:
-    """The serving half both DAGs end with, declared inside the calling DAG: ``build_index`` (a new
-    versioned index embedded with ``model``) → ``verify_index`` → ``swap_alias`` (``swap_outlets``: the
-    assets it updates) → ``smoke_search``. Returns the ``smoke_search`` task's output."""
+def publish_index(validation: Any, model: Any, swap_outlets: list | None = None, shards: int = 1) -> Any:
+    """The serving half both DAGs end with, declared inside the calling DAG: ``create_index`` (the new
+    versioned index, empty, ``model`` in its ``_meta``) → ``encode_shard`` mapped over the shards
+    ``0 .. shards-1`` (each encodes its slice of the catalog and bulk-loads it into that index; a failed
+    shard retries alone) → ``finalize_index`` (waits for every shard) → ``verify_index`` → ``swap_alias``
+    (``swap_outlets``: the assets it updates) → ``smoke_search``. ``shards``: ``airflow.encode_shards``
+    as read when the DAG file is parsed. Returns the ``smoke_search`` task's output."""
     from airflow.sdk import task
 
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+
     @task
-    def build_index(validation: dict, model: dict, **context):
-        return run_step("build_index", context, validation=validation, model=model)
+    def create_index(validation: dict, model: dict, **context):
+        return run_step("create_index", context, validation=validation, model=model, shards=shards)
+
+    @task(map_index_template="shard {{ near2_shard }}")
+    def encode_shard(validation: dict, created: dict, shard: int, **context):
+        from airflow.sdk import get_current_context
+
+        get_current_context()["near2_shard"] = f"{shard} of {created['shards']}"  # its name in the grid
+        return run_step("encode_shard", context, validation=validation, created=created, shard=shard)
+
+    @task
+    def finalize_index(validation: dict, created: dict, loaded: Any, **context):
+        # by position up to its length: iterating the lazy sequence asks for one more item and logs its 404
+        results = [loaded[i] for i in range(len(loaded))]
+        return run_step("finalize_index", context, validation=validation, created=created, loaded=results)
 
     @task
     def verify_index(validation: dict, built: dict, **context):
@@ -266,7 +285,9 @@ def publish_index(validation: Any, model: Any, swap_outlets: list | None = None)
     def smoke_search(validation: dict, swapped: dict, **context):
         return run_step("smoke_search", context, validation=validation, swapped=swapped)
 
-    verified = verify_index(validation, build_index(validation, model))
+    created = create_index(validation, model)
+    loaded = encode_shard.partial(validation=validation, created=created).expand(shard=list(range(shards)))
+    verified = verify_index(validation, finalize_index(validation, created, loaded))
     return smoke_search(validation, swap_alias(verified))
 
 

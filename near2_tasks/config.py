@@ -273,6 +273,11 @@ class ElasticsearchSettings(Section):
         "per product) for the funnel's shortlist; only served dims below the full one, multiples of 8 "
         "(near2_tasks.compact). Default 64: 8 bytes per product, 192x less than 384-d float; a 1600-2000 "
         "shortlist rescored at 384-d lost 1.7-1.9% NDCG@10 on Home Depot (BENCHMARKS.md, Compact vectors).")
+    binary_centre_sample_size: int = Field(
+        100_000, gt=0, description="Products whose vectors give the bit codes' centre (the mean subtracted before "
+        "taking signs, stored in _meta): the whole catalog up to this size, else this many chosen by a stable "
+        "hash of product_id. A sharded build (airflow.encode_shards, near2 index --shards) encodes them once "
+        "before the shards start, so every shard codes against the same centre.")
     bulk_chunk_size: int = Field(500, gt=0)
     keep_indices: int = Field(3, ge=1, description="How many old indices to keep for rollback.")
     # client and bulk-load resilience (small values in tests, larger in production)
@@ -488,6 +493,11 @@ class AirflowSettings(Section):
     train_queue: str = Field(
         "default", description="Airflow queue of near2_retrain's train task: 'default' (every worker) or, in the "
                                "compose cluster profile, 'gpu' (the worker that consumes it). Read at parse time.")
+    encode_shards: int = Field(
+        1, ge=1, description="Slices the catalog is encoded and bulk-loaded in, one mapped encode_shard task "
+        "each (product_id's stable hash mod N), all into the same new index; verify and swap wait for every "
+        "shard, and a failed shard retries alone. Read when the DAG files are parsed (the number of mapped "
+        "tasks). 1: one task encodes and loads the whole catalog.")
 
 
 class DemoSettings(Section):

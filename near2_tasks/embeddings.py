@@ -117,6 +117,26 @@ def texts_fingerprint(texts: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _cache_path(model: SentenceTransformer, model_key: str, texts: list[str], cache_dir: Path) -> Path:
+    # an exported backend (e.g. int8) gives slightly different vectors: never share the fp32 file
+    model_key += f"-{model.variant}" if hasattr(model, "encode_normalized") else ""
+    safe_key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_key)
+    return Path(cache_dir) / f"{safe_key}-{texts_fingerprint(texts)}.npy"
+
+
+def _read_cache(path: Path, rows: int) -> np.ndarray | None:
+    if path.exists():
+        vectors = np.load(path)
+        if vectors.shape[0] == rows:
+            return vectors
+    return None
+
+
+def cached_encoding(model: SentenceTransformer, model_key: str, texts: list[str], cache_dir: Path) -> np.ndarray | None:
+    """What :func:`encode_cached` would return from its cache for these texts, or None (nothing encoded)."""
+    return _read_cache(_cache_path(model, model_key, texts, cache_dir), len(texts))
+
+
 def encode_cached(model: SentenceTransformer, model_key: str, texts: list[str], cache_dir: Path,
                   batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
     """:func:`encode`, cached on disk per (model key, exact texts).
@@ -124,14 +144,10 @@ def encode_cached(model: SentenceTransformer, model_key: str, texts: list[str], 
     ``model_key`` must change whenever the weights do (an MLflow version, a run id, a path plus
     its mtime); the texts are fingerprinted, so a changed catalog is re-encoded.
     """
-    # an exported backend (e.g. int8) gives slightly different vectors: never share the fp32 file
-    model_key += f"-{model.variant}" if hasattr(model, "encode_normalized") else ""
-    safe_key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_key)
-    path = Path(cache_dir) / f"{safe_key}-{texts_fingerprint(texts)}.npy"
-    if path.exists():
-        vectors = np.load(path)
-        if vectors.shape[0] == len(texts):
-            return vectors
+    path = _cache_path(model, model_key, texts, cache_dir)
+    vectors = _read_cache(path, len(texts))
+    if vectors is not None:
+        return vectors
     vectors = encode(model, texts, batch_size=batch_size, show_progress=show_progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")

@@ -8,6 +8,10 @@ verification (ARCHITECTURE.md invariant 1):
 
     build_index -> verify_index (marks ``_meta.verified_at``) -> swap_alias (compare-and-swap) -> prune
 
+``build_index`` is itself ``create_index`` (mapping, ``_meta``) -> ``load_shard`` x N -> ``finalize_index``
+(refresh, force-merge, count): the DAGs run the shards as mapped tasks (``airflow.encode_shards``),
+``near2 index --shards N`` one after another; a product's shard is a stable hash of its id mod N.
+
 ``_meta`` records the model that encoded the documents (``model_uri`` pinned to a concrete version),
 so the search side encodes queries with exactly that model (invariant 3).
 
@@ -279,6 +283,61 @@ def safe_version(model_version: str | int) -> str:
 
 
 # ----- build ----------------------------------------------------------------------------------
+#
+# A build is three steps, so that the middle one can run as N independent shards (the DAG's mapped
+# ``encode_shard`` tasks, or ``near2 index --shards N`` one after another):
+#
+#   create_index (mapping + _meta: model, dims, bit-code centres) -> load_shard x N -> finalize_index
+#
+# A product belongs to shard ``stable_bucket(product_id, N)``; every shard reads the dims and centres
+# from the index's ``_meta`` and writes documents keyed by ``product_id``, so a re-run shard overwrites
+# what its failed attempt wrote. With N = 1 the one shard is the whole catalog.
+
+def shard_positions(products: pd.DataFrame, shard: int, shards: int) -> np.ndarray:
+    """Row positions (catalog order) of the products in ``shard`` of ``shards``: those whose
+    :func:`near2_tasks.data.hashing.stable_bucket` of ``product_id`` is ``shard``."""
+    from near2_tasks.data.hashing import stable_bucket
+
+    if shards < 1 or not 0 <= shard < shards:
+        raise Near2Error(f"shard {shard} of {shards} does not exist", hint="shards are numbered 0 .. N-1, N >= 1")
+    if shards == 1:
+        return np.arange(len(products))
+    buckets = np.fromiter((stable_bucket(pid, shards) for pid in products.product_id.astype(str)),
+                          dtype=np.int64, count=len(products))
+    return np.flatnonzero(buckets == shard)
+
+
+def centre_sample_positions(products: pd.DataFrame, size: int) -> np.ndarray:
+    """Row positions (catalog order) of the products whose vectors give the bit codes' centre: all of
+    them up to ``size`` (``elasticsearch.binary_centre_sample_size``), else the ``size`` with the smallest
+    stable hash of ``product_id``. The same rows whatever the number of shards."""
+    from near2_tasks.data.hashing import stable_hash64
+
+    if len(products) <= size:
+        return np.arange(len(products))
+    hashes = np.fromiter((stable_hash64(pid) for pid in products.product_id.astype(str)), dtype=np.uint64,
+                         count=len(products))
+    return np.sort(np.argsort(hashes, kind="stable")[:size])
+
+
+def binary_centres(settings: Settings, dims: list[int], vectors: np.ndarray) -> dict[int, np.ndarray]:
+    """The centre of each coded dim (``elasticsearch.binary_dims``) from the vectors of the centre sample
+    (:func:`centre_sample_positions`); empty when no dim gets bit codes."""
+    return {d: compact.catalog_centre(vectors, d) for d in compact.coded_dims(settings.elasticsearch.binary_dims, dims)}
+
+
+def coded_dims(settings: Settings, dims: list[int]) -> list[int]:
+    return compact.coded_dims(settings.elasticsearch.binary_dims, list(dims))
+
+
+def index_meta(settings: Settings, index_name: str, client: Elasticsearch | None = None) -> dict[str, Any]:
+    """The ``_meta`` of an index: the model that encodes its documents, its dims, its bit-code centres."""
+    client = client or make_client(settings)
+    with es_errors(settings.elasticsearch.url, f"reading the _meta of {index_name}"):
+        if not client.indices.exists(index=index_name):
+            raise Near2Error(f"index {index_name} does not exist", hint="create it first (create_index)")
+        return _meta_of(client, index_name)
+
 
 def build_index(
     settings: Settings,
@@ -294,25 +353,28 @@ def build_index(
     index_name: str | None = None,
     client: Elasticsearch | None = None,
     progress: Progress | None = None,
+    shards: int = 1,
 ) -> BuiltIndex:
     """Create a new index (or finish ``index_name``) and bulk-load every product at every dimension.
 
     ``vectors``: optional precomputed full-dimension embeddings aligned with ``products`` (they must
-    come from ``model_ref``: verification re-encodes a sample with it). The alias is not touched.
+    come from ``model_ref``: verification re-encodes a sample with it). ``shards``: the catalog is
+    encoded and loaded in that many slices, one after another (what the DAG's mapped tasks do in
+    parallel); the index is the same. The alias is not touched.
     """
     built, _ = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
-                      model_name=model_name, index_name=index_name, client=client, progress=progress)
+                      model_name=model_name, index_name=index_name, client=client, progress=progress, shards=shards)
     return built
 
 
 def _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors, *,
-           model_name, index_name, client, progress) -> tuple[BuiltIndex, SentenceTransformer | None]:
+           model_name, index_name, client, progress, shards: int = 1) -> tuple[BuiltIndex, SentenceTransformer | None]:
     from near2_tasks.embeddings import check_dims, encode, model_dimension
 
     products = prepare_products(products, settings.dataset.text_template)
-    dims = list(dims or settings.model.dims)
-    if dims != sorted(set(dims), reverse=True) or min(dims) <= 0:
-        raise Near2Error(f"dims must be distinct, positive and descending, got {dims}")
+    dims = _checked_dims(settings, list(dims or settings.model.dims))
+    if shards < 1:
+        raise Near2Error(f"shards must be >= 1, got {shards}")
     model = None
     if vectors is None:
         model = load_meta_model(settings, model_ref)
@@ -323,8 +385,70 @@ def _build(settings, model_ref, products, model_version, run_id, catalog_version
             raise Near2Error(f"vectors have shape {vectors.shape}, expected ({len(products)}, <dim>)",
                              hint="pass one full-dimension vector per product, in catalog order")
         check_dims(dims, vectors.shape[1])
+
+    def encode_rows(positions: np.ndarray) -> np.ndarray:
+        if vectors is not None:
+            return vectors[positions]
+        log.info("encoding %d products with %s", len(positions), model_ref)
+        return encode(model, products.text.iloc[positions].tolist(), batch_size=settings.model.encode_batch_size,
+                      show_progress=progress is not None)
+
+    coded = coded_dims(settings, dims)
+    sample = centre_sample_positions(products, settings.elasticsearch.binary_centre_sample_size) if coded else None
+    if vectors is None and (shards == 1 or (sample is not None and len(sample) == len(products))):
+        # the whole catalog is needed before the first shard anyway: encode it once, before the index
+        # exists (a failed encode leaves nothing behind)
+        vectors = encode_rows(np.arange(len(products)))
+    centres = binary_centres(settings, dims, encode_rows(sample)) if sample is not None else {}
+    client = client or make_client(settings)
+    created = create_index(settings, model_ref, products, model_version, run_id, catalog_version, dims,
+                           centres=centres, model_name=model_name, index_name=index_name, client=client)
+    began = time.monotonic()
+    done = 0
+    for shard in range(shards):
+        positions = shard_positions(products, shard, shards)
+        shard_progress = None if progress is None else (lambda n, _total, base=done: progress(base + n, len(products)))
+        load_shard(settings, created.name, products.iloc[positions].reset_index(drop=True), encode_rows(positions),
+                   client=client, progress=shard_progress, meta=created.meta)  # centres as in _meta
+        done += len(positions)
+    built = finalize_index(settings, created.name, products, client=client, meta=created.meta)
+    log.info("loaded %d documents into %s in %.1fs (%d shard%s)", built.count, built.name, time.monotonic() - began,
+             shards, "" if shards == 1 else "s")
+    return built, model
+
+
+def _checked_dims(settings: Settings, dims: list[int]) -> list[int]:
+    if dims != sorted(set(dims), reverse=True) or min(dims) <= 0:
+        raise Near2Error(f"dims must be distinct, positive and descending, got {dims}")
     for dim in dims:
         vector_mapping(settings, dim)  # refuse impossible index options before any work
+    return dims
+
+
+def create_index(
+    settings: Settings,
+    model_ref: str,
+    products: pd.DataFrame,
+    model_version: str | int,
+    run_id: str | None = None,
+    catalog_version: str | None = None,
+    dims: list[int] | None = None,
+    *,
+    centres: dict[int, np.ndarray] | None = None,
+    model_name: str | None = None,
+    index_name: str | None = None,
+    client: Elasticsearch | None = None,
+) -> BuiltIndex:
+    """Create the empty versioned index (or take up ``index_name`` again) in loading mode, its ``_meta``
+    naming the model (pinned), dims, catalog version and the bit-code ``centres`` every shard codes
+    against (:func:`binary_centres`; required when a dim gets bit codes). ``count``: documents it holds."""
+    products = prepare_products(products, settings.dataset.text_template)
+    dims = _checked_dims(settings, list(dims or settings.model.dims))
+    centres = dict(centres or {})
+    missing = [d for d in coded_dims(settings, dims) if d not in centres]
+    if missing:
+        raise Near2Error(f"bit codes of dims {missing} need their centre (elasticsearch.binary_dims)",
+                         hint="pass binary_centres(settings, dims, <vectors of the centre sample>)")
     meta = {
         "model_name": model_name or default_model_name(model_ref),
         "model_version": str(model_version),
@@ -335,26 +459,70 @@ def _build(settings, model_ref, products, model_version, run_id, catalog_version
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         conventions.META_LEXICAL_FIELDS: list(conventions.LEXICAL_FIELDS),
     }
-    if vectors is None:  # before the index exists: a failed encode leaves nothing behind
-        log.info("encoding %d products with %s", len(products), model_ref)
-        vectors = encode(model, products.text.tolist(), batch_size=settings.model.encode_batch_size,
-                         show_progress=progress is not None)
-    # bit codes are signs of the prefix minus the catalog's mean; queries need the same centre
-    centres = {d: compact.catalog_centre(vectors, d)
-               for d in compact.coded_dims(settings.elasticsearch.binary_dims, dims)}
-    if centres:
-        meta[compact.META_CENTRES] = {str(d): [round(float(x), 7) for x in c] for d, c in centres.items()}
+    if centres:  # bit codes are signs of the prefix minus the catalog's mean; queries need the same centre
+        meta[compact.META_CENTRES] = {str(d): [round(float(x), 7) for x in np.asarray(centres[d])]
+                                      for d in sorted(centres, reverse=True)}
     client = client or make_client(settings)
-    url = settings.elasticsearch.url
-    with es_errors(url, "index creation"):
+    with es_errors(settings.elasticsearch.url, "index creation"):
         name = _create_or_reuse(client, settings, dims, meta, index_name, model_version)
-    began = time.monotonic()
-    with es_errors(url, f"bulk load of {name}"):
-        _bulk_load(client, settings, name, products, vectors, dims, progress, centres)
-        _finish_load(client, settings, name)
-        count = _remove_strays(client, name, set(products.product_id))
-    log.info("loaded %d documents into %s in %.1fs", count, name, time.monotonic() - began)
-    return BuiltIndex(name=name, count=count, meta=meta), model
+        count = client.count(index=name)["count"]
+    return BuiltIndex(name=name, count=count, meta=meta)
+
+
+def _meta_centres(meta: dict[str, Any]) -> dict[int, np.ndarray]:
+    return {int(d): np.asarray(c, dtype=np.float32) for d, c in (meta.get(compact.META_CENTRES) or {}).items()}
+
+
+def load_shard(
+    settings: Settings,
+    index_name: str,
+    products: pd.DataFrame,
+    vectors: np.ndarray,
+    *,
+    client: Elasticsearch | None = None,
+    progress: Progress | None = None,
+    meta: dict[str, Any] | None = None,
+) -> int:
+    """Bulk-load ``products`` (one shard, or any subset of the catalog) with their full-dimension
+    ``vectors`` (encoded by the model in the index's ``_meta``) into the existing ``index_name``, at the
+    dims and with the bit-code centres its ``_meta`` records (``meta``: the caller read it already).
+    Documents are keyed by ``product_id``: re-loading a shard overwrites, never duplicates.
+    Returns the number of documents sent."""
+    from near2_tasks.embeddings import check_dims
+
+    products = prepare_products(products, settings.dataset.text_template)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(products):
+        raise Near2Error(f"vectors have shape {vectors.shape}, expected ({len(products)}, <dim>)")
+    client = client or make_client(settings)
+    meta = meta if meta is not None else index_meta(settings, index_name, client)
+    dims = [int(d) for d in meta.get("dims") or []]
+    if not dims:
+        raise Near2Error(f"index {index_name} has no dims in its _meta", hint="was it created by near2?")
+    if len(products):
+        check_dims(dims, vectors.shape[1])
+    centres = _meta_centres(meta)
+    with es_errors(settings.elasticsearch.url, f"bulk load of {index_name}"):
+        _bulk_load(client, settings, index_name, products, vectors, dims, progress, centres)
+    return len(products)
+
+
+def finalize_index(settings: Settings, index_name: str, products: pd.DataFrame, *,
+                   client: Elasticsearch | None = None, meta: dict[str, Any] | None = None) -> BuiltIndex:
+    """After every shard: serving settings back (refresh interval, replicas), refresh, force-merge
+    (``elasticsearch.force_merge``), documents not in ``products`` removed; the count must then be the
+    catalog's (a shard that did not load fails here, before verification)."""
+    products = prepare_products(products, settings.dataset.text_template)
+    client = client or make_client(settings)
+    meta = meta if meta is not None else index_meta(settings, index_name, client)
+    with es_errors(settings.elasticsearch.url, f"finishing the load of {index_name}"):
+        _finish_load(client, settings, index_name)
+        count = _remove_strays(client, index_name, set(products.product_id))
+    if count != len(products):
+        raise Near2Error(f"index {index_name} holds {count} documents after the load, the catalog has "
+                         f"{len(products)}: a shard did not load all its products",
+                         hint="re-run the shards of this build (their documents are keyed by product_id)")
+    return BuiltIndex(name=index_name, count=count, meta=meta)
 
 
 def _create_or_reuse(client, settings, dims, meta, index_name, model_version) -> str:
@@ -801,6 +969,7 @@ def build_verify_swap(
     progress: Progress | None = None,
     champion: str | None = None,
     before_verify: Callable[[BuiltIndex, SentenceTransformer | None], BuiltIndex] | None = None,
+    shards: int = 1,
 ) -> SwapResult:
     """Build, verify, swap (compare-and-swap against the target read before the build), prune.
 
@@ -812,6 +981,7 @@ def build_verify_swap(
     when this call starts). If the alias moved meanwhile, AliasChanged is raised after the build
     and the alias stays where the other run put it, unless :func:`swap_to_champion_index` retries
     (``champion``: the champion's version as the caller read it; this model is that version).
+    ``shards``: see :func:`build_index`.
     """
     es = settings.elasticsearch
     client = make_client(settings)
@@ -819,7 +989,8 @@ def build_verify_swap(
         with es_errors(es.url, "reading the alias"):
             expected_current = current_target(client, es.alias)
     built, model = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
-                          model_name=model_name, index_name=index_name, client=client, progress=progress)
+                          model_name=model_name, index_name=index_name, client=client, progress=progress,
+                          shards=shards)
     if before_verify is not None:
         built = before_verify(built, model)
     report = verify_index(settings, built.name, products, model=model, client=client)

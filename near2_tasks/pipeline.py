@@ -3,11 +3,15 @@
 ``near2_retrain``::
 
     validate -> mine_examples -> train -> evaluate -> gate -> wait_for_approval -> promote
-             -> build_index -> verify_index -> swap_alias -> smoke_search
+             -> create_index -> encode_shard x N -> finalize_index -> verify_index -> swap_alias -> smoke_search
 
 ``near2_reindex``::
 
-    validate -> reindex_needed -> build_index -> verify_index -> swap_alias -> smoke_search
+    validate -> reindex_needed -> create_index -> encode_shard x N -> finalize_index -> verify_index
+             -> swap_alias -> smoke_search
+
+(``encode_shard`` is one mapped task per shard, ``airflow.encode_shards`` of them; :func:`build_index`
+runs the three index steps in one process.)
 
 Every step takes a :class:`StepContext` (settings, run params, run id) and the small dicts earlier
 steps returned, and returns a small dict of paths, URIs and ids: large objects stay on disk under the
@@ -361,39 +365,119 @@ def promote(ctx: StepContext, trained: Result) -> Result:
     })
 
 
-def build_index(ctx: StepContext, validation: Result, model: Result) -> Result:
-    """Build a new versioned index with ``model`` (the champion): every product at every dimension.
-
-    The index name and the alias target it replaces are chosen once per run and kept in
-    ``index/state.json``: a retry finishes the same index instead of starting another.
-    """
+def _index_state(ctx: StepContext, model: Result) -> dict[str, Any]:
+    """The new index's name and the alias target it replaces, chosen once per run (``index/state.json``):
+    a retry finishes the same index instead of starting another."""
     from near2_tasks import index as idx
-    from near2_tasks.embeddings import encode_cached
     from near2_tasks.es_client import es_errors, make_client
+
+    settings = ctx.settings
+    state_path = ctx.run_dir / "index" / "state.json"
+    if state_path.exists():
+        return json.loads(state_path.read_text())
+    client = make_client(settings)
+    with es_errors(settings.elasticsearch.url, "reading the alias"):
+        current = idx.current_target(client, settings.elasticsearch.alias)
+    state = {"index": conventions.index_name(settings.elasticsearch.alias, idx.safe_version(model["model_version"])),
+             "expected_current": current}
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps(state, indent=2) + "\n")
+    return state
+
+
+def create_index(ctx: StepContext, validation: Result, model: Result, shards: int | None = None) -> Result:
+    """Create the run's new versioned index, empty: the mapping, and ``_meta`` naming ``model`` (the
+    champion), the dims, the catalog version and the bit codes' centre (from the centre sample,
+    ``elasticsearch.binary_centre_sample_size``). ``shards`` (default ``airflow.encode_shards``): how many
+    :func:`encode_shard` steps load it; the DAG passes the number of its mapped tasks."""
+    from near2_tasks import index as idx
+    from near2_tasks.embeddings import check_dims, encode_cached, model_dimension
     from near2_tasks.evaluate import embedding_cache_dir, resolve_model
 
     settings = ctx.settings
+    shards = int(shards or settings.airflow.encode_shards)
+    if shards < 1:
+        raise Near2Error(f"shards must be >= 1, got {shards}", hint="set airflow.encode_shards to 1 or more")
     products = idx.prepare_products(_accepted(validation)[0])
-    state_path = ctx.run_dir / "index" / "state.json"
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
+    state = _index_state(ctx, model)
+    dims = list(settings.model.dims)
+    resolved = resolve_model(settings, model["model_uri"])
+    # loaded here once (an inference backend missing next to the model is exported now, not by N shards
+    # at once), and the dims are checked before anything is created
+    encoder = idx.load_meta_model(settings, resolved.load_ref)
+    check_dims(dims, model_dimension(encoder))
+    centres = {}
+    if idx.coded_dims(settings, dims):
+        sample = idx.centre_sample_positions(products, settings.elasticsearch.binary_centre_sample_size)
+        # the whole catalog (up to the sample size): the evaluation's cached vectors when it encoded it
+        vectors = encode_cached(encoder, resolved.cache_key, products.text.iloc[sample].tolist(),
+                                embedding_cache_dir(settings), batch_size=settings.model.encode_batch_size)
+        centres = idx.binary_centres(settings, dims, vectors)
+    created = idx.create_index(settings, model["model_uri"], products, model["model_version"],
+                               run_id=model.get("run_id"), catalog_version=validation["catalog_version"], dims=dims,
+                               centres=centres, index_name=state["index"])
+    log.info("created %s for %s (dims %s); %d shard%s will load it", created.name, created.meta["model_uri"], dims,
+             shards, "" if shards == 1 else "s")
+    return _record(ctx, "create_index", {
+        "index": created.name, "model_version": str(model["model_version"]), "model_uri": created.meta["model_uri"],
+        "dims": created.meta["dims"], "shards": shards, "expected_current": state["expected_current"],
+        "links": {"Elasticsearch index": index_url(settings, created.name)},
+    })
+
+
+def encode_shard(ctx: StepContext, validation: Result, created: Result, shard: int) -> Result:
+    """Encode one slice of the catalog (products whose stable hash of ``product_id`` mod
+    ``created["shards"]`` is ``shard``) with the model named in the new index's ``_meta``, and bulk-load it
+    into that index. Documents are keyed by ``product_id``: a retried shard overwrites what its failed
+    attempt wrote. Vectors the evaluation cached for this model and catalog are reused."""
+    from near2_tasks import index as idx
+    from near2_tasks.embeddings import cached_encoding, encode_cached
+    from near2_tasks.es_client import make_client
+    from near2_tasks.evaluate import embedding_cache_dir, resolve_model
+
+    settings = ctx.settings
+    name, shards, shard = created["index"], int(created["shards"]), int(shard)
+    products = idx.prepare_products(_accepted(validation)[0])
+    positions = idx.shard_positions(products, shard, shards)
+    client = make_client(settings)
+    meta = idx.index_meta(settings, name, client)
+    if meta.get("model_uri") != created["model_uri"]:
+        raise Near2Error(f"index {name} names {meta.get('model_uri')} in its _meta, this run created it for "
+                         f"{created['model_uri']}", hint="another run replaced the index; re-run create_index")
+    resolved = resolve_model(settings, meta["model_uri"])
+    encoder = idx.load_meta_model(settings, resolved.load_ref)
+    cache = embedding_cache_dir(settings)
+    whole = cached_encoding(encoder, resolved.cache_key, products.text.tolist(), cache)
+    if whole is not None:
+        vectors, source = whole[positions], "the cached catalog vectors"
     else:
-        client = make_client(settings)
-        with es_errors(settings.elasticsearch.url, "reading the alias"):
-            current = idx.current_target(client, settings.elasticsearch.alias)
-        state = {"index": conventions.index_name(settings.elasticsearch.alias, idx.safe_version(model["model_version"])),
-                 "expected_current": current}
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps(state, indent=2) + "\n")
-    model_uri = model["model_uri"]
-    # the evaluation already encoded this catalog with this version: reuse those vectors (same cache key)
-    resolved = resolve_model(settings, model_uri)
-    encoder = idx.load_meta_model(settings, resolved.load_ref)  # the configured inference backend
-    vectors = encode_cached(encoder, resolved.cache_key, products.text.tolist(), embedding_cache_dir(settings),
-                            batch_size=settings.model.encode_batch_size)
-    built = idx.build_index(settings, model_uri, products, model["model_version"], run_id=model.get("run_id"),
-                            catalog_version=validation["catalog_version"], dims=settings.model.dims,
-                            vectors=vectors, index_name=state["index"])
+        vectors = encode_cached(encoder, resolved.cache_key, products.text.iloc[positions].tolist(), cache,
+                                batch_size=settings.model.encode_batch_size)
+        source = "encoded"
+    sent = idx.load_shard(settings, name, products.iloc[positions].reset_index(drop=True), vectors,
+                          client=client, meta=meta)
+    log.info("shard %d of %d: %d products (%s) with %s loaded into %s", shard, shards, sent, source,
+             meta["model_uri"], name)
+    return _record(ctx, f"encode_shard_{shard}", {
+        "index": name, "shard": shard, "shards": shards, "documents": sent, "model_uri": meta["model_uri"],
+        "reused_cached_vectors": whole is not None,
+        "links": {"Elasticsearch index": index_url(settings, name)},
+    })
+
+
+def finalize_index(ctx: StepContext, validation: Result, created: Result, loaded: list[Result]) -> Result:
+    """After every shard loaded: serving settings, refresh, force-merge (``elasticsearch.force_merge``),
+    documents no longer in the catalog removed, and the count must be the catalog's."""
+    from near2_tasks import index as idx
+
+    settings = ctx.settings
+    name, shards = created["index"], int(created["shards"])
+    done = {int(result["shard"]) for result in loaded if result and result.get("index") == name}
+    missing = sorted(set(range(shards)) - done)
+    if missing:
+        raise Near2Error(f"shards {missing} of {shards} have not loaded {name}", hint="re-run those encode_shard tasks")
+    products = idx.prepare_products(_accepted(validation)[0])
+    built = idx.finalize_index(settings, name, products)
     weights: dict[str, float] = {}
     judgments = _accepted(validation)[1]
     if settings.evaluation.tune_hybrid and not judgments.empty:
@@ -401,15 +485,24 @@ def build_index(ctx: StepContext, validation: Result, model: Result) -> Result:
         from near2_tasks.examples import configured_splits
         from near2_tasks.hybrid_tuning import tune_weights
 
-        tuned = tune_weights(settings, built.name, products, configured_splits(settings, judgments).validation,
-                             model=encoder)
+        tuned = tune_weights(settings, built.name, products, configured_splits(settings, judgments).validation)
         weights = {str(d): w for d, w in tuned.weights.items()}
-    return _record(ctx, "build_index", {
-        "index": built.name, "documents": built.count, "model_version": str(model["model_version"]),
-        "model_uri": built.meta["model_uri"], "dims": built.meta["dims"], "hybrid_weights": weights,
-        "expected_current": state["expected_current"],
+    return _record(ctx, "finalize_index", {
+        "index": built.name, "documents": built.count, "model_version": created["model_version"],
+        "model_uri": built.meta["model_uri"], "dims": built.meta["dims"], "shards": shards,
+        "hybrid_weights": weights,
+        "expected_current": created["expected_current"],
         "links": {"Elasticsearch index": index_url(settings, built.name)},
     })
+
+
+def build_index(ctx: StepContext, validation: Result, model: Result) -> Result:
+    """:func:`create_index` -> :func:`encode_shard` for each of the ``airflow.encode_shards`` shards, one
+    after another -> :func:`finalize_index`: what the DAG's tasks do, in one process. Same result and
+    state as the DAG's tasks (a re-run finishes the same index)."""
+    created = create_index(ctx, validation, model)
+    loaded = [encode_shard(ctx, validation, created, shard) for shard in range(created["shards"])]
+    return _record(ctx, "build_index", finalize_index(ctx, validation, created, loaded))
 
 
 def verify_index(ctx: StepContext, validation: Result, built: Result) -> Result:

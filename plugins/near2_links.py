@@ -1,8 +1,8 @@
 """near2_links: buttons on the near2 tasks that open the MLflow run, the model version and the index.
 
 A reviewer goes from the Airflow grid to the MLflow UI in one click: the train, evaluate, gate and promote
-tasks link to the MLflow run and the registered model version they worked on; build_index,
-verify_index and swap_alias link to the Elasticsearch index they built.
+tasks link to the MLflow run and the registered model version they worked on; create_index, each
+encode_shard, finalize_index, verify_index and swap_alias link to the Elasticsearch index they built.
 
 How: each near2 task pushes the URL of each of its links as an XCom (key ``near2_link:<link name>``,
 see ``near2_tasks.airflow_support.publish_links``). The links below are *global* links (TaskFlow

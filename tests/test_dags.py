@@ -51,7 +51,7 @@ def test_retrain_wiring_gate_approval_and_swap(dagbag):
 
     dag = dagbag.dags["near2_retrain"]
     chain = ["validate", "mine_examples", "train", "evaluate", "gate", "wait_for_approval", "promote",
-             "build_index", "verify_index", "swap_alias", "smoke_search"]
+             "create_index", "encode_shard", "finalize_index", "verify_index", "swap_alias", "smoke_search"]
     for before, after in zip(chain, chain[1:]):
         assert before in dag.get_task(after).upstream_task_ids, f"{before} -> {after}"
     # a failed gate skips everything after it, whatever their trigger rules

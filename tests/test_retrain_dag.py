@@ -21,7 +21,7 @@ from tests.tiny_model import TINY_DIMS
 pytestmark = pytest.mark.slow
 
 RETRAIN_TASKS = ["validate", "mine_examples", "train", "evaluate", "gate", "wait_for_approval", "promote",
-                 "build_index", "verify_index", "swap_alias", "smoke_search"]
+                 "create_index", "encode_shard", "finalize_index", "verify_index", "swap_alias", "smoke_search"]
 
 
 class Pipeline:
@@ -149,7 +149,7 @@ def test_task_links_open_mlflow_and_the_index(pipeline, first_run):
     from near2_tasks.pipeline import read_step
 
     run_dir = _run_dir(pipeline.settings, first_run)
-    trained, built = read_step(run_dir, "train"), read_step(run_dir, "build_index")
+    trained, built = read_step(run_dir, "train"), read_step(run_dir, "finalize_index")
     with create_session() as session:
         dag = SerializedDagModel.get_dag("near2_retrain", session=session)
         tis = {ti.task_id: ti for ti in first_run.get_task_instances(session=session)}
@@ -163,7 +163,8 @@ def test_task_links_open_mlflow_and_the_index(pipeline, first_run):
             assert found[LINK_MLFLOW_RUN].endswith(f"/runs/{trained['run_id']}"), task_id
             assert found[LINK_MLFLOW_MODEL_VERSION].endswith(
                 f"/models/{pipeline.settings.mlflow.registered_model}/versions/{trained['model_version']}"), task_id
-        assert links("build_index")[LINK_INDEX].endswith(f"/{built['index']}")
+        for task_id in ("create_index", "encode_shard", "finalize_index"):
+            assert links(task_id)[LINK_INDEX].endswith(f"/{built['index']}"), task_id
         assert links("validate") == {name: None for name in links("validate")}  # nothing to open
 
 
@@ -205,7 +206,7 @@ def test_reindex_only_rebuilds_when_needed(pipeline, first_run):
     unneeded = pipeline.run("near2_reindex", {"config_file": config})
     states = _states(unneeded)
     assert str(unneeded.state) == "success", states
-    assert states["reindex_needed"] == "success" and states["build_index"] == "skipped", states
+    assert states["reindex_needed"] == "success" and states["create_index"] == states["encode_shard"] == "skipped", states
     assert _serving(settings)[0] == target_before
 
     forced = pipeline.run("near2_reindex", {"config_file": config, "force": True})

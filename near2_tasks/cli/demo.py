@@ -165,7 +165,7 @@ def summary_lines(settings, run_dir: Path, outcome: dict[str, Any]) -> list[str]
     if promoted:
         previous = f"v{promoted['previous_champion']}" if promoted["previous_champion"] else "none"
         lines.append(f"Champion: v{promoted['model_version']} (previous: {previous})")
-    swapped, built = read_step(run_dir, "swap_alias"), read_step(run_dir, "build_index")
+    swapped, built = read_step(run_dir, "swap_alias"), read_step(run_dir, "finalize_index")
     if swapped and built:
         lines.append(f"Index: {swapped['index']} ({built['documents']} products, dims {built['dims']}); "
                      f"alias {swapped['alias']} -> it (before: {swapped['previous'] or 'nothing'})")

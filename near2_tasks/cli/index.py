@@ -125,17 +125,21 @@ def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> t
                    "judgments (--judgments, else the catalog dataset's own) and store it in the index _meta.")
 @click.option("--judgments", "judgments_path", type=click.Path(exists=True, path_type=Path),
               help="Judgments file for --tune-hybrid (default: the --catalog dataset's judgments).")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Encode and load the catalog in N slices (a stable hash of product_id mod N), one after "
+                   "another, into the same index: what the DAG's mapped encode_shard tasks do in parallel "
+                   "(airflow.encode_shards). Same index as one slice. Default 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, model_version, catalog_version, alias,
-          tune_hybrid, judgments_path, as_json) -> None:
+          tune_hybrid, judgments_path, shards, as_json) -> None:
     """Build a new index with the champion, verify it, then move the alias to it (one atomic call).
 
     Subcommands: `status` lists indices, `rollback` moves the alias back.
     """
     if ctx.invoked_subcommand is not None:
         if any(v for v in (model_ref, allow_non_champion, catalog, dims, model_version, catalog_version,
-                           tune_hybrid, judgments_path)):
+                           tune_hybrid, judgments_path, shards)):
             raise click.UsageError("build options go before no subcommand: near2 index --model ... --catalog ...")
         ctx.obj = {**(ctx.obj or {}), "alias": alias}
         return
@@ -165,20 +169,25 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
         tune = weight_tuning(settings, products, validation)
     elif judgments_path is not None:
         raise click.UsageError("--judgments is for --tune-hybrid")
-    click.echo(f"indexing {len(products)} products with {model_ref} (version {version})", err=True)
+    shards = shards or 1
+    click.echo(f"indexing {len(products)} products with {model_ref} (version {version})"
+               + (f" in {shards} shards" if shards > 1 else ""), err=True)
     with click.progressbar(length=len(products), label="bulk load", file=click.get_text_stream("stderr")) as bar:
         def progress(done: int, total: int) -> None:
             bar.update(done - bar.pos)
 
         result = build_verify_swap(settings, model_ref, products, version, catalog_version=catalog_version,
-                                   dims=dim_list, progress=progress, champion=champion, before_verify=tune)
+                                   dims=dim_list, progress=progress, champion=champion, before_verify=tune,
+                                   shards=shards)
     if as_json:
-        click.echo(json.dumps({"index": result.index.name, "count": result.index.count, "meta": result.index.meta,
+        click.echo(json.dumps({"index": result.index.name, "count": result.index.count, "shards": shards,
+                               "meta": result.index.meta,
                                "previous": result.previous, "deleted": result.deleted,
                                "verification": result.report.to_dict()}, default=str))
         return
     rates = ", ".join(f"{d}: {r:.0%}" for d, r in result.report.self_hit_rate.items())
-    click.echo(f"built {result.index.name}: {result.index.count} documents, dims {result.index.meta['dims']}")
+    click.echo(f"built {result.index.name}: {result.index.count} documents, dims {result.index.meta['dims']}"
+               + (f", {shards} shards" if shards > 1 else ""))
     weights = result.index.meta.get("hybrid_weights")
     if weights:
         click.echo("hybrid weights (dense side, tuned on validation): "

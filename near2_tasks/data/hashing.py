@@ -1,7 +1,9 @@
-"""Content hashes of tables: the ``dataset_version`` / ``catalog_version`` carried to models and indices.
+"""Content hashes of tables: the ``dataset_version`` / ``catalog_version`` carried to models and indices;
+and stable hashes of single keys (which shard of a sharded index build a product belongs to).
 
-A hash depends on the rows' values only (not on row order, file format or pandas version): rows are
-serialised as JSON arrays of the named columns, sorted, and fed to SHA-256.
+A table hash depends on the rows' values only (not on row order, file format or pandas version): rows are
+serialised as JSON arrays of the named columns, sorted, and fed to SHA-256. A key hash is SHA-256 too:
+the same on every machine, process and Python version, unlike ``hash()``, which is salted per process.
 """
 
 from __future__ import annotations
@@ -56,3 +58,15 @@ def frame_hash(frame: pd.DataFrame, columns: Iterable[str]) -> str:
 def combine_hashes(*parts: str) -> str:
     """One short hash from several (e.g. products + judgments)."""
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:HASH_LENGTH]
+
+
+def stable_hash64(key: str) -> int:
+    """A 64-bit hash of ``key`` (the first 8 bytes of the SHA-256 of its UTF-8 text, big-endian)."""
+    return int.from_bytes(hashlib.sha256(str(key).encode("utf-8")).digest()[:8], "big")
+
+
+def stable_bucket(key: str, buckets: int) -> int:
+    """``key``'s bucket in ``0 .. buckets - 1``: :func:`stable_hash64` modulo ``buckets``."""
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    return stable_hash64(key) % buckets
