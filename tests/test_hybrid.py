@@ -324,7 +324,10 @@ def test_cli_index_tunes_and_search_uses_hybrid(tiny_settings, tiny_model_dir):
     assert body["hybrid"]["weight"] == weights["32"] and body["hybrid"]["weight_source"] == "index"
     assert sum("drill" in h["title"].lower() for h in body["hits"]) >= 3  # BM25 brings the drills
     text = runner.invoke(cli, ["search", "cordless drill", "--mode", "hybrid", "--k", "3"], env=env)
-    assert text.exit_code == 0 and "hybrid at dim 64" in text.stdout and "rrf k=60" in text.stdout
+    # the default fusion is linear, with the weight the index holds for the default dim
+    assert text.exit_code == 0 and "hybrid at dim 64" in text.stdout and "linear w=" in text.stdout
+    rrf_text = runner.invoke(cli, ["search", "cordless drill", "--mode", "hybrid", "--fusion", "rrf", "--k", "3"], env=env)
+    assert rrf_text.exit_code == 0 and "rrf k=60" in rrf_text.stdout
     refused = runner.invoke(cli, ["search", "drill", "--fusion", "rrf"], env=env)
     # in process the error propagates (the `near2` entry point turns it into one "near2: error:" line)
     assert isinstance(refused.exception, BadSearchRequest) and "mode=hybrid only" in str(refused.exception)
