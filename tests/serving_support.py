@@ -34,3 +34,15 @@ def titled_catalog(n: int, seed: int = 3) -> pd.DataFrame:
     document vector (random tiny encoders carry no meaning beyond that)."""
     products = generate_catalog(n, 10, seed=seed).products
     return products.assign(text=products.title)
+
+
+def module_settings(tmp_path_factory, es_url: str, model: str, dims: list[int], home: str = "search-home") -> Settings:
+    """Serving settings for a test module's shared index: its own home and alias, ``model`` at ``dims``."""
+    import uuid
+
+    from near2_tasks.config import load_settings
+
+    alias = f"test-products-{uuid.uuid4().hex[:8]}"
+    return serving_settings(load_settings(
+        home=str(tmp_path_factory.mktemp(home)), elasticsearch={"url": es_url, "alias": alias},
+        model={"base_model": model, "dims": dims}))

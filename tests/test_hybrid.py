@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from collections import Counter
 
 import pytest
@@ -16,14 +15,13 @@ from fastapi.testclient import TestClient
 
 from near2_tasks import conventions
 from near2_tasks.cli import cli
-from near2_tasks.config import load_settings
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.hybrid import METHODS, fuse, lexical_fields, linear, minmax, rrf
 from near2_tasks.hybrid_tuning import best_weight, evaluate_index, tune_weights, weight_tuning
 from near2_tasks.index import build_verify_swap
 from near2_tasks.search import BadSearchRequest, Searcher
 from near2_tasks.service import create_app
-from tests.serving_support import serving_settings, titled_catalog, with_sections
+from tests.serving_support import module_settings, serving_settings, titled_catalog, with_sections
 from tests.tiny_model import TINY_DIMS
 
 N = 120
@@ -102,16 +100,9 @@ def test_best_weight_prefers_the_default_on_ties_and_lexical_fields_follow_the_i
 
 
 # ----- against Elasticsearch ----------------------------------------------------------------------------------
-def _settings(tmp_path_factory, es_url, model: str):
-    alias = f"test-products-{uuid.uuid4().hex[:8]}"
-    return serving_settings(load_settings(
-        home=str(tmp_path_factory.mktemp("hybrid-home")), elasticsearch={"url": es_url, "alias": alias},
-        model={"base_model": model, "dims": TINY_DIMS}))
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, es_url, es_client, tiny_model_dir):
-    settings = _settings(tmp_path_factory, es_url, str(tiny_model_dir))
+    settings = module_settings(tmp_path_factory, es_url, str(tiny_model_dir), TINY_DIMS, home="hybrid-home")
     products = titled_catalog(N, seed=SEED)
     build_verify_swap(settings, str(tiny_model_dir), products, model_version=1)
     yield settings, products

@@ -14,28 +14,21 @@ import pytest
 from click.testing import CliRunner
 
 from near2_tasks.cli import cli
-from near2_tasks.config import PACKAGED_MINILM, load_settings
+from near2_tasks.config import PACKAGED_MINILM
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.errors import Near2Error, ServiceUnavailable
 from near2_tasks.index import build_verify_swap
 from near2_tasks.search import BadSearchRequest, NoServingIndex, Searcher, search
-from tests.serving_support import serving_settings, titled_catalog, with_sections
+from tests.serving_support import module_settings, serving_settings, titled_catalog, with_sections
 from tests.tiny_model import TINY_DIMS
 
 N = 120
 
 
-def _module_settings(tmp_path_factory, es_url, model: str, dims: list[int]):
-    alias = f"test-products-{uuid.uuid4().hex[:8]}"
-    return serving_settings(load_settings(
-        home=str(tmp_path_factory.mktemp("search-home")), elasticsearch={"url": es_url, "alias": alias},
-        model={"base_model": model, "dims": dims}))
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, es_url, es_client, tiny_model_dir):
     """A tiny-model index behind its own alias, shared by the read-only tests of this module."""
-    settings = _module_settings(tmp_path_factory, es_url, str(tiny_model_dir), TINY_DIMS)
+    settings = module_settings(tmp_path_factory, es_url, str(tiny_model_dir), TINY_DIMS)
     products = titled_catalog(N)
     build_verify_swap(settings, str(tiny_model_dir), products, model_version=1)
     yield settings, products
@@ -126,7 +119,7 @@ def test_a_moved_alias_brings_its_own_model_without_a_restart(tiny_settings, tin
 @pytest.fixture(scope="module")
 def minilm_served(tmp_path_factory, es_url, es_client):
     """The real all-MiniLM-L6-v2 over a 300-product synthetic catalog (embedded text per the template)."""
-    settings = _module_settings(tmp_path_factory, es_url, PACKAGED_MINILM, [384, 64])
+    settings = module_settings(tmp_path_factory, es_url, PACKAGED_MINILM, [384, 64])
     products = generate_catalog(300, 10, seed=11).products
     build_verify_swap(settings, PACKAGED_MINILM, products, model_version=1)
     yield settings, products
