@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -167,3 +168,56 @@ def test_vector_bytes_follow_the_index_type():
 
     assert [vector_bytes(kind, 384) for kind in ("hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "bits")] == [
         1536, 388, 196, 62, 1536, 48]
+
+
+def test_no_request_fails_while_the_alias_moves_to_another_model_and_back(tiny_settings, tiny_model_dir,
+                                                                           second_tiny_model_dir):
+    """Storefront clients keep searching through a real HTTP server while an index of another model is
+    built, verified and swapped in, then rolled back: every request answers 200, and answers come from
+    both models. (Counts only, no timings: the load benchmark measures speed.)"""
+    import threading
+
+    import httpx
+
+    from near2_tasks.index import rollback
+    from tests.browser_support import live_server
+
+    settings = serving_settings(tiny_settings)
+    products = titled_catalog(60)
+    build_verify_swap(settings, str(tiny_model_dir), products, model_version=1)
+    stop = threading.Event()
+    answers: list[tuple[int, str | None]] = []
+
+    def client(seed: int) -> None:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            i = seed
+            while not stop.is_set():
+                response = http.get("/search", params={"q": products.title[i % len(products)], "k": 3,
+                                                       "mode": ("knn", "funnel", "hybrid")[i % 3]})
+                body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+                answers.append((response.status_code, body.get("model_version")))
+                i += 1
+
+    with live_server(create_app(settings)) as base:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        def wait_for(version: str, since: int) -> None:
+            deadline = time.monotonic() + 60
+            while sum(1 for _, v in answers[since:] if v == version) < 5:
+                assert time.monotonic() < deadline, f"no answers from model v{version} within 60 s"
+                time.sleep(0.05)
+
+        try:
+            build_verify_swap(settings, str(second_tiny_model_dir), products, model_version=2)
+            wait_for("2", 0)
+            swapped_back_at = len(answers)
+            rollback(settings)
+            wait_for("1", swapped_back_at)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+    failed = [status for status, _ in answers if status != 200]
+    assert not failed and len(answers) > 20, (len(failed), len(answers))
+    assert {version for _, version in answers} == {"1", "2"}
