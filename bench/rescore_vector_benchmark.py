@@ -47,7 +47,7 @@ def main() -> None:
     from near2_tasks.examples import configured_splits
     from near2_tasks.index import build_verify_swap
     from near2_tasks.metrics import mean_over, per_query_metrics
-    from near2_tasks.search import Searcher, knn_body, vector_bytes
+    from near2_tasks.search import Searcher, knn_body, rescore_body, vector_bytes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
@@ -127,7 +127,7 @@ def main() -> None:
         return [h["fields"]["product_id"][0] for h in hits]
 
     def rescore(vector, ids):
-        body = knn_body(full, conventions.truncate(vector, full), k, len(ids), [{"ids": {"values": ids}}])
+        body = rescore_body(full, vector, k, ids)
         return [h["_source"]["product_id"] for h in searcher.client.search(index=served.name, **body)["hits"]["hits"]]
 
     for trim in ("none", "filter_path", "docvalues"):

@@ -448,27 +448,33 @@ class Searcher:
                     dim, conventions.truncate(full_vector, dim), k, num_candidates, clauses))
                 took = response["took"]
             else:
-                shortlist_size = min(max(k, self.settings.serving.funnel_shortlist_size),
-                                     self.settings.serving.max_num_candidates)
-                if shortlist_dim in served.binary_centres:  # Hamming distance of 1-bit codes
-                    body = knn_body(shortlist_dim, None, shortlist_size, max(shortlist_size, num_candidates),
-                                    clauses, source=False, code=compact.query_code(
-                                        full_vector, shortlist_dim, served.binary_centres[shortlist_dim]))
-                else:
-                    body = knn_body(shortlist_dim, conventions.truncate(full_vector, shortlist_dim), shortlist_size,
-                                    max(shortlist_size, num_candidates), clauses, source=False)
+                body, shortlist_size = self._shortlist_body(served, full_vector, k, shortlist_dim, clauses,
+                                                            num_candidates)
                 ids, took = shortlist_ids(self.client, served.name, body)
                 timings["shortlist"] = round((time.perf_counter() - began) * 1000, 3)
                 response = {"hits": {"hits": []}}
                 if ids:  # exact scores at the larger dimension, over the shortlist only
-                    response = self.client.search(index=served.name, **knn_body(
-                        dim, conventions.truncate(full_vector, dim), min(k, len(ids)), len(ids),
-                        [{"ids": {"values": ids}}]))
+                    response = self.client.search(index=served.name, **rescore_body(dim, full_vector, k, ids))
                     took += response["took"]
         timings["search"] = round((time.perf_counter() - began) * 1000, 3)
         timings["es_took"] = float(took)
         return Retrieved(hits=[_hit(h) for h in response["hits"]["hits"]], timings_ms=timings,
                          shortlist_size=shortlist_size)
+
+    def _shortlist_body(self, served: ServingIndex, full_vector, k: int, shortlist_dim: int,
+                        clauses: list[dict[str, Any]], num_candidates: int) -> tuple[dict[str, Any], int]:
+        """(the funnel's first-stage kNN body, its shortlist size): Hamming distance on the 1-bit codes of
+        ``shortlist_dim`` when the index has them, else a float kNN at that dimension."""
+        serving = self.settings.serving
+        size = min(max(k, serving.funnel_shortlist_size), serving.max_num_candidates)
+        candidates = max(size, num_candidates)
+        if shortlist_dim in served.binary_centres:
+            body = knn_body(shortlist_dim, None, size, candidates, clauses, source=False,
+                            code=compact.query_code(full_vector, shortlist_dim, served.binary_centres[shortlist_dim]))
+        else:
+            body = knn_body(shortlist_dim, conventions.truncate(full_vector, shortlist_dim), size, candidates,
+                            clauses, source=False)
+        return body, size
 
     def retrieve_lexical(self, served: ServingIndex, query: str, k: int, clauses: list[dict[str, Any]] | None = None,
                          fields: list[str] | None = None) -> Retrieved:
@@ -496,14 +502,7 @@ class Searcher:
         if shortlist_dim is None:
             dense = knn_body(dim, conventions.truncate(full_vector, dim), n, max(n, num_candidates), clauses)
         else:
-            shortlist_size = min(max(n, serving.funnel_shortlist_size), serving.max_num_candidates)
-            candidates = max(shortlist_size, num_candidates)
-            if shortlist_dim in served.binary_centres:
-                dense = knn_body(shortlist_dim, None, shortlist_size, candidates, clauses, source=False,
-                                 code=compact.query_code(full_vector, shortlist_dim, served.binary_centres[shortlist_dim]))
-            else:
-                dense = knn_body(shortlist_dim, conventions.truncate(full_vector, shortlist_dim), shortlist_size,
-                                 candidates, clauses, source=False)
+            dense, shortlist_size = self._shortlist_body(served, full_vector, n, shortlist_dim, clauses, num_candidates)
         began = time.perf_counter()
         timings: dict[str, float] = {}
         requests = 1
@@ -525,9 +524,7 @@ class Searcher:
                 ids = [hit["_id"] for hit in dense_raw]
                 dense_raw = []
                 if ids:  # exact scores at dim over the shortlist, as the funnel does
-                    rescored = self.client.search(index=served.name, **knn_body(
-                        dim, conventions.truncate(full_vector, dim), min(n, len(ids)), len(ids),
-                        [{"ids": {"values": ids}}]))
+                    rescored = self.client.search(index=served.name, **rescore_body(dim, full_vector, n, ids))
                     dense_raw = rescored["hits"]["hits"]
                     took += float(rescored["took"])
                     requests = 2
@@ -578,6 +575,12 @@ def shortlist_ids(client: Elasticsearch, index: str, body: dict[str, Any]) -> tu
                              docvalue_fields=["product_id"], track_total_hits=False,
                              filter_path=["took", "hits.hits.fields.product_id"])
     return [hit["fields"]["product_id"][0] for hit in response.get("hits", {}).get("hits", [])], response["took"]
+
+
+def rescore_body(dim: int, full_vector, k: int, ids: list[str]) -> dict[str, Any]:
+    """The funnel's second stage: exact kNN at ``dim`` over the shortlist ``ids`` only."""
+    return knn_body(dim, conventions.truncate(full_vector, dim), min(k, len(ids)), len(ids),
+                    [{"ids": {"values": ids}}])
 
 
 def knn_body(dim: int, vector, k: int, num_candidates: int, filters: list[dict[str, Any]],
