@@ -38,8 +38,8 @@ def main() -> None:
 
     from near2_tasks.config import load_settings
     from near2_tasks.data.adapters import load_dataset
-    from near2_tasks.examples import mine_examples, split_by_query
-    from near2_tasks.validate import validate_dataset
+    from near2_tasks.train.examples import mine_examples, split_by_query
+    from near2_tasks.data.validate import validate_dataset
 
     import_s = time.perf_counter() - began
     with tempfile.TemporaryDirectory() as tmp:

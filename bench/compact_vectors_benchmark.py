@@ -10,15 +10,15 @@ the pipeline's seed, so a trained model never saw them), for the trained model a
 
 * **kNN per (vector type, dimension)**: every Elasticsearch type (``hnsw``, ``int8_hnsw``, ``int4_hnsw``,
   ``bbq_hnsw``, ``flat``, ``int8_flat``, ``int4_flat``, ``bbq_flat``; bbq only where ES accepts the dims)
-  built with the production mapping (``near2_tasks.index.build_index``), plus ``bit`` fields holding the
-  project's own binary codes (``near2_tasks.compact``: sign bits of the centred nested prefix), ``flat``
+  built with the production mapping (``near2_tasks.serving.index.build_index``), plus ``bit`` fields holding the
+  project's own binary codes (``near2_tasks.serving.compact``: sign bits of the centred nested prefix), ``flat``
   and ``hnsw``. Measured: NDCG@10 of ES's kNN answer (k=10, num_candidates=100), recall@10 against exact
   float search at that dimension (numpy), p50/p99 latency (single client, all configurations interleaved
   query by query), bytes per vector on disk (disk-usage API, ``knn_vectors``) and the bytes per vector
   that must stay in memory (ES sizing: the quantised copy, or the floats, plus ~4·m bytes of HNSW graph;
   the raw floats behind a quantised field stay on disk and are only read to rescore).
 * **funnel grid**: shortlist from a compact field (size N) rescored exactly at dimension D on ``flat``
-  float fields, as ``near2_tasks.search.Searcher.retrieve`` does (an ids-filtered kNN): NDCG@10 and QPS
+  float fields, as ``near2_tasks.serving.search.Searcher.retrieve`` does (an ids-filtered kNN): NDCG@10 and QPS
   per (shortlist field, N, D).
 
 Memory accounting of a funnel: the shortlist field is what every query scans (RAM); the rescoring floats
@@ -50,12 +50,12 @@ from serving_benchmark import (  # noqa: E402
     add_common_arguments, bytes_per_vector, exact_top_k, load_homedepot, percentile_ms, ram_estimate)
 
 from near2_tasks import conventions  # noqa: E402
-from near2_tasks.compact import binary_codes, catalog_centre, to_hex  # noqa: E402
+from near2_tasks.serving.compact import binary_codes, catalog_centre, to_hex  # noqa: E402
 from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
-from near2_tasks.embeddings import encode, encode_cached, load_encoder  # noqa: E402
-from near2_tasks.examples import configured_splits  # noqa: E402
-from near2_tasks.index import build_index  # noqa: E402
-from near2_tasks.metrics import Qrels, mean_over, ndcg_at  # noqa: E402
+from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
+from near2_tasks.train.examples import configured_splits  # noqa: E402
+from near2_tasks.serving.index import build_index  # noqa: E402
+from near2_tasks.evaluate.metrics import Qrels, mean_over, ndcg_at  # noqa: E402
 
 log = logging.getLogger("compact_vectors")
 
@@ -91,7 +91,7 @@ def parse_args() -> argparse.Namespace:
 # ----- data ---------------------------------------------------------------------------------------------
 def model_and_vectors(args, titles: list[str]) -> tuple[Any, str, str, np.ndarray]:
     """The model, its reference, a label, and the catalog's vectors (the team's embedding cache)."""
-    from near2_tasks.evaluate import resolve_model
+    from near2_tasks.evaluate.evaluation import resolve_model
 
     trained = args.trained_model
     if args.model == "trained" and trained.exists():
@@ -208,7 +208,7 @@ def main() -> None:
     logging.getLogger("elastic_transport").setLevel(logging.WARNING)
     server_settings = None
     if args.start_local_es:
-        from near2_tasks import elasticsearch_local
+        from near2_tasks.serving import elasticsearch_local
 
         port = int(args.es_url.rsplit(":", 1)[1])
         server_settings = load_settings(local_elasticsearch={"port": port, "heap": args.heap})
@@ -217,13 +217,13 @@ def main() -> None:
         run(args)
     finally:
         if server_settings is not None:
-            from near2_tasks import elasticsearch_local
+            from near2_tasks.serving import elasticsearch_local
 
             elasticsearch_local.stop(server_settings)
 
 
 def run(args: argparse.Namespace) -> None:
-    from near2_tasks.es_client import make_client
+    from near2_tasks.serving.es_client import make_client
 
     settings = load_settings(
         home=str(REPO / ".near2" / "bench" / "compact-home"),

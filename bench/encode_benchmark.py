@@ -3,9 +3,9 @@
     .venv/bin/python bench/encode_benchmark.py                       # 5,000 titles, 5 repetitions
     .venv/bin/python bench/encode_benchmark.py --titles 2000 --repeats 3 --ndcg --out bench/results/encode.json
 
-Baseline: ``SentenceTransformer.encode`` (what ``near2_tasks.embeddings.encode`` does with the torch
+Baseline: ``SentenceTransformer.encode`` (what ``near2_tasks.models.embeddings.encode`` does with the torch
 backend), fp32, batch 64, on the packaged all-MiniLM-L6-v2. Each other configuration is a backend from
-``near2_tasks.backends`` (exported once, before timing) at a batch size. All configurations run once to warm
+``near2_tasks.models.backends`` (exported once, before timing) at a batch size. All configurations run once to warm
 up (their vectors give the cosine to the baseline), then ``--repeats`` rounds; each round runs every
 configuration once, in a shuffled order, so a neighbour's load hits them all alike. Reported: median
 titles/s, and the speed-up as the median of the per-round ratios to the baseline of the same round.
@@ -40,9 +40,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from near2_tasks.backends import BackendSpec, cpu_threads, export_artifact, load_artifact  # noqa: E402
+from near2_tasks.models.backends import BackendSpec, cpu_threads, export_artifact, load_artifact  # noqa: E402
 from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
-from near2_tasks.embeddings import encode, encode_cached, load_encoder  # noqa: E402
+from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
 
 BASELINE = "torch fp32 b64"
 SHARED_CACHE = REPO / ".near2" / "cache" / "embeddings"
@@ -197,9 +197,9 @@ def query_latency(model, artefacts: dict[str, Path], queries: list[str]) -> dict
 def ndcg_guard(model, model_ref: str, runners: dict[str, Callable], configs: list[Config], data_dir: Path
                ) -> dict[str, Any]:
     """NDCG@10 per dimension on the Home Depot test split: each backend variant vs the fp32 model."""
-    from near2_tasks.evaluate import prepare_data, rank_whole_catalog
-    from near2_tasks.examples import configured_splits
-    from near2_tasks.metrics import mean_over, per_query_metrics
+    from near2_tasks.evaluate.evaluation import prepare_data, rank_whole_catalog
+    from near2_tasks.train.examples import configured_splits
+    from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
 
     settings = load_settings()
     products = pd.read_csv(data_dir / "products.csv", dtype={"product_id": str})
@@ -216,7 +216,7 @@ def ndcg_guard(model, model_ref: str, runners: dict[str, Callable], configs: lis
             out[dim] = mean_over(per_query_metrics(ranking, data.qrels, ["ndcg@10"], floor, threshold)["ndcg@10"])
         return out
 
-    from near2_tasks.evaluate import resolve_model
+    from near2_tasks.evaluate.evaluation import resolve_model
 
     SHARED_CACHE.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -4,7 +4,7 @@
         .venv/bin/python bench/funnel_check.py --out bench/results/funnel_check_homedepot.json
 
 Reads the index behind the configured alias (``elasticsearch.alias``) exactly as the search service does
-(``near2_tasks.search.Searcher``: the model named in the index's ``_meta``, the configured inference
+(``near2_tasks.serving.search.Searcher``: the model named in the index's ``_meta``, the configured inference
 backend, the default mapping with bbq_hnsw/hnsw fields and the ``embedding_<d>_bits`` codes), encodes the
 Home Depot **test-split** queries once, then runs ``Searcher.retrieve`` for every query in every mode,
 interleaved query by query: kNN at each served dimension, and the funnel (``serving.funnel_shortlist_size``
@@ -30,13 +30,13 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from near2_tasks.backends import resolved_backend
+    from near2_tasks.models.backends import resolved_backend
     from near2_tasks.config import load_settings
-    from near2_tasks.embeddings import encode
-    from near2_tasks.evaluate import prepare_data
-    from near2_tasks.examples import configured_splits
-    from near2_tasks.metrics import mean_over, per_query_metrics
-    from near2_tasks.search import Searcher
+    from near2_tasks.models.embeddings import encode
+    from near2_tasks.evaluate.evaluation import prepare_data
+    from near2_tasks.train.examples import configured_splits
+    from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
+    from near2_tasks.serving.search import Searcher
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")

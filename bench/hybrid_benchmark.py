@@ -4,11 +4,11 @@
         --out bench/results/hybrid_9.2.4.json
 
 Builds one index of the whole catalog with the production mapping and the serving code
-(``near2_tasks.index.build_verify_swap``: the lexical text fields next to one ``dense_vector`` per dim),
-tunes the linear-fusion weight per dim on the **validation** split (``near2_tasks.hybrid_tuning.tune_weights``:
+(``near2_tasks.serving.index.build_verify_swap``: the lexical text fields next to one ``dense_vector`` per dim),
+tunes the linear-fusion weight per dim on the **validation** split (``near2_tasks.serving.hybrid_tuning.tune_weights``:
 grid ``evaluation.hybrid_weight_grid``, the best stored in ``_meta.hybrid_weights``), then evaluates on
-the **test** split (``near2_tasks.examples.configured_splits``) through Elasticsearch with
-``near2_tasks.hybrid_tuning.evaluate_index``: NDCG@10 overall and on the short / long / alphanumeric slices, and
+the **test** split (``near2_tasks.train.examples.configured_splits``) through Elasticsearch with
+``near2_tasks.serving.hybrid_tuning.evaluate_index``: NDCG@10 overall and on the short / long / alphanumeric slices, and
 p50/p99 of the Elasticsearch part of each method (requests + fusion; query encoding, the same for dense
 and hybrid and absent from BM25, is excluded). Hybrid-RRF and hybrid-linear are fused from the same
 ``_msearch`` (one per query and dim), each timed as that request plus its own fusion.
@@ -37,13 +37,13 @@ DEFAULT_MODEL = "/work/main/.near2/bench/recipes/C_pca/model"
 
 
 def main() -> None:
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
     from near2_tasks.config import load_settings
-    from near2_tasks.embeddings import encode_cached
-    from near2_tasks.es_client import make_client
-    from near2_tasks.examples import configured_splits
-    from near2_tasks.hybrid_tuning import evaluate_index, weight_tuning
-    from near2_tasks.index import build_verify_swap, load_meta_model, prepare_products
+    from near2_tasks.models.embeddings import encode_cached
+    from near2_tasks.serving.es_client import make_client
+    from near2_tasks.train.examples import configured_splits
+    from near2_tasks.serving.hybrid_tuning import evaluate_index, weight_tuning
+    from near2_tasks.serving.index import build_verify_swap, load_meta_model, prepare_products
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")

@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from near2_tasks.config import PACKAGED_MINILM  # noqa: E402
-from near2_tasks.embeddings import encode, load_encoder  # noqa: E402
-from near2_tasks.search import torch_threads  # noqa: E402
+from near2_tasks.models.embeddings import encode, load_encoder  # noqa: E402
+from near2_tasks.serving.search import torch_threads  # noqa: E402
 
 
 def main() -> None:

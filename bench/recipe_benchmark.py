@@ -68,7 +68,7 @@ def plain_recipe(products, train_judgments, output: Path, seed: int = 42) -> dic
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     from near2_tasks.config import PACKAGED_MINILM
-    from near2_tasks.embeddings import load_encoder
+    from near2_tasks.models.embeddings import load_encoder
 
     rng = random.Random(seed)
     text = dict(zip(products["product_id"].astype(str), products["text"]))
@@ -96,16 +96,16 @@ def plain_recipe(products, train_judgments, output: Path, seed: int = 42) -> dic
 
 def near2_recipe(settings, accepted, splits, output: Path) -> dict:
     """What `near2 train` runs (cli/train.py), with the row's settings."""
-    from near2_tasks.evaluate import resolve_model
-    from near2_tasks.examples import ir_eval_data, mine_examples
-    from near2_tasks.train import train_model
+    from near2_tasks.evaluate.evaluation import resolve_model
+    from near2_tasks.train.examples import ir_eval_data, mine_examples
+    from near2_tasks.train.trainer import train_model
 
     base = resolve_model(settings, settings.model.base_model)
     examples = mine_examples(accepted.products, splits.train, settings, model=base.load_ref,
                              model_key=base.cache_key)
     validation = ir_eval_data(accepted.products, splits.validation, settings.dataset.relevant_threshold)
     result = train_model(settings, examples, validation, accepted.dataset_version, output)
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     run = registry.client(settings).get_run(result.run_id)
     return {"train_triplets": len(examples.triplets), "train_pairs": len(examples.pairs),
@@ -126,9 +126,9 @@ def metrics_of(report) -> dict:
 
 def run_row(args) -> None:
     from near2_tasks.config import load_settings
-    from near2_tasks.evaluate import evaluate_model
-    from near2_tasks.examples import configured_splits
-    from near2_tasks.validate import validate_dataset
+    from near2_tasks.evaluate.evaluation import evaluate_model
+    from near2_tasks.train.examples import configured_splits
+    from near2_tasks.data.validate import validate_dataset
 
     overrides = parse_overrides(args.set)
     home = args.home / args.name

@@ -18,7 +18,7 @@ What is measured (single client, sequential requests, after a warm-up):
   never saw them), with exact search's NDCG@10 at the same dimension for reference, and latency/QPS, on
   an index with the configured per-dimension defaults (``--funnel-index``).
 
-Indices are built with ``near2_tasks.index.build_index`` from the team's cached base-model title
+Indices are built with ``near2_tasks.serving.index.build_index`` from the team's cached base-model title
 embeddings (``<cache>/minilm-base-*.npy``) and force-merged to one segment. With ``--trained-model``
 (default: ``.near2/bench/trained-homedepot`` when present) the funnel/NDCG rows are repeated for it.
 The Home Depot data is research-only: it is read from ``--data-dir``, never copied.
@@ -42,10 +42,10 @@ sys.path.insert(0, str(REPO))
 
 from near2_tasks import conventions  # noqa: E402
 from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
-from near2_tasks.embeddings import encode, encode_cached, load_encoder  # noqa: E402
-from near2_tasks.index import build_index  # noqa: E402
-from near2_tasks.metrics import Qrels, mean_over, ndcg_at  # noqa: E402
-from near2_tasks.search import Searcher, ServingIndex, torch_threads  # noqa: E402
+from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
+from near2_tasks.serving.index import build_index  # noqa: E402
+from near2_tasks.evaluate.metrics import Qrels, mean_over, ndcg_at  # noqa: E402
+from near2_tasks.serving.search import Searcher, ServingIndex, torch_threads  # noqa: E402
 
 log = logging.getLogger("serving_benchmark")
 
@@ -167,7 +167,7 @@ def main() -> None:
     options = [o for o in args.options.split(",") if o]
     server_settings = None
     if args.start_local_es:
-        from near2_tasks import elasticsearch_local
+        from near2_tasks.serving import elasticsearch_local
 
         port = int(args.es_url.rsplit(":", 1)[1])
         server_settings = load_settings(local_elasticsearch={"port": port, "heap": args.heap})
@@ -181,7 +181,7 @@ def main() -> None:
         results = run(args, settings, dims, options)
     finally:
         if server_settings is not None:
-            from near2_tasks import elasticsearch_local
+            from near2_tasks.serving import elasticsearch_local
 
             elasticsearch_local.stop(server_settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def load_homedepot(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def run(args, settings, dims: list[int], options: list[str]) -> dict:
-    from near2_tasks.es_client import make_client
+    from near2_tasks.serving.es_client import make_client
 
     products, judgments = load_homedepot(args.data_dir)
     if args.limit:
@@ -266,7 +266,7 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
         if trained and trained.exists():
             log.info("trained model found at %s: encoding the catalog with it", trained)
             trained_model = load_encoder(str(trained), device="cpu")
-            from near2_tasks.evaluate import resolve_model
+            from near2_tasks.evaluate.evaluation import resolve_model
 
             key = resolve_model(settings, str(trained)).cache_key  # the evaluation's key: reuse its vectors
             trained_vectors = encode_cached(trained_model, key, titles, args.cache_dir, show_progress=True)
@@ -284,7 +284,7 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
 
 def test_split(settings, judgments: pd.DataFrame, cap: int) -> pd.DataFrame:
     """The held-out test queries of the team's query split (the trained model never saw them)."""
-    from near2_tasks.examples import configured_splits
+    from near2_tasks.train.examples import configured_splits
 
     test = configured_splits(settings, judgments).test
     queries = test.drop_duplicates("query_id")[["query_id", "query"]].reset_index(drop=True)

@@ -34,12 +34,12 @@ DIMS = [384, 256, 128, 64, 32]
 
 def main() -> None:
     from near2_tasks.config import PACKAGED_MINILM, load_settings
-    from near2_tasks.embeddings import encode, encode_cached, load_encoder
-    from near2_tasks.evaluate import prepare_data, rank_whole_catalog
-    from near2_tasks.examples import configured_splits, ir_eval_data, mine_examples
-    from near2_tasks.metrics import mean_over, per_query_metrics
-    from near2_tasks.train import train_model
-    from near2_tasks.validate import validate_dataset
+    from near2_tasks.models.embeddings import encode, encode_cached, load_encoder
+    from near2_tasks.evaluate.evaluation import prepare_data, rank_whole_catalog
+    from near2_tasks.train.examples import configured_splits, ir_eval_data, mine_examples
+    from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
+    from near2_tasks.train.trainer import train_model
+    from near2_tasks.data.validate import validate_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name")

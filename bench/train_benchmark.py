@@ -94,10 +94,10 @@ def main() -> None:
     logging.getLogger("near2_tasks").setLevel(logging.INFO)  # training progress lines with the ETA
 
     from near2_tasks.config import load_settings
-    from near2_tasks.evaluate import evaluate_model, resolve_model
-    from near2_tasks.examples import configured_splits, ir_eval_data, mine_examples
-    from near2_tasks.train import train_model
-    from near2_tasks.validate import validate_dataset
+    from near2_tasks.evaluate.evaluation import evaluate_model, resolve_model
+    from near2_tasks.train.examples import configured_splits, ir_eval_data, mine_examples
+    from near2_tasks.train.trainer import train_model
+    from near2_tasks.data.validate import validate_dataset
 
     settings = load_settings(
         home=str(args.home),
@@ -130,7 +130,7 @@ def main() -> None:
         result = train_model(settings, examples, validation, accepted.dataset_version, args.output,
                              reports={"examples": examples.counts})
     train_wall = time.monotonic() - train_began
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     run = registry.client(settings).get_run(result.run_id)
     trainer_loop_s = run.data.metrics.get("train_runtime")

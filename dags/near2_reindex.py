@@ -1,6 +1,6 @@
 """near2_reindex: rebuild the serving index with the current champion (no training).
 
-Thin on purpose: every task calls one step of ``near2_tasks.pipeline``.
+Thin on purpose: every task calls one step (``near2_tasks.run.STEPS``: each stage package's ``step.py``).
 """
 
 from __future__ import annotations

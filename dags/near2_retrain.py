@@ -1,6 +1,6 @@
 """near2_retrain: validate → mine → train → evaluate → gate → approve → promote → index → verify → swap → smoke.
 
-Thin on purpose: every task calls one step of ``near2_tasks.pipeline`` through
+Thin on purpose: every task calls one step (``near2_tasks.run.STEPS``: each stage package's ``step.py``) through
 ``near2_tasks.airflow_support.run_step``; heavy libraries are imported inside the steps, never while
 the scheduler parses this file.
 """

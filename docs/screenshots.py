@@ -100,7 +100,7 @@ def latest_run_id(home: Path) -> str:
 
 
 def storefront(driver, settings, out: Path, query: str) -> None:
-    from near2_tasks.service import create_app
+    from near2_tasks.serving.service import create_app
 
     with live_server(create_app(settings)) as url:
         driver.get(f"{url}/?q={quote(query)}&dim=64")
@@ -113,7 +113,7 @@ def storefront(driver, settings, out: Path, query: str) -> None:
 
 
 def mlflow_version_page(driver, settings, out: Path, home: Path) -> None:
-    from near2_tasks.gates import current_champion
+    from near2_tasks.promote.gates import current_champion
 
     champion = current_champion(settings)
     if champion is None:

@@ -1,7 +1,7 @@
 """What the DAG files need from Airflow, kept out of them so they stay thin.
 
 * :func:`run_step` is the body of every DAG task: it builds the run's settings (config file, Airflow
-  connections, run params), calls the step of :mod:`near2_tasks.pipeline`, publishes the step's links
+  connections, run params), calls the step of :mod:`near2_tasks.run`, publishes the step's links
   for the ``near2_links`` plugin, and turns expected failures into the right Airflow outcome: bad input
   fails at once (retrying cannot fix it), an unreachable service is retried.
 * :func:`library_progress_bars_off`: inside a task, third-party progress bars are off (Airflow records a
@@ -11,7 +11,7 @@
   (from the metadata DB or ``AIRFLOW_CONN_NEAR2_ELASTICSEARCH`` / ``AIRFLOW_CONN_NEAR2_MLFLOW``); without
   them the ``NEAR2_*`` settings apply. Nothing is hard-coded.
 
-Airflow is imported inside the functions: :mod:`near2_tasks.pipeline` and the CLI use this module's
+Airflow is imported inside the functions: :mod:`near2_tasks.run` and the CLI use this module's
 constants without paying for Airflow.
 """
 
@@ -121,9 +121,9 @@ def connection_overrides() -> dict[str, dict[str, Any]]:
 
 # ----- the body of every DAG task ------------------------------------------------------------------
 def build_context(params: Mapping[str, Any], run_id: str, dag_id: str):
-    """The pipeline's :class:`~near2_tasks.pipeline.StepContext` for this task: settings from the run's
+    """The pipeline's :class:`~near2_tasks.run.StepContext` for this task: settings from the run's
     config file, then the Airflow connections, then the run params."""
-    from near2_tasks.pipeline import RunParams, StepContext, settings_for_run
+    from near2_tasks.run import RunParams, StepContext, settings_for_run
 
     run_params = RunParams.from_mapping(params)
     settings = settings_for_run(run_params, connection_overrides())
@@ -131,7 +131,8 @@ def build_context(params: Mapping[str, Any], run_id: str, dag_id: str):
 
 
 def run_step(step: str, context: Mapping[str, Any], **inputs: Any) -> Any:
-    """Run ``pipeline.<step>`` for the task whose Airflow ``context`` is given; return its result.
+    """Run the step ``step`` (:data:`near2_tasks.run.STEPS`) for the task whose Airflow ``context`` is
+    given; return its result.
 
     ``Near2Error`` (bad data, bad config, a failed check) fails the task without retries;
     ``ServiceUnavailable`` (Elasticsearch or MLflow down) is raised as is, so Airflow retries it;
@@ -139,15 +140,15 @@ def run_step(step: str, context: Mapping[str, Any], **inputs: Any) -> Any:
     """
     from airflow.sdk.exceptions import AirflowFailException
 
-    from near2_tasks import pipeline
+    from near2_tasks.run import SkipRest, step_function
 
     ctx = build_context(context["params"], context["run_id"], context["dag"].dag_id)
     try:
         with library_progress_bars_off():
-            result = getattr(pipeline, step)(ctx, **inputs)
+            result = step_function(step)(ctx, **inputs)
     except ServiceUnavailable:
         raise
-    except pipeline.SkipRest as exc:
+    except SkipRest as exc:
         skip(str(exc))
     except Near2Error as exc:
         log.error("%s failed: %s", step, exc)

@@ -44,7 +44,7 @@ class ModelSettings(Section):
     )
     encode_batch_size: int = Field(64, gt=0)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    # inference speed (near2_tasks.backends; measured in bench/encode_benchmark.py, BENCHMARKS.md)
+    # inference speed (near2_tasks.models.backends; measured in bench/encode_benchmark.py, BENCHMARKS.md)
     backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
         "auto", description="Runtime for catalog and query encoding; onnx/openvino use an exported copy "
                             "of the model logged next to it in MLflow (`near2 backend export`). auto: torch on "
@@ -271,7 +271,7 @@ class ElasticsearchSettings(Section):
     binary_dims: list[int] = Field(
         default_factory=lambda: [64], description="Dims that also get 1-bit codes (embedding_<d>_bits, d/8 bytes "
         "per product) for the funnel's shortlist; only served dims below the full one, multiples of 8 "
-        "(near2_tasks.compact). Default 64: 8 bytes per product, 192x less than 384-d float; a 1600-2000 "
+        "(near2_tasks.serving.compact). Default 64: 8 bytes per product, 192x less than 384-d float; a 1600-2000 "
         "shortlist rescored at 384-d lost 1.7-1.9% NDCG@10 on Home Depot (BENCHMARKS.md, Compact vectors).")
     binary_centre_sample_size: int = Field(
         100_000, gt=0, description="Products whose vectors give the bit codes' centre (the mean subtracted before "
@@ -324,7 +324,7 @@ class ServingSettings(Section):
         "knn", description="knn: one request on the field (bbq_hnsw rescored 3x at 384-d: -0.6% NDCG@10 vs exact "
                            "float, 4-5 ms p50 on ES 9.2.4); funnel: 8 B/product in RAM, -2.5%, 17 ms; hybrid: BM25 + "
                            "kNN fused, +0.034 NDCG@10 over dense at 384-d, 6.8 ms (BENCHMARKS.md).")
-    # hybrid retrieval (near2_tasks.hybrid): BM25 and kNN top-N, fused in Python
+    # hybrid retrieval (near2_tasks.serving.hybrid): BM25 and kNN top-N, fused in Python
     hybrid_fusion: Literal["rrf", "linear"] = Field(
         "linear", description="How mode=hybrid fuses when a request names no fusion: a linear combination of "
                               "min-max normalised scores (the weight tuned per dim), or reciprocal-rank fusion. "
@@ -530,7 +530,7 @@ class EvaluationSettings(Section):
     hybrid_weight_grid: list[float] = Field(
         default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
         description="Linear-fusion weights (of the dense side) tried per dimension on the validation split "
-                    "(near2_tasks.hybrid_tuning.tune_weights); the best is stored in the index _meta.hybrid_weights.")
+                    "(near2_tasks.serving.hybrid_tuning.tune_weights); the best is stored in the index _meta.hybrid_weights.")
     tune_hybrid: bool = Field(
         True, description="Tune the hybrid weights after the DAG's build_index step (needs judgments).")
     cache_dir: Path | None = Field(None, description="Embedding cache; default <home>/cache/embeddings.")
@@ -540,7 +540,7 @@ class EvaluationSettings(Section):
     def _slices_are_valid(cls, slices: dict[str, str]) -> dict[str, str]:
         import re
 
-        from near2_tasks.slices import BUILTIN_SLICES
+        from near2_tasks.evaluate.slices import BUILTIN_SLICES
 
         clash = sorted(set(slices) & set(BUILTIN_SLICES))
         if clash:

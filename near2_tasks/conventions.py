@@ -45,7 +45,7 @@ def vector_field(dim: int) -> str:
 
 
 def binary_vector_field(dim: int) -> str:
-    """``embedding_<d>_bits``: the d-prefix as 1-bit codes (``near2_tasks.compact``), a funnel's shortlist."""
+    """``embedding_<d>_bits``: the d-prefix as 1-bit codes (``near2_tasks.serving.compact``), a funnel's shortlist."""
     return f"embedding_{dim}_bits"
 
 

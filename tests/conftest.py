@@ -43,7 +43,7 @@ os.environ.update({
 
 @pytest.fixture(scope="session")
 def es_url(tmp_path_factory) -> str:
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
     from near2_tasks.config import load_settings
 
     url = os.environ.get("NEAR2_ES_URL")
@@ -134,7 +134,7 @@ def tiny_prefix_variants(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     from sentence_transformers.sentence_transformer.modules import Dense
 
     from near2_tasks.data.synthetic import generate_catalog
-    from near2_tasks.embeddings import encode
+    from near2_tasks.models.embeddings import encode
 
     base = SentenceTransformer(str(tiny_model_dir), device="cpu")
     vectors = encode(base, generate_catalog(300, 60, 7).products["title"].tolist())
@@ -162,7 +162,7 @@ def register_model_dir():
         import mlflow
         from sentence_transformers import SentenceTransformer
 
-        from near2_tasks import registry
+        from near2_tasks.models import registry
         from tests.tiny_model import TINY_DIMS
 
         dims = dims or TINY_DIMS

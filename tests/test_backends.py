@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from near2_tasks import backends
-from near2_tasks.backends import BackendSpec, export_artifact, load_artifact, load_inference_encoder
+from near2_tasks.models import backends
+from near2_tasks.models.backends import BackendSpec, export_artifact, load_artifact, load_inference_encoder
 from near2_tasks.data.synthetic import generate_catalog
-from near2_tasks.embeddings import encode, encode_cached, load_encoder, model_dimension
+from near2_tasks.models.embeddings import encode, encode_cached, load_encoder, model_dimension
 from near2_tasks.errors import Near2Error
 
 VARIANTS = [BackendSpec("onnx", "none"), BackendSpec("onnx", "int8"), BackendSpec("openvino", "none")]
@@ -109,10 +109,10 @@ def test_local_model_is_exported_once_into_the_cache(tiny_settings, catalog_text
 
 
 def _register_tiny_model(settings, model) -> str:
-    """Log and register the tiny encoder the way training does (near2_tasks.registry)."""
+    """Log and register the tiny encoder the way training does (near2_tasks.models.registry)."""
     import mlflow
 
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     registry.configure_mlflow(settings)
     with mlflow.start_run() as run:
@@ -124,7 +124,7 @@ def _register_tiny_model(settings, model) -> str:
 
 def test_export_backend_logs_next_to_the_version_and_serving_loads_it(tiny_settings, tiny_model,
                                                                        catalog_texts):
-    from near2_tasks.registry import client as mlflow_client
+    from near2_tasks.models.registry import client as mlflow_client
 
     settings = tiny_settings.model_copy(update={"model": tiny_settings.model.model_copy(
         update={"backend": "onnx", "quantize": "int8"})})
@@ -187,9 +187,9 @@ def test_evaluation_and_serving_encode_with_the_configured_backend(tiny_settings
     """model.backend reaches the pipeline: evaluation exports once and caches the backend's vectors apart
     from fp32; the search service's encoder is the exported one, and falls back to fp32 torch (never
     exporting) for a model without the artefact."""
-    from near2_tasks import search
-    from near2_tasks.evaluate import embedding_cache_dir, evaluate_model
-    from near2_tasks.registry import client as mlflow_client
+    from near2_tasks.serving import search
+    from near2_tasks.evaluate.evaluation import embedding_cache_dir, evaluate_model
+    from near2_tasks.models.registry import client as mlflow_client
 
     data = generate_catalog(n_products=200, n_queries=40, seed=3)
     products, judgments = data.products, data.judgments
@@ -238,4 +238,4 @@ def test_openvino_reports_nothing_to_telemetry_once_near2_imports_it(tmp_path):
     # the control, on a home that opted out (so it sends nothing): on its own OpenVINO uses its real telemetry
     assert not stub_in_use("import openvino\n", opted_out)
     # near2 on a home that never answered, where OpenVINO alone would report: the no-op stub
-    assert stub_in_use("from near2_tasks.backends import _require\n_require('openvino', 'openvino')\n", fresh)
+    assert stub_in_use("from near2_tasks.models.backends import _require\n_require('openvino', 'openvino')\n", fresh)

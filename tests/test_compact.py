@@ -1,11 +1,11 @@
-"""Binary codes of nested prefixes (near2_tasks.compact) and Elasticsearch ``bit`` fields that search them."""
+"""Binary codes of nested prefixes (near2_tasks.serving.compact) and Elasticsearch ``bit`` fields that search them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from near2_tasks.compact import binary_codes, catalog_centre, to_hex
+from near2_tasks.serving.compact import binary_codes, catalog_centre, to_hex
 from near2_tasks.conventions import truncate
 
 
@@ -60,8 +60,8 @@ def test_index_with_bit_codes_serves_the_funnel_shortlist(tiny_settings, tiny_mo
     """``elasticsearch.binary_dims``: the index gets ``embedding_32_bits`` and the centre in ``_meta``; the
     funnel's shortlist then compares codes, and every product still finds itself first."""
     from near2_tasks import conventions
-    from near2_tasks.index import build_verify_swap
-    from near2_tasks.search import Searcher
+    from near2_tasks.serving.index import build_verify_swap
+    from near2_tasks.serving.search import Searcher
     from tests.serving_support import serving_settings, titled_catalog
 
     settings = serving_settings(tiny_settings, elasticsearch={"binary_dims": [32, 64]})  # 64 is the full dim

@@ -209,7 +209,7 @@ def test_library_progress_bars_are_off_inside_a_step_and_back_after(capsys, capl
         for _ in tqdm(range(3), desc="Batches", file=None):
             pass
         warnings.warn("a library's warning", FutureWarning)
-        logging.getLogger("near2_tasks.train").info("step 1/4 ETA 0:00:03")
+        logging.getLogger("near2_tasks.train.trainer").info("step 1/4 ETA 0:00:03")
     py_warnings.removeHandler(caplog.handler)
     py_warnings.setLevel(level)
     assert capsys.readouterr().err == ""

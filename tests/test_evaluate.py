@@ -14,7 +14,7 @@ import pytrec_eval
 from near2_tasks.conventions import REPORT_METRICS, metric_key
 from near2_tasks.data.synthetic import generate_catalog, write_catalog
 from near2_tasks.errors import Near2Error
-from near2_tasks.evaluate import EvaluationReport, evaluate_model, log_evaluation, write_report
+from near2_tasks.evaluate.evaluation import EvaluationReport, evaluate_model, log_evaluation, write_report
 from tests.tiny_model import TINY_DIMS
 
 TREC = {"ndcg@10": "ndcg_cut_10", "precision@10": "P_10", "recall@10": "recall_10", "recall@100": "recall_100",
@@ -137,7 +137,7 @@ def test_embeddings_are_cached_per_model_version_and_catalog_version(tiny_settin
 
 def test_a_registered_version_is_evaluated_by_number_and_logged_to_its_run(
         tiny_settings, tiny_model_dir, catalog, register_model_dir, tmp_path):
-    from near2_tasks.registry import client
+    from near2_tasks.models.registry import client
 
     version = register_model_dir(tiny_settings, tiny_model_dir)
     name = tiny_settings.mlflow.registered_model

@@ -11,13 +11,13 @@ import pytest
 from near2_tasks.config import load_settings
 from near2_tasks.data.text import query_key
 from near2_tasks.errors import Near2Error
-from near2_tasks.examples import ir_eval_data, mine_examples, split_by_query
+from near2_tasks.train.examples import ir_eval_data, mine_examples, split_by_query
 
 
 @pytest.fixture(scope="module")
 def accepted(tmp_path_factory):
     """The validated synthetic catalog (300 products, 60 queries)."""
-    from near2_tasks.validate import validate_dataset
+    from near2_tasks.data.validate import validate_dataset
 
     home = tmp_path_factory.mktemp("examples")
     settings = load_settings(home=str(home / "home"), dataset={"synthetic_products": 300, "synthetic_queries": 60},
@@ -128,7 +128,7 @@ def test_grade_bounds_are_checked(accepted):
 
 
 def test_model_mined_hard_negatives(accepted, tiny_model_dir, tmp_path):
-    from near2_tasks.embeddings import encode, load_encoder
+    from near2_tasks.models.embeddings import encode, load_encoder
 
     settings, products, judgments, _ = accepted
     train = split_by_query(judgments, seed=settings.examples.seed).train
@@ -168,7 +168,7 @@ def test_model_mined_hard_negatives(accepted, tiny_model_dir, tmp_path):
 def test_ir_eval_data_runs_in_the_sentence_transformers_evaluator(accepted, tiny_model_dir):
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    from near2_tasks.embeddings import load_encoder
+    from near2_tasks.models.embeddings import load_encoder
 
     settings, products, judgments, _ = accepted
     test = split_by_query(judgments, seed=settings.examples.seed).test

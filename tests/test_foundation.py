@@ -85,7 +85,7 @@ def test_local_elasticsearch_answers(es_client):
 
 
 def test_tiny_model_encodes_with_its_dims(tiny_model_dir):
-    from near2_tasks.embeddings import encode, load_encoder, model_dimension
+    from near2_tasks.models.embeddings import encode, load_encoder, model_dimension
 
     model = load_encoder(str(tiny_model_dir), device="cpu")
     assert model_dimension(model) == 64
@@ -95,7 +95,7 @@ def test_tiny_model_encodes_with_its_dims(tiny_model_dir):
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):
-    from near2_tasks.embeddings import load_encoder
+    from near2_tasks.models.embeddings import load_encoder
 
     with pytest.raises(Near2Error, match="not found"):
         load_encoder(str(tmp_path / "nope"))

@@ -9,8 +9,8 @@ import pytest
 from near2_tasks.config import GateRules, GateSettings, MetricGate, load_settings
 from near2_tasks.conventions import CHAMPION, TAG_GATE, gate_tag
 from near2_tasks.errors import Near2Error
-from near2_tasks.evaluate import EvaluationReport
-from near2_tasks.gates import SUMMARY_MARKER, decide, gate_version, slice_gate_tag
+from near2_tasks.evaluate.evaluation import EvaluationReport
+from near2_tasks.promote.gates import SUMMARY_MARKER, decide, gate_version, slice_gate_tag
 
 DIMS = [64, 32, 16]
 NO_DROP = GateSettings()  # default: ndcg@10 may not drop at any dimension
@@ -131,7 +131,7 @@ def gate_settings(tiny_settings):
 def test_gate_step_against_the_champion_records_the_failure_on_the_version(
         gate_settings, tiny_prefix_variants, register_model_dir, tmp_path):
     from near2_tasks.data.synthetic import generate_catalog
-    from near2_tasks.registry import client
+    from near2_tasks.models.registry import client
 
     catalog = generate_catalog(300, 60, 7)
     registry, name = client(gate_settings), gate_settings.mlflow.registered_model

@@ -1,4 +1,4 @@
-"""Hybrid retrieval (near2_tasks.hybrid): the fusion functions on known rankings, then BM25 + kNN fused
+"""Hybrid retrieval (near2_tasks.serving.hybrid): the fusion functions on known rankings, then BM25 + kNN fused
 against the real Elasticsearch (tiny encoder, synthetic catalog): a side that returns nothing, filters on
 both sides, the weights tuned on validation judgments and read back from ``_meta`` by serving, the
 evaluation per dim and slice, the HTTP service and the CLI."""
@@ -16,11 +16,11 @@ from fastapi.testclient import TestClient
 from near2_tasks import conventions
 from near2_tasks.cli import cli
 from near2_tasks.data.synthetic import generate_catalog
-from near2_tasks.hybrid import METHODS, fuse, lexical_fields, linear, minmax, rrf
-from near2_tasks.hybrid_tuning import best_weight, evaluate_index, tune_weights, weight_tuning
-from near2_tasks.index import build_verify_swap
-from near2_tasks.search import BadSearchRequest, Searcher
-from near2_tasks.service import create_app
+from near2_tasks.serving.hybrid import METHODS, fuse, lexical_fields, linear, minmax, rrf
+from near2_tasks.serving.hybrid_tuning import best_weight, evaluate_index, tune_weights, weight_tuning
+from near2_tasks.serving.index import build_verify_swap
+from near2_tasks.serving.search import BadSearchRequest, Searcher
+from near2_tasks.serving.service import create_app
 from tests.serving_support import module_settings, serving_settings, titled_catalog, with_sections
 from tests.tiny_model import TINY_DIMS
 
@@ -160,7 +160,7 @@ def test_no_lexical_match_leaves_the_dense_order(served):
     searcher = Searcher(settings)
     served_index = searcher.serving_index()
     query = "qqxzv zzvqq"  # no word of any title, brand or category
-    from near2_tasks.embeddings import encode
+    from near2_tasks.models.embeddings import encode
 
     vector = encode(searcher.encoder(served_index), [query])[0]
     sides = searcher.hybrid_sides(served_index, query, vector, 20, 64, None, [], 100)
@@ -182,8 +182,8 @@ def test_filters_apply_to_both_sides(served):
                 if products[products.title.str.lower().str.contains(w)].category.nunique() > 1)
     matching = products[products.title.str.lower().str.split().apply(lambda ws: word in ws)]
     category = matching.category.value_counts().index[0]
-    from near2_tasks.embeddings import encode
-    from near2_tasks.search import SearchFilters
+    from near2_tasks.models.embeddings import encode
+    from near2_tasks.serving.search import SearchFilters
 
     vector = encode(searcher.encoder(served_index), [word])[0]
     unfiltered = searcher.hybrid_sides(served_index, word, vector, 50, 32, None, [], 100)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from near2_tasks import conventions
-from near2_tasks.embeddings import encode, load_encoder
+from near2_tasks.models.embeddings import encode, load_encoder
 from near2_tasks.errors import Near2Error, ServiceUnavailable
-from near2_tasks.index import (
+from near2_tasks.serving.index import (
     AliasChanged,
     IndexVerificationFailed,
     build_index,
@@ -263,7 +263,7 @@ def test_impossible_requests_are_refused_before_any_work(cfg, products, tiny_mod
 
 def test_a_registry_alias_is_pinned_to_its_version_in_meta(cfg, products, es_client, tiny_model_dir,
                                                            register_model_dir):
-    from near2_tasks.search import search
+    from near2_tasks.serving.search import search
 
     version = register_model_dir(cfg, tiny_model_dir)
     name = cfg.mlflow.registered_model

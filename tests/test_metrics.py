@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from near2_tasks.metrics import Qrels, mean_over, metric_names, parse_metric, per_query_metrics
+from near2_tasks.evaluate.metrics import Qrels, mean_over, metric_names, parse_metric, per_query_metrics
 
 FLOOR, THRESHOLD = 1.0, 2.0
 # trec_eval needs integer grades: half-step grades 1.0 .. 3.0 become 0 .. 4 after (rel - floor) * 2,

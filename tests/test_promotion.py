@@ -14,8 +14,8 @@ from near2_tasks.config import GateRules, GateSettings, MetricGate
 from near2_tasks.conventions import CHALLENGER, CHAMPION, TAG_APPROVAL, TAG_PREVIOUS_CHAMPION
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.errors import Near2Error
-from near2_tasks.gates import gate_version
-from near2_tasks.promotion import promote, promotion_status, read_approval, rollback, set_approval
+from near2_tasks.promote.gates import gate_version
+from near2_tasks.promote.promotion import promote, promotion_status, read_approval, rollback, set_approval
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def with_base(settings, base_dir, **gates):
 def alias(settings, name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
-    from near2_tasks.registry import client
+    from near2_tasks.models.registry import client
 
     try:
         return str(client(settings).get_model_version_by_alias(settings.mlflow.registered_model, name).version)
@@ -44,7 +44,7 @@ def alias(settings, name: str) -> str | None:
 
 
 def tags(settings, version: str) -> dict[str, str]:
-    from near2_tasks.registry import client
+    from near2_tasks.models.registry import client
 
     return client(settings).get_model_version(settings.mlflow.registered_model, version).tags
 
@@ -113,7 +113,7 @@ def test_rejection_and_auto_approval(tiny_settings, tiny_model_dir, register_mod
         promote(settings, version)
     assert alias(settings, CHAMPION) is None
 
-    from near2_tasks.registry import client
+    from near2_tasks.models.registry import client
 
     client(settings).delete_model_version_tag(settings.mlflow.registered_model, version, TAG_APPROVAL)
     status = promotion_status(settings, version)
@@ -187,7 +187,7 @@ def test_near2_index_serves_the_champion_and_refuses_any_other_model(
     from click.testing import CliRunner
 
     from near2_tasks.cli import cli
-    from near2_tasks.index import index_status
+    from near2_tasks.serving.index import index_status
 
     settings = with_base(tiny_settings, tiny_prefix_variants["strong"])
     champion = register_model_dir(settings, tiny_prefix_variants["strong"])

@@ -38,7 +38,7 @@ def log_tiny_model(settings, model_dir: Path) -> tuple[str, object]:
     import mlflow
     from sentence_transformers import SentenceTransformer
 
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     experiment_id = registry.configure_mlflow(settings)
     with mlflow.start_run(experiment_id=experiment_id) as run:
@@ -57,7 +57,7 @@ def store(tmp_path_factory, tiny_model_dir):
 def test_configure_mlflow_uses_the_configured_locations_and_is_repeatable(tmp_path):
     import mlflow
 
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     settings = settings_for(tmp_path / "home", experiment="near2-test")
     first = registry.configure_mlflow(settings)
@@ -70,7 +70,7 @@ def test_configure_mlflow_uses_the_configured_locations_and_is_repeatable(tmp_pa
 
 
 def test_register_tags_the_version_and_moves_only_challenger(store):
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     settings, run_id, info = store
     client = registry.client(settings)
@@ -91,7 +91,7 @@ def test_register_tags_the_version_and_moves_only_challenger(store):
 
 
 def test_registering_the_same_run_key_twice_returns_the_first_version(store):
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     settings, run_id, info = store
     name = settings.mlflow.registered_model
@@ -104,7 +104,7 @@ def test_registering_the_same_run_key_twice_returns_the_first_version(store):
 
 
 def test_unknown_version_or_alias_is_a_clear_error(store):
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     settings, _, _ = store
     with pytest.raises(Near2Error, match="has no version '999'"):
@@ -116,7 +116,7 @@ def test_unknown_version_or_alias_is_a_clear_error(store):
 
 
 def test_every_form_of_model_uri_parses_and_resolves_to_the_version_the_registry_holds(store):
-    from near2_tasks import registry
+    from near2_tasks.models import registry
     from near2_tasks.conventions import ModelUri, parse_model_uri
 
     assert parse_model_uri("models:/m-1a2b") == ModelUri("m-1a2b")  # a logged model: nothing to resolve
@@ -140,8 +140,8 @@ def test_every_form_of_model_uri_parses_and_resolves_to_the_version_the_registry
 def test_logged_model_reloads_identically_from_run_and_registry(store, tiny_model_dir):
     from sentence_transformers import SentenceTransformer
 
-    from near2_tasks import registry
-    from near2_tasks.embeddings import encode, load_encoder
+    from near2_tasks.models import registry
+    from near2_tasks.models.embeddings import encode, load_encoder
 
     settings, run_id, info = store
     version = registry.register_model(settings, info.model_uri, run_id, "ds-4", [64], run_key="reload")
@@ -171,11 +171,11 @@ def test_logged_model_carries_signature_example_and_pinned_requirements(store):
 
 
 def test_unreachable_tracking_server_retries_with_backoff(tmp_path, caplog):
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     port = free_port()
     settings = settings_for(tmp_path, tracking_uri=f"http://127.0.0.1:{port}", connect_retries=3, retry_backoff_s=0.02)
-    with caplog.at_level("WARNING", logger="near2_tasks.registry"):
+    with caplog.at_level("WARNING", logger="near2_tasks.models.registry"):
         with pytest.raises(ServiceUnavailable, match="unreachable after 4 attempts") as err:
             registry.configure_mlflow(settings)
     assert "NEAR2_MLFLOW__TRACKING_URI" in err.value.hint
@@ -186,8 +186,8 @@ def test_unreachable_tracking_server_retries_with_backoff(tmp_path, caplog):
 @pytest.mark.slow
 def test_tracking_server_that_comes_up_late_is_waited_for(tmp_path, tiny_model_dir, caplog):
     """The compose set-up: a real ``mlflow server``; configure_mlflow retries until it answers."""
-    from near2_tasks import registry
-    from near2_tasks.embeddings import encode
+    from near2_tasks.models import registry
+    from near2_tasks.models.embeddings import encode
 
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -200,7 +200,7 @@ def test_tracking_server_that_comes_up_late_is_waited_for(tmp_path, tiny_model_d
     try:
         settings = settings_for(tmp_path / "client-home", tracking_uri=f"http://127.0.0.1:{port}",
                                 connect_retries=9, retry_backoff_s=0.5)
-        with caplog.at_level("WARNING", logger="near2_tasks.registry"):
+        with caplog.at_level("WARNING", logger="near2_tasks.models.registry"):
             run_id, info = log_tiny_model(settings, tiny_model_dir)  # configure_mlflow waits for the server
         assert any("retrying in" in r.getMessage() for r in caplog.records), "the server was not up at once"
         version = registry.register_model(settings, info.model_uri, run_id, "ds-srv", [64], run_key="srv")

@@ -87,8 +87,8 @@ def _states(dagrun) -> dict[str, str]:
 
 
 def _serving(settings) -> tuple[str | None, dict[str, Any]]:
-    from near2_tasks.es_client import make_client
-    from near2_tasks.index import _meta_of, current_target
+    from near2_tasks.serving.es_client import make_client
+    from near2_tasks.serving.index import _meta_of, current_target
 
     client = make_client(settings)
     target = current_target(client, settings.elasticsearch.alias)
@@ -96,27 +96,27 @@ def _serving(settings) -> tuple[str | None, dict[str, Any]]:
 
 
 def _champion(settings) -> str | None:
-    from near2_tasks.gates import current_champion
+    from near2_tasks.promote.gates import current_champion
 
     champion = current_champion(settings)
     return None if champion is None else str(champion.version)
 
 
 def _versions(settings) -> list:
-    from near2_tasks.registry import client as mlflow_client
+    from near2_tasks.models.registry import client as mlflow_client
 
     return mlflow_client(settings).search_model_versions(f"name='{settings.mlflow.registered_model}'")
 
 
 def _run_dir(settings, dagrun) -> Path:
-    from near2_tasks.pipeline import run_directory
+    from near2_tasks.run import run_directory
 
     return run_directory(settings, dagrun.dag_id, dagrun.run_id)
 
 
 def test_retrain_serves_the_new_champion(pipeline, first_run):
-    from near2_tasks.pipeline import read_step
-    from near2_tasks.search import search
+    from near2_tasks.run import read_step
+    from near2_tasks.serving.search import search
 
     settings = pipeline.settings
     states = _states(first_run)
@@ -146,7 +146,7 @@ def test_task_links_open_mlflow_and_the_index(pipeline, first_run):
     from airflow.utils.session import create_session
 
     from near2_tasks.airflow_support import LINK_INDEX, LINK_MLFLOW_MODEL_VERSION, LINK_MLFLOW_RUN
-    from near2_tasks.pipeline import read_step
+    from near2_tasks.run import read_step
 
     run_dir = _run_dir(pipeline.settings, first_run)
     trained, built = read_step(run_dir, "train"), read_step(run_dir, "finalize_index")
@@ -170,26 +170,29 @@ def test_task_links_open_mlflow_and_the_index(pipeline, first_run):
 
 def test_steps_rerun_after_a_failure_converge(pipeline, first_run):
     """Re-running steps of a finished run registers no second version and duplicates no document."""
-    from near2_tasks import pipeline as steps
+    from near2_tasks.run import read_step
+    from near2_tasks.promote import step as promote_step
+    from near2_tasks.serving import step as serving_step
+    from near2_tasks.train import step as train_step
     from near2_tasks.airflow_support import build_context
-    from near2_tasks.es_client import make_client
+    from near2_tasks.serving.es_client import make_client
 
     settings = pipeline.settings
     ctx = build_context({"config_file": pipeline.config_file(), "auto_approve": True}, first_run.run_id,
                         "near2_retrain")
     run_dir = ctx.run_dir
-    validation, examples = steps.read_step(run_dir, "validate"), steps.read_step(run_dir, "mine_examples")
-    first = steps.read_step(run_dir, "train")
+    validation, examples = read_step(run_dir, "validate"), read_step(run_dir, "mine_examples")
+    first = read_step(run_dir, "train")
     versions_before = len(_versions(settings))
 
-    again = steps.train(ctx, validation, examples)
+    again = train_step.train(ctx, validation, examples)
     assert again["model_version"] == first["model_version"]
-    promoted = steps.promote(ctx, again)
+    promoted = promote_step.promote(ctx, again)
     assert promoted["moved"] is False
-    built = steps.build_index(ctx, validation, promoted)
-    assert built["index"] == steps.read_step(run_dir, "swap_alias")["index"]  # the same index, finished again
-    steps.verify_index(ctx, validation, built)
-    steps.swap_alias(ctx, built)
+    built = serving_step.build_index(ctx, validation, promoted)
+    assert built["index"] == read_step(run_dir, "swap_alias")["index"]  # the same index, finished again
+    serving_step.verify_index(ctx, validation, built)
+    serving_step.swap_alias(ctx, built)
 
     assert len(_versions(settings)) == versions_before
     assert make_client(settings).count(index=built["index"])["count"] == validation["products"]
@@ -197,7 +200,7 @@ def test_steps_rerun_after_a_failure_converge(pipeline, first_run):
 
 
 def test_reindex_only_rebuilds_when_needed(pipeline, first_run):
-    from near2_tasks.pipeline import read_step
+    from near2_tasks.run import read_step
 
     settings = pipeline.settings
     target_before, _ = _serving(settings)
@@ -219,7 +222,7 @@ def test_reindex_only_rebuilds_when_needed(pipeline, first_run):
 def _approve_when_gated(settings, newer_than: int, stop: threading.Event) -> None:
     """A reviewer: approve the first version after ``newer_than`` as soon as its gate passed."""
     from near2_tasks.conventions import TAG_GATE
-    from near2_tasks.promotion import set_approval
+    from near2_tasks.promote.promotion import set_approval
 
     while not stop.wait(0.5):
         for version in _versions(settings):
@@ -230,7 +233,7 @@ def _approve_when_gated(settings, newer_than: int, stop: threading.Event) -> Non
 
 def test_run_waits_for_a_reviewer_then_serves(pipeline, first_run, monkeypatch):
     """Without auto-approval the run waits (reschedule-mode sensor) until the MLflow tag says approved."""
-    from near2_tasks.pipeline import read_step
+    from near2_tasks.run import read_step
 
     settings = pipeline.settings
     champion_before = _champion(settings)
@@ -259,8 +262,8 @@ def test_run_waits_for_a_reviewer_then_serves(pipeline, first_run, monkeypatch):
 
 def test_failed_gate_changes_neither_champion_nor_alias(pipeline, first_run):
     from near2_tasks.conventions import TAG_GATE
-    from near2_tasks.pipeline import read_step
-    from near2_tasks.registry import client as mlflow_client
+    from near2_tasks.run import read_step
+    from near2_tasks.models.registry import client as mlflow_client
 
     settings = pipeline.settings
     champion_before, serving_before = _champion(settings), _serving(settings)

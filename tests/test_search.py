@@ -17,8 +17,8 @@ from near2_tasks.cli import cli
 from near2_tasks.config import PACKAGED_MINILM
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.errors import Near2Error, ServiceUnavailable
-from near2_tasks.index import build_verify_swap
-from near2_tasks.search import BadSearchRequest, NoServingIndex, Searcher, search
+from near2_tasks.serving.index import build_verify_swap
+from near2_tasks.serving.search import BadSearchRequest, NoServingIndex, Searcher, search
 from tests.serving_support import module_settings, serving_settings, titled_catalog, with_sections
 from tests.tiny_model import TINY_DIMS
 

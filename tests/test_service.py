@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from near2_tasks.config import load_settings
-from near2_tasks.index import build_verify_swap
-from near2_tasks.search import Searcher
-from near2_tasks.service import create_app
+from near2_tasks.serving.index import build_verify_swap
+from near2_tasks.serving.search import Searcher
+from near2_tasks.serving.service import create_app
 from tests.serving_support import serving_settings, titled_catalog, with_sections
 from tests.tiny_model import TINY_DIMS
 
@@ -164,7 +164,7 @@ def test_served_lists_dims_bytes_and_modes_and_the_page_is_locked_down(api, serv
 
 
 def test_vector_bytes_follow_the_index_type():
-    from near2_tasks.search import vector_bytes
+    from near2_tasks.serving.search import vector_bytes
 
     assert [vector_bytes(kind, 384) for kind in ("hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "bits")] == [
         1536, 388, 196, 62, 1536, 48]
@@ -179,7 +179,7 @@ def test_no_request_fails_while_the_alias_moves_to_another_model_and_back(tiny_s
 
     import httpx
 
-    from near2_tasks.index import rollback
+    from near2_tasks.serving.index import rollback
     from tests.browser_support import live_server
 
     settings = serving_settings(tiny_settings)

@@ -82,7 +82,7 @@ class Runs:
 def runs(airflow_db, es_url, es_client, tiny_model_dir, register_model_dir, tmp_path_factory):
     from near2_tasks.config import load_settings
     from near2_tasks.conventions import CHAMPION
-    from near2_tasks.registry import client as mlflow_client
+    from near2_tasks.models.registry import client as mlflow_client
 
     directory = tmp_path_factory.mktemp("shards")
     alias = f"test-shards-{uuid.uuid4().hex[:8]}"
@@ -113,7 +113,7 @@ def _states(dagrun) -> dict[str, str]:
 
 
 def _run_step(runs: Runs, dagrun, step: str) -> dict[str, Any]:
-    from near2_tasks.pipeline import read_step, run_directory
+    from near2_tasks.run import read_step, run_directory
 
     result = read_step(run_directory(runs.settings, dagrun.dag_id, dagrun.run_id), step)
     assert result is not None, f"{step} did not finish in {dagrun.run_id}"
@@ -322,7 +322,7 @@ def test_cli_shards_run_in_process_and_give_the_same_index(es_url, es_client, ti
     """Before any champion exists ``near2 index`` indexes the base model (here the tiny encoder)."""
     from click.testing import CliRunner
 
-    from near2_tasks import index as idx
+    from near2_tasks.serving import index as idx
     from near2_tasks.cli import cli
 
     alias = f"test-cli-shards-{uuid.uuid4().hex[:8]}"
@@ -374,7 +374,7 @@ def test_shard_of_a_product_is_a_stable_hash_not_pythons_hash():
 def test_shards_partition_the_catalog():
     import pandas as pd
 
-    from near2_tasks.index import centre_sample_positions, shard_positions
+    from near2_tasks.serving.index import centre_sample_positions, shard_positions
 
     products = pd.DataFrame({"product_id": [f"P-{i}" for i in range(500)]})
     parts = [shard_positions(products, shard, 7) for shard in range(7)]
@@ -392,15 +392,16 @@ def test_shards_partition_the_catalog():
 def test_finalize_refuses_an_index_a_shard_did_not_load(tiny_settings, es_client, tiny_model_dir):
     """The count check: finalize fails (nothing is verified or swapped) when a shard is missing, whether
     the DAG forgot it or its documents are not in the index."""
-    from near2_tasks import index as idx
-    from near2_tasks import pipeline
+    from near2_tasks.serving import index as idx
+    from near2_tasks.run import StepContext
+    from near2_tasks.serving import step as serving_step
     from near2_tasks.errors import Near2Error
     from tests.serving_support import titled_catalog
 
     products = idx.prepare_products(titled_catalog(60))
     created = {"index": "x", "shards": 3, "model_version": "1", "expected_current": None}
     with pytest.raises(Near2Error, match=r"shards \[1\] of 3 have not loaded"):
-        pipeline.finalize_index(pipeline.StepContext(tiny_settings), {}, created,
+        serving_step.finalize_index(StepContext(tiny_settings), {}, created,
                                 [{"index": "x", "shard": 0}, {"index": "x", "shard": 2}])
 
     made = idx.create_index(tiny_settings, str(tiny_model_dir), products, 1)

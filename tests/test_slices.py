@@ -6,7 +6,7 @@ import pytest
 
 from near2_tasks.config import load_settings
 from near2_tasks.errors import Near2Error
-from near2_tasks.slices import BUILTIN_SLICES, slice_masks
+from near2_tasks.evaluate.slices import BUILTIN_SLICES, slice_masks
 
 QUERIES = [
     "drill",  # short

@@ -37,7 +37,7 @@ from tests.stack_support import REPO, load_script
 pytestmark = pytest.mark.slow
 
 ALIAS = "products"  # the compose default (NEAR2_ES_ALIAS)
-ES_USER = "near2-es"  # = near2_tasks.elasticsearch_local.ES_USER, the user the local server runs as
+ES_USER = "near2-es"  # = near2_tasks.serving.elasticsearch_local.ES_USER, the user the local server runs as
 
 
 def free_port() -> int:
@@ -62,7 +62,7 @@ def secured_es():
     """Elasticsearch with xpack security and HTTPS (certificates from docker/es-certs.sh), users
     near2_indexer / near2_storefront holding es_setup.py's roles, on free loopback ports; stopped and
     removed afterwards."""
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
     from near2_tasks.config import load_settings
 
     settings = load_settings(local_elasticsearch={"cache_dir": str(ES_DOWNLOAD_CACHE)})
@@ -99,7 +99,7 @@ def _stop(pid_file: Path, timeout_s: float = 60.0) -> None:
 
 def _start_secured_es(es_home: Path, java, settings, base: Path, pid_file: Path, as_root: bool) -> dict:
     base.chmod(0o755)
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
 
     user = elasticsearch_local.ensure_user() if as_root else pwd.getpwuid(os.geteuid())
     owner = f"{user.pw_uid}:{user.pw_gid}"
@@ -196,9 +196,9 @@ def test_indexer_role_builds_and_swaps_and_storefront_role_only_searches(secured
     from elasticsearch import AuthorizationException
 
     from near2_tasks.errors import Near2Error
-    from near2_tasks.es_client import make_client
-    from near2_tasks.index import build_index, build_verify_swap, current_target, swap_alias
-    from near2_tasks.search import Searcher
+    from near2_tasks.serving.es_client import make_client
+    from near2_tasks.serving.index import build_index, build_verify_swap, current_target, swap_alias
+    from near2_tasks.serving.search import Searcher
     from tests.serving_support import titled_catalog
 
     indexer = near2_settings(tmp_path / "i", tiny_model_dir, secured_es, "near2_indexer")

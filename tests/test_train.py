@@ -71,7 +71,7 @@ def make_settings(home: Path, model_dir: Path, model: dict | None = None, traini
 def registered_versions(settings) -> list:
     from mlflow.exceptions import MlflowException
 
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     if not (settings.home / "mlflow.db").exists():  # the store was never even created
         return []
@@ -88,7 +88,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, data):
-    from near2_tasks.train import train_model
+    from near2_tasks.train.trainer import train_model
 
     home = tmp_path_factory.mktemp("train-home")
     settings = make_settings(home, tiny_model_dir)
@@ -99,7 +99,7 @@ def trained(tmp_path_factory, tiny_model_dir, data):
 
 
 def test_training_logs_a_complete_run(trained):
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     settings, result = trained
     client = registry.client(settings)
@@ -125,7 +125,7 @@ def test_training_logs_a_complete_run(trained):
 
 
 def test_training_registers_challenger_with_tags_and_never_champion(trained):
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     settings, result = trained
     version = registry.get_version(settings, CHALLENGER)
@@ -145,12 +145,12 @@ def test_registered_model_reloads_to_the_same_embeddings(trained, tiny_model_dir
     import mlflow
     from sentence_transformers import SentenceTransformer
 
-    from near2_tasks.embeddings import encode, load_encoder
+    from near2_tasks.models.embeddings import encode, load_encoder
 
     settings, result = trained
     texts = ["cordless drill 20v", "Moen pull-down kitchen faucet", "DCD771C2"]
     saved = encode(SentenceTransformer(str(result.output_dir), device="cpu"), texts)
-    from near2_tasks import registry
+    from near2_tasks.models import registry
 
     registry.configure_mlflow(settings)
     reloaded = encode(load_encoder(f"models:/{settings.mlflow.registered_model}@{CHALLENGER}", device="cpu"), texts)
@@ -166,7 +166,7 @@ def test_registered_model_reloads_to_the_same_embeddings(trained, tiny_model_dir
 
 
 def test_same_run_key_returns_the_existing_version_without_training(trained, data, tmp_path):
-    from near2_tasks.train import train_model
+    from near2_tasks.train.trainer import train_model
 
     settings, first = trained
     examples, validation = data
@@ -186,7 +186,7 @@ def test_same_run_key_returns_the_existing_version_without_training(trained, dat
     ([32, 16], "must start at the model's full dimension 64"),
 ])
 def test_bad_dims_fail_clearly_and_register_nothing(tmp_path, tiny_model_dir, data, dims, problem):
-    from near2_tasks.train import train_model
+    from near2_tasks.train.trainer import train_model
 
     settings = make_settings(tmp_path / "home", tiny_model_dir)
     # bypass the config validators, as a caller building settings in code could
@@ -203,7 +203,7 @@ def test_bad_dims_in_config_are_rejected_when_loading(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("which", ["triplets", "pairs"])
 def test_empty_training_split_fails_clearly(tmp_path, tiny_model_dir, data, which):
-    from near2_tasks.train import train_model
+    from near2_tasks.train.trainer import train_model
 
     settings = make_settings(tmp_path / "home", tiny_model_dir)
     examples, validation = data
@@ -215,7 +215,7 @@ def test_empty_training_split_fails_clearly(tmp_path, tiny_model_dir, data, whic
 
 
 def test_other_unusable_inputs_fail_before_any_work(tmp_path, tiny_model_dir, data):
-    from near2_tasks.train import train_model
+    from near2_tasks.train.trainer import train_model
 
     examples, (queries, corpus, relevant) = data
     settings = make_settings(tmp_path / "home", tiny_model_dir)
@@ -237,7 +237,7 @@ def test_other_unusable_inputs_fail_before_any_work(tmp_path, tiny_model_dir, da
 def test_unreachable_tracking_server_is_retried_then_reported(tmp_path, tiny_model_dir, data):
     import socket
 
-    from near2_tasks.train import train_model
+    from near2_tasks.train.trainer import train_model
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -251,8 +251,8 @@ def test_unreachable_tracking_server_is_retried_then_reported(tmp_path, tiny_mod
 
 def test_training_that_fails_mid_run_registers_nothing(trained, data, tmp_path):
     """A max_seq_length beyond the tiny model's 128 positions breaks the first training step."""
-    from near2_tasks import registry
-    from near2_tasks.train import train_model
+    from near2_tasks.models import registry
+    from near2_tasks.train.trainer import train_model
 
     settings, _ = trained
     settings = settings.model_copy(update={"training": settings.training.model_copy(update={"max_seq_length": 1000})})
@@ -276,7 +276,7 @@ def test_training_that_fails_mid_run_registers_nothing(trained, data, tmp_path):
 def test_gpu_out_of_memory_names_the_batch_size(tmp_path, tiny_model_dir, data):
     import torch
 
-    from near2_tasks.train import train_model
+    from near2_tasks.train.trainer import train_model
 
     settings = make_settings(tmp_path / "home", tiny_model_dir, model={"device": "cuda"},
                              training={"gpu_batch_size": 4096, "max_seq_length": 128})
@@ -307,7 +307,7 @@ def write_config(path: Path, home: Path, model_dir: Path, dims: list[int]) -> Pa
 def test_near2_train_command_trains_saves_and_registers(tmp_path, tiny_model_dir, capsys):
     from sentence_transformers import SentenceTransformer
 
-    from near2_tasks import registry
+    from near2_tasks.models import registry
     from near2_tasks.cli import main
     from near2_tasks.config import load_settings
     from near2_tasks.data.synthetic import write_catalog
@@ -344,7 +344,7 @@ def test_near2_train_command_rejects_bad_dims_in_one_line(tmp_path, tiny_model_d
 
 # ----- recipe pieces: precision, principal-axes prefix, GradCache loss, run names -----------------------
 def test_precision_follows_the_device_and_the_cpu():
-    from near2_tasks.train import cpu_has_native_bf16, pick_precision
+    from near2_tasks.train.trainer import cpu_has_native_bf16, pick_precision
 
     assert cpu_has_native_bf16("flags\t: fpu sse avx512f avx512_bf16 amx_tile\n")
     assert not cpu_has_native_bf16("flags\t: fpu sse avx2\n")
@@ -359,7 +359,7 @@ def test_precision_follows_the_device_and_the_cpu():
 def test_principal_axes_keep_full_cosine_and_order_the_prefix(tmp_path, tiny_model_dir, data):
     from sentence_transformers import SentenceTransformer
 
-    from near2_tasks.train import load_base_model, product_texts
+    from near2_tasks.train.trainer import load_base_model, product_texts
 
     examples, _ = data
     texts = product_texts(examples)
@@ -379,7 +379,7 @@ def test_principal_axes_keep_full_cosine_and_order_the_prefix(tmp_path, tiny_mod
 
 
 def test_principal_axes_need_enough_product_texts(tmp_path, tiny_model_dir):
-    from near2_tasks.train import load_base_model
+    from near2_tasks.train.trainer import load_base_model
 
     settings = make_settings(tmp_path, tiny_model_dir, training={"prefix_init": "pca"})
     with pytest.raises(Near2Error, match="at least 2 product texts, got 1"):
@@ -395,7 +395,7 @@ def test_mnrl_mini_batch_size_switches_to_the_cached_loss(tmp_path, tiny_model_d
         MultipleNegativesRankingLoss,
     )
 
-    from near2_tasks.train import RETRIEVAL, hybrid_losses, load_base_model
+    from near2_tasks.train.trainer import RETRIEVAL, hybrid_losses, load_base_model
 
     plain = make_settings(tmp_path, tiny_model_dir)
     cached = make_settings(tmp_path, tiny_model_dir, training={"mnrl_mini_batch_size": 4})
@@ -406,8 +406,8 @@ def test_mnrl_mini_batch_size_switches_to_the_cached_loss(tmp_path, tiny_model_d
 
 
 def test_run_names_are_readable_and_distinct(trained, data, tmp_path):
-    from near2_tasks import registry
-    from near2_tasks.train import run_name, train_model
+    from near2_tasks.models import registry
+    from near2_tasks.train.trainer import run_name, train_model
 
     assert run_name("0123456789abcdef", "manual__2026", now=0) == "train-0123456789ab-19700101T000000.000Z-manual__2026"
     settings, first = trained

@@ -12,7 +12,7 @@ import pytest
 from near2_tasks.cli import main
 from near2_tasks.config import load_settings
 from near2_tasks.errors import ValidationFailed
-from near2_tasks.validate import load_accepted, validate_dataset
+from near2_tasks.data.validate import load_accepted, validate_dataset
 
 DATA = Path(__file__).parent / "data"
 

@@ -17,7 +17,7 @@ def build_tiny_model(directory: Path, hidden: int = 64, seed: int = 0) -> Path:
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from near2_tasks.embeddings import resolve_model_path
+    from near2_tasks.models.embeddings import resolve_model_path
 
     directory = Path(directory)
     backbone_dir = directory / "backbone"

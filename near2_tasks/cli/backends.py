@@ -28,8 +28,8 @@ def export(ctx: click.Context, model_ref: str, backend_name: str | None, quantiz
     """
     from pathlib import Path
 
-    from near2_tasks.backends import BackendSpec, export_backend, load_inference_encoder, resolved_backend
-    from near2_tasks.embeddings import MINILM_ALIASES
+    from near2_tasks.models.backends import BackendSpec, export_backend, load_inference_encoder, resolved_backend
+    from near2_tasks.models.embeddings import MINILM_ALIASES
     from near2_tasks.errors import Near2Error
 
     settings = settings_from(ctx)

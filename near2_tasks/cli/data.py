@@ -25,7 +25,7 @@ FORMAT_CHOICES = ["homedepot", "wands", "esci", "csv", "parquet", "jsonl"]
 def validate(ctx: click.Context, catalog: str | None, judgments: str | None, fmt: str | None, report_dir: str,
              as_json: bool) -> None:
     """Validate a catalog and judgments; exit 0 when accepted, 1 when the run must stop."""
-    from near2_tasks.validate import validate_dataset
+    from near2_tasks.data.validate import validate_dataset
 
     settings = settings_from(ctx)
     began = time.monotonic()
@@ -55,8 +55,8 @@ def validate(ctx: click.Context, catalog: str | None, judgments: str | None, fmt
 @click.pass_context
 def examples(ctx: click.Context, report_dir: str, output: str, model: str | None) -> None:
     """Split accepted judgments by query and mine MMSE-style training examples."""
-    from near2_tasks.examples import configured_splits, mine_examples, write_examples
-    from near2_tasks.validate import load_accepted
+    from near2_tasks.train.examples import configured_splits, mine_examples, write_examples
+    from near2_tasks.data.validate import load_accepted
 
     settings = settings_from(ctx)
     began = time.monotonic()

@@ -73,7 +73,7 @@ def demo_settings(settings):
     (unless a catalog is configured), ``demo.max_steps`` training steps on a ``demo.val_corpus_size``
     validation corpus, ``demo.weak_positives_in_triplets``, auto-approval, and a gate that tolerates an
     NDCG@10 drop of ``demo.gate_max_drop`` (the default gate allows none)."""
-    from near2_tasks.pipeline import with_section
+    from near2_tasks.run import with_section
 
     demo = settings.demo
     if settings.dataset.catalog_path is None:
@@ -89,7 +89,7 @@ def demo_settings(settings):
 
 
 def check_elasticsearch(settings) -> None:
-    from near2_tasks.es_client import es_errors, make_client
+    from near2_tasks.serving.es_client import es_errors, make_client
 
     with es_errors(settings.elasticsearch.url, "the demo's health check"):
         make_client(settings).cluster.health()
@@ -128,8 +128,8 @@ def _fmt(value: float | None) -> str:
 
 
 def summary_lines(settings, run_dir: Path, outcome: dict[str, Any]) -> list[str]:
-    from near2_tasks.evaluate import EvaluationReport
-    from near2_tasks.pipeline import read_step
+    from near2_tasks.evaluate.evaluation import EvaluationReport
+    from near2_tasks.run import read_step
 
     lines: list[str] = []
     validation = read_step(run_dir, "validate")
@@ -182,7 +182,7 @@ def summary_lines(settings, run_dir: Path, outcome: dict[str, Any]) -> list[str]
 
 
 def ui_lines(settings, env_file: Path) -> list[str]:
-    from near2_tasks.es_client import redact_url
+    from near2_tasks.serving.es_client import redact_url
 
     artifacts = settings.artifact_location
     return [
@@ -239,7 +239,7 @@ def demo(ctx: click.Context, products: int | None, queries: int | None, max_step
     click.echo(f"  Airflow log: {log_path}")
     outcome = run_dag(settings, demo_config, log_path)
 
-    from near2_tasks.pipeline import run_directory
+    from near2_tasks.run import run_directory
 
     run_dir = run_directory(settings, DAG_ID, outcome["run_id"])
     click.echo("")

@@ -19,7 +19,7 @@ def es() -> None:
 @click.pass_context
 def start(ctx: click.Context) -> None:
     """Download (once), start and wait until healthy; print the URL."""
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
 
     settings = settings_from(ctx)
     began = time.monotonic()
@@ -32,7 +32,7 @@ def start(ctx: click.Context) -> None:
 @click.pass_context
 def stop(ctx: click.Context) -> None:
     """Stop the server started by ``near2 es start``."""
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
 
     stopped = elasticsearch_local.stop(settings_from(ctx))
     click.echo("stopped" if stopped else "not running")
@@ -43,7 +43,7 @@ def stop(ctx: click.Context) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Whether the local server runs, its URL, pid and resident memory."""
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
 
     info = elasticsearch_local.status(settings_from(ctx))
     if as_json:

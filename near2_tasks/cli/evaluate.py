@@ -90,7 +90,7 @@ def evaluate(ctx: click.Context, model_ref: str, catalog: str, judgments: str, f
              dims: list[int] | None, k: int | None, output: str, references: dict[str, Path],
              to_mlflow: bool) -> None:
     """Evaluate MODEL per dimension: exact cosine retrieval over the whole catalog, NDCG/MRR/P/R/MAP."""
-    from near2_tasks.evaluate import EvaluationReport, evaluate_model, log_evaluation, render_markdown, write_report
+    from near2_tasks.evaluate.evaluation import EvaluationReport, evaluate_model, log_evaluation, render_markdown, write_report
 
     began = time.monotonic()
     _show_progress()
@@ -120,7 +120,7 @@ def gate(ctx: click.Context, catalog: str, judgments: str, fmt: str | None, vers
 
     Exits 1 when the gate fails.
     """
-    from near2_tasks.gates import gate_version
+    from near2_tasks.promote.gates import gate_version
 
     _show_progress()
     settings = settings_from(ctx)
@@ -139,7 +139,7 @@ def gate(ctx: click.Context, catalog: str, judgments: str, fmt: str | None, vers
 @click.pass_context
 def approve(ctx: click.Context, version: str, reject: bool) -> None:
     """Tag VERSION approval=approved (or rejected), as a reviewer does in the MLflow UI."""
-    from near2_tasks.promotion import set_approval
+    from near2_tasks.promote.promotion import set_approval
 
     number = set_approval(settings_from(ctx), version, approved=not reject)
     click.echo(f"version {number}: approval={'rejected' if reject else 'approved'}")
@@ -150,7 +150,7 @@ def approve(ctx: click.Context, version: str, reject: bool) -> None:
 @click.pass_context
 def promote(ctx: click.Context, version: str) -> None:
     """Move the champion alias to VERSION (its gate must have passed and it must be approved)."""
-    from near2_tasks.promotion import promote as promote_version
+    from near2_tasks.promote.promotion import promote as promote_version
 
     move = promote_version(settings_from(ctx), version)
     if move.moved:
@@ -163,7 +163,7 @@ def promote(ctx: click.Context, version: str) -> None:
 @click.pass_context
 def rollback(ctx: click.Context) -> None:
     """Move the champion alias back to the version the current champion replaced."""
-    from near2_tasks.promotion import rollback as rollback_champion
+    from near2_tasks.promote.promotion import rollback as rollback_champion
 
     move = rollback_champion(settings_from(ctx))
     click.echo(f"champion: v{move.previous} -> v{move.champion} (rolled back)")

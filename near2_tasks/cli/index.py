@@ -67,7 +67,7 @@ def model_ref_version(settings, model_ref: str) -> tuple[str, str | None]:
     anything else (a directory, a hub id, a logged model) -> ``0``, not registered.
     """
     from near2_tasks.conventions import parse_model_uri
-    from near2_tasks.registry import resolve_model_uri
+    from near2_tasks.models.registry import resolve_model_uri
 
     parsed = parse_model_uri(model_ref)
     if parsed is None or parsed.selector is None:
@@ -86,8 +86,8 @@ def choose_model(settings, model_ref: str | None, allow_non_champion: bool) -> t
     refused unless ``--allow-non-champion``.
     """
     from near2_tasks.errors import Near2Error
-    from near2_tasks.promotion import champion_version, not_served_reason
-    from near2_tasks.registry import model_uri
+    from near2_tasks.promote.promotion import champion_version, not_served_reason
+    from near2_tasks.models.registry import model_uri
 
     champion = champion_version(settings)
     if model_ref is None:
@@ -144,7 +144,7 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
         ctx.obj = {**(ctx.obj or {}), "alias": alias}
         return
     from near2_tasks.errors import Near2Error
-    from near2_tasks.index import build_verify_swap
+    from near2_tasks.serving.index import build_verify_swap
 
     overrides = {"elasticsearch": {"alias": alias}} if alias else {}
     settings = settings_from(ctx, **overrides)
@@ -160,9 +160,9 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
     products = read_catalog(settings, catalog)
     tune = None
     if tune_hybrid:
-        from near2_tasks.examples import configured_splits
+        from near2_tasks.train.examples import configured_splits
 
-        from near2_tasks.hybrid_tuning import weight_tuning
+        from near2_tasks.serving.hybrid_tuning import weight_tuning
 
         validation = configured_splits(settings, read_judgments(settings, catalog, judgments_path)).validation
         click.echo(f"tuning the hybrid weights on {validation['query'].nunique()} validation queries", err=True)
@@ -208,7 +208,7 @@ def _sub_settings(ctx: click.Context):
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """The alias target and every kept index: model version, dims, documents, size."""
-    from near2_tasks.index import index_status
+    from near2_tasks.serving.index import index_status
 
     info = index_status(_sub_settings(ctx))
     if as_json:
@@ -227,7 +227,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def rollback_command(ctx: click.Context) -> None:
     """Move the alias back to the previous verified index."""
-    from near2_tasks.index import rollback
+    from near2_tasks.serving.index import rollback
 
     moved_from, moved_to = rollback(_sub_settings(ctx))
     click.echo(f"alias moved back: {moved_from} -> {moved_to}")

@@ -26,7 +26,7 @@ from near2_tasks.cli import settings_from
 def search_command(ctx: click.Context, query, k, dim, mode, fusion, category, brand, price_min, price_max,
                    num_candidates, as_json) -> None:
     """Search the products behind the serving alias, e.g. near2 search "cordless drill" --dim 64."""
-    from near2_tasks.search import search
+    from near2_tasks.serving.search import search
 
     settings = settings_from(ctx)
     response = search(settings, query, k=k, dim=dim, mode=mode, num_candidates=num_candidates, fusion=fusion,
@@ -58,7 +58,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Run the storefront search API (OpenAPI docs at /docs)."""
     import uvicorn
 
-    from near2_tasks.service import create_app
+    from near2_tasks.serving.service import create_app
 
     settings = settings_from(ctx)
     app = create_app(settings)

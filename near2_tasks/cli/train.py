@@ -23,10 +23,10 @@ def train(ctx: click.Context, catalog: str, judgments: str, config_file: str | N
           max_steps: int | None, output: str) -> None:
     """Fine-tune the encoder so every configured dimension is a good embedding; register it as challenger."""
     from near2_tasks.config import load_settings
-    from near2_tasks.evaluate import resolve_model
-    from near2_tasks.examples import configured_splits, ir_eval_data, mine_examples
-    from near2_tasks.train import train_model
-    from near2_tasks.validate import validate_dataset
+    from near2_tasks.evaluate.evaluation import resolve_model
+    from near2_tasks.train.examples import configured_splits, ir_eval_data, mine_examples
+    from near2_tasks.train.trainer import train_model
+    from near2_tasks.data.validate import validate_dataset
 
     began = time.monotonic()
     settings = load_settings(config_file or ctx.find_root().obj.get("config_file"))

@@ -110,23 +110,25 @@ def fault_settings(tmp_path, dedicated_es, fault_alias, tiny_model_dir):
 @pytest.fixture(scope="session")
 def validation(tmp_path_factory) -> dict:
     """The validate step's result (accepted catalog + judgments on disk) for a 200-product catalog."""
-    from near2_tasks import pipeline
+    from near2_tasks.run import StepContext
+    from near2_tasks.data import step as data_step
     from near2_tasks.config import load_settings
 
     settings = load_settings(home=str(tmp_path_factory.mktemp("faults-validation")),
                              dataset={"synthetic_products": 200, "synthetic_queries": 40})
-    return pipeline.validate(pipeline.StepContext(settings=settings, run_id="faults-validation"))
+    return data_step.validate(StepContext(settings=settings, run_id="faults-validation"))
 
 
 @pytest.fixture(scope="session")
 def examples(validation, tmp_path_factory) -> dict:
     """The mine_examples step's result for ``validation`` (judged negatives only: no model mining)."""
-    from near2_tasks import pipeline
+    from near2_tasks.run import StepContext
+    from near2_tasks.train import step as train_step
     from near2_tasks.config import load_settings
 
     settings = load_settings(home=str(tmp_path_factory.mktemp("faults-examples")),
                              examples={"mined_negatives_per_query": 0})
-    return pipeline.mine_examples(pipeline.StepContext(settings=settings, run_id="faults-examples"), validation)
+    return train_step.mine_examples(StepContext(settings=settings, run_id="faults-examples"), validation)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from near2_tasks import elasticsearch_local
+from near2_tasks.serving import elasticsearch_local
 from near2_tasks.config import Settings, load_settings
 
 
@@ -68,7 +68,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
 
 
 class DedicatedElasticsearch:
-    """A local Elasticsearch (``near2_tasks.elasticsearch_local``) that only the fault tests use.
+    """A local Elasticsearch (``near2_tasks.serving.elasticsearch_local``) that only the fault tests use.
 
     ``kill()`` is a crash (SIGKILL, no shutdown); ``start()`` brings the same node back on the same
     data directory, so indices and aliases that were durable before the crash are there again.

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from near2_tasks import pipeline
+from near2_tasks.run import StepContext
+
+from near2_tasks.data import step as data_step
+
+from near2_tasks.serving import step as serving_step
 from near2_tasks.config import Settings
-from near2_tasks.index import VERIFIED_AT, alias_targets
+from near2_tasks.serving.index import VERIFIED_AT, alias_targets
 
 
 def make_fault_settings(home: Path, es_url: str, alias: str, model_dir: Path, **sections):
@@ -79,11 +83,11 @@ def alias_indices(client, alias: str) -> list[str]:
     return sorted(client.indices.get(index=f"{alias}-*", expand_wildcards="all").keys())
 
 
-def index_steps(ctx: pipeline.StepContext, validation: dict, model: dict) -> dict:
+def index_steps(ctx: StepContext, validation: dict, model: dict) -> dict:
     """build_index -> verify_index -> swap_alias of one run, as the DAG chains them; the swap's result."""
-    built = pipeline.build_index(ctx, validation, model)
-    pipeline.verify_index(ctx, validation, built)
-    return pipeline.swap_alias(ctx, built)
+    built = serving_step.build_index(ctx, validation, model)
+    serving_step.verify_index(ctx, validation, built)
+    return serving_step.swap_alias(ctx, built)
 
 
 def local_model(model_dir, version: str) -> dict:
@@ -112,7 +116,7 @@ def tiny_training_inputs(validation: dict, limit: int = 16) -> tuple[TrainingExa
     products as positives, low-graded ones as negatives, their product texts as documents."""
     import pandas as pd
 
-    products, judgments = pipeline._accepted(validation)
+    products, judgments = data_step.accepted(validation)
     text = dict(zip(products.product_id, products.text))
     triplets, pairs = [], []
     for query, group in judgments.groupby("query"):

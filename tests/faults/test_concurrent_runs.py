@@ -20,11 +20,17 @@ import threading
 
 import pytest
 
-from near2_tasks import pipeline, promotion, registry
+from near2_tasks.run import StepContext
+
+from near2_tasks.serving import step as serving_step
+
+from near2_tasks.promote import promotion
+
+from near2_tasks.models import registry
 from near2_tasks.conventions import TAG_GATE
 from near2_tasks.errors import Near2Error
-from near2_tasks.gates import current_champion
-from near2_tasks.index import swap_alias
+from near2_tasks.promote.gates import current_champion
+from near2_tasks.serving.index import swap_alias
 from tests.faults.support import alias_indices, alias_target, doc_count, index_meta, index_steps
 
 
@@ -43,7 +49,7 @@ def _promote(settings, version: str) -> None:
 def _swap(ctx, built) -> str:
     """The swap step's outcome in words: swapped, or the one-line reason it did not."""
     try:
-        pipeline.swap_alias(ctx, built)
+        serving_step.swap_alias(ctx, built)
         return "swapped"
     except Near2Error as exc:
         return f"{type(exc).__name__}: {exc}"
@@ -57,20 +63,20 @@ def test_racing_runs_leave_the_alias_on_the_champion(
     settings, alias, client = fault_settings, fault_settings.elasticsearch.alias, fault_es_client
     v1 = register_model_dir(settings, tiny_model_dir)
     _promote(settings, v1)
-    initial = index_steps(pipeline.StepContext(settings, run_id="initial"), validation,
+    initial = index_steps(StepContext(settings, run_id="initial"), validation,
                           _registry_model(settings, v1))["index"]
     v2 = register_model_dir(settings, second_tiny_model_dir)
     v3 = register_model_dir(settings, tiny_model_dir)
     before = {"champion": v1, "alias_target": alias_target(client, alias), "versions": [v1, v2, v3]}
     assert before["alias_target"] == initial
 
-    run_x, run_y = (pipeline.StepContext(settings, run_id=name) for name in ("run-x", "run-y"))
+    run_x, run_y = (StepContext(settings, run_id=name) for name in ("run-x", "run-y"))
     _promote(settings, v2)
-    built_x = pipeline.build_index(run_x, validation, _registry_model(settings, v2))
+    built_x = serving_step.build_index(run_x, validation, _registry_model(settings, v2))
     _promote(settings, v3)  # run Y was approved later: v3 is the champion now
-    built_y = pipeline.build_index(run_y, validation, _registry_model(settings, v3))
-    pipeline.verify_index(run_x, validation, built_x)
-    pipeline.verify_index(run_y, validation, built_y)
+    built_y = serving_step.build_index(run_y, validation, _registry_model(settings, v3))
+    serving_step.verify_index(run_x, validation, built_x)
+    serving_step.verify_index(run_y, validation, built_y)
     assert built_x["expected_current"] == built_y["expected_current"] == initial
 
     if order == "stale_run_first":

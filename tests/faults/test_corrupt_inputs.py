@@ -166,7 +166,7 @@ def judgment_file(draw, valid_ids: list[str], corrupt_ids: list[str]) -> dict:
 def _validate(catalog: bytes, judgments: bytes, suffix: str = ".csv"):
     """validate_dataset on two files in a fresh home; its result and report, or the Near2Error."""
     from near2_tasks.config import load_settings
-    from near2_tasks.validate import validate_dataset
+    from near2_tasks.data.validate import validate_dataset
 
     with tempfile.TemporaryDirectory(prefix="near2-corrupt-") as tmp:
         root = Path(tmp)
@@ -282,7 +282,7 @@ def served_settings(_dedicated_es_session, tiny_model_dir, tmp_path_factory):
     """A served index of 60 products (tiny encoder) on the dedicated Elasticsearch, for the API tests."""
     from near2_tasks.config import load_settings
     from near2_tasks.data.synthetic import generate_catalog
-    from near2_tasks.index import build_verify_swap
+    from near2_tasks.serving.index import build_verify_swap
     from tests.tiny_model import TINY_DIMS
 
     _dedicated_es_session.ensure_running()
@@ -303,7 +303,7 @@ def served_settings(_dedicated_es_session, tiny_model_dir, tmp_path_factory):
 def api(served_settings):
     from fastapi.testclient import TestClient
 
-    from near2_tasks.service import create_app
+    from near2_tasks.serving.service import create_app
 
     with TestClient(create_app(served_settings), raise_server_exceptions=False) as client:
         yield client
@@ -366,7 +366,7 @@ FILTERS = st.one_of(st.none(), ANY_VALUE, st.dictionaries(
        num_candidates=st.one_of(st.none(), ANY_VALUE))
 def test_search_library_call_raises_only_near2_errors(served_settings, query, k, dim, mode, filters, num_candidates):
     """Each argument is often valid, so the later checks (dims, filters, candidates) are reached too."""
-    from near2_tasks.search import search
+    from near2_tasks.serving.search import search
 
     try:
         answer = search(served_settings, query, k=k, dim=dim, mode=mode, filters=filters,

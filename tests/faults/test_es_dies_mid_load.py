@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import pytest
 
-from near2_tasks import pipeline
+from near2_tasks.run import StepContext
+
+from near2_tasks.data import step as data_step
+
+from near2_tasks.serving import step as serving_step
 from near2_tasks.errors import ServiceUnavailable
-from near2_tasks.search import search
+from near2_tasks.serving.search import search
 from tests.faults.harness import DROP
 from tests.faults.support import (
     alias_indices,
@@ -35,12 +39,12 @@ def test_es_dies_mid_load_then_rerun_converges(
     fault_record,
 ):
     settings, alias, client = fault_settings, fault_settings.elasticsearch.alias, fault_es_client
-    catalog_ids = sorted(pipeline._accepted(validation)[0].product_id.astype(str))
+    catalog_ids = sorted(data_step.accepted(validation)[0].product_id.astype(str))
     chunk = settings.elasticsearch.bulk_chunk_size
     assert len(catalog_ids) > KILL_ON_BULK * chunk, "the catalog must need more chunks than the kill allows"
 
     # a previous run serves version 1
-    previous = index_steps(pipeline.StepContext(settings, run_id="previous"), validation,
+    previous = index_steps(StepContext(settings, run_id="previous"), validation,
                            local_model(tiny_model_dir, "1"))["index"]
     before = {"alias_target": alias_target(client, alias), "docs": doc_count(client, previous),
               "indices": alias_indices(client, alias)}
@@ -54,9 +58,9 @@ def test_es_dies_mid_load_then_rerun_converges(
         return None
 
     faulty_proxy.rule = crash_on_third_bulk
-    crashing = pipeline.StepContext(with_es_url(settings, faulty_proxy.url), run_id="crashing")
+    crashing = StepContext(with_es_url(settings, faulty_proxy.url), run_id="crashing")
     with pytest.raises(ServiceUnavailable) as failure:
-        pipeline.build_index(crashing, validation, local_model(second_tiny_model_dir, "2"))
+        serving_step.build_index(crashing, validation, local_model(second_tiny_model_dir, "2"))
     message = str(failure.value)
     assert "not reachable" in message and "\n" not in message
     bulk_requests = faulty_proxy.seen["bulk"]

@@ -19,10 +19,14 @@ import json
 
 import pytest
 
-from near2_tasks import pipeline
+from near2_tasks.run import StepContext
+
+from near2_tasks.data import step as data_step
+
+from near2_tasks.serving import step as serving_step
 from near2_tasks.errors import Near2Error
-from near2_tasks.index import swap_alias
-from near2_tasks.search import search
+from near2_tasks.serving.index import swap_alias
+from near2_tasks.serving.search import search
 from tests.faults.harness import CannedResponse
 from tests.faults.support import (
     alias_indices,
@@ -80,8 +84,8 @@ def test_rejected_writes_fail_cleanly_and_rerun_converges(
 ):
     settings, alias, client = fault_settings, fault_settings.elasticsearch.alias, fault_es_client
     es = settings.elasticsearch
-    catalog_ids = sorted(pipeline._accepted(validation)[0].product_id.astype(str))
-    previous = index_steps(pipeline.StepContext(settings, run_id="previous"), validation,
+    catalog_ids = sorted(data_step.accepted(validation)[0].product_id.astype(str))
+    previous = index_steps(StepContext(settings, run_id="previous"), validation,
                            local_model(tiny_model_dir, "1"))["index"]
     before = {"alias_target": alias_target(client, alias), "docs": doc_count(client, previous)}
     assert before == {"alias_target": previous, "docs": len(catalog_ids)}
@@ -94,9 +98,9 @@ def test_rejected_writes_fail_cleanly_and_rerun_converges(
     else:
         faulty_proxy.rule, blocked = _read_only_on_first_bulk(client)
 
-    run = pipeline.StepContext(with_es_url(settings, faulty_proxy.url), run_id=f"rejected-{fault}")
+    run = StepContext(with_es_url(settings, faulty_proxy.url), run_id=f"rejected-{fault}")
     with pytest.raises(Near2Error) as failure:
-        pipeline.build_index(run, validation, local_model(second_tiny_model_dir, "2"))
+        serving_step.build_index(run, validation, local_model(second_tiny_model_dir, "2"))
     message = str(failure.value)
     bulk_requests = faulty_proxy.seen["bulk"]
     assert "\n" not in message

@@ -20,10 +20,18 @@ import uuid
 
 import pytest
 
-from near2_tasks import pipeline, promotion, registry
+from near2_tasks.run import SkipRest, StepContext
+
+from near2_tasks.evaluate import step as evaluate_step
+
+from near2_tasks.promote import step as promote_step
+
+from near2_tasks.promote import promotion
+
+from near2_tasks.models import registry
 from near2_tasks.conventions import CHAMPION, PENDING, REJECTED, TAG_GATE
 from near2_tasks.errors import Near2Error
-from near2_tasks.gates import current_champion
+from near2_tasks.promote.gates import current_champion
 from tests.faults.support import (
     alias_indices,
     alias_target,
@@ -62,11 +70,11 @@ def champion_serving(_dedicated_es_session, validation, examples, tiny_model_dir
     _dedicated_es_session.ensure_running()
     settings = make_fault_settings(tmp_path_factory.mktemp("faults-gate") / "home", _dedicated_es_session.url,
                                    alias, tiny_model_dir, gates=LENIENT)
-    first = pipeline.StepContext(settings, run_id="first")
+    first = StepContext(settings, run_id="first")
     trained_v1 = _trained(settings, register_model_dir(settings, tiny_model_dir))
-    assert pipeline.gate(first, trained_v1, pipeline.evaluate(first, validation, examples, trained_v1))["passed"]
+    assert promote_step.gate(first, trained_v1, evaluate_step.evaluate(first, validation, examples, trained_v1))["passed"]
     promotion.set_approval(settings, trained_v1["model_version"])
-    index_steps(first, validation, pipeline.promote(first, trained_v1))
+    index_steps(first, validation, promote_step.promote(first, trained_v1))
     yield settings
     drop_alias_indices(_dedicated_es_session, alias)
 
@@ -81,17 +89,17 @@ def test_failed_gate_or_missing_approval_moves_nothing(
     assert before["docs"] == validation["products"]
 
     # another run: its challenger is evaluated and gated, then the run stops before promotion
-    run = pipeline.StepContext(with_sections(settings, gates=IMPOSSIBLE if fault == "gate_fails" else LENIENT),
+    run = StepContext(with_sections(settings, gates=IMPOSSIBLE if fault == "gate_fails" else LENIENT),
                                run_id=f"second-{fault}")
     trained = _trained(settings, register_model_dir(settings, second_tiny_model_dir))
     version = trained["model_version"]
-    gate = pipeline.gate(run, trained, pipeline.evaluate(run, validation, examples, trained))
+    gate = promote_step.gate(run, trained, evaluate_step.evaluate(run, validation, examples, trained))
     assert gate["passed"] is (fault != "gate_fails")
     if fault == "rejected":
         promotion.set_approval(settings, version, approved=False)
-    approval = pipeline.approval_status(run, trained)
+    approval = promote_step.approval_status(run, trained)
     with pytest.raises(Near2Error) as stopped:  # the DAG would not even call promote after a failed gate
-        pipeline.promote(run, trained)
+        promote_step.promote(run, trained)
     reason = str(stopped.value)
 
     after = _state(settings, client)
@@ -100,7 +108,7 @@ def test_failed_gate_or_missing_approval_moves_nothing(
         assert gate["reasons"] and any("1.01" in r for r in gate["reasons"]) and "failed its gate" in reason
         assert registry.get_version(settings, version).tags[TAG_GATE] == "fail"
     elif fault == "rejected":
-        assert approval["state"] == REJECTED and isinstance(stopped.value, pipeline.SkipRest)
+        assert approval["state"] == REJECTED and isinstance(stopped.value, SkipRest)
         assert "rejected" in reason
     else:
         assert approval["state"] == PENDING and "awaits approval" in reason

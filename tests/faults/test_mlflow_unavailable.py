@@ -21,10 +21,12 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from near2_tasks import promotion, registry
+from near2_tasks.promote import promotion
+
+from near2_tasks.models import registry
 from near2_tasks.conventions import CHALLENGER, CHAMPION, TAG_GATE
 from near2_tasks.errors import ServiceUnavailable
-from near2_tasks.train import train_model
+from near2_tasks.train.trainer import train_model
 from tests.faults.support import TINY_TRAINING, tiny_training_inputs, with_sections
 
 RUN_KEY = "near2_retrain/run-2"

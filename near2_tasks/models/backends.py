@@ -14,7 +14,7 @@ Why our own export instead of sentence-transformers' ``backend="onnx"`` / ``"ope
    ``openvino``), so serving never exports at request time.
 3. :func:`load_inference_encoder` gives catalog encoding and the search service the encoder that
    ``model.backend`` / ``model.quantize`` in config ask for. Its result works with
-   :func:`near2_tasks.embeddings.encode` and ``encode_cached`` like a ``SentenceTransformer``.
+   :func:`near2_tasks.models.embeddings.encode` and ``encode_cached`` like a ``SentenceTransformer``.
 
 Speed comes from the runtime (fused kernels, int8 matrix products on VNNI CPUs), from sorting texts by
 token count so each batch pads little, and from using every core the process may run on.
@@ -82,7 +82,7 @@ def resolved_backend(model: ModelSettings) -> str:
     """``model.backend`` with ``auto`` decided: torch when the model runs on a GPU, else openvino."""
     if model.backend != "auto":
         return model.backend
-    from near2_tasks.embeddings import pick_device
+    from near2_tasks.models.embeddings import pick_device
 
     return "torch" if pick_device(model.device).startswith("cuda") else "openvino"
 
@@ -201,7 +201,7 @@ def export_artifact(model: SentenceTransformer, spec: BackendSpec, out_dir: Path
     Raises Near2Error if the exported encoder's embeddings drift from the fp32 model's on
     ``probe_texts`` (default: titles of the synthetic catalog) beyond :data:`MIN_MEAN_COSINE`.
     """
-    from near2_tasks.embeddings import encode, model_dimension
+    from near2_tasks.models.embeddings import encode, model_dimension
 
     if spec.backend == "torch":
         raise Near2Error("the torch backend has nothing to export", hint="pick backend onnx or openvino")
@@ -276,7 +276,7 @@ def _runtime_versions(backend: str) -> dict[str, str]:
 class ExportedEncoder:
     """Encodes texts with an exported graph: tokenise, sort by length, pad per batch, run, normalise.
 
-    Implements the two methods :mod:`near2_tasks.embeddings` needs (``encode_normalized``,
+    Implements the two methods :mod:`near2_tasks.models.embeddings` needs (``encode_normalized``,
     ``get_embedding_dimension``); ``variant`` keeps ``encode_cached`` from mixing its vectors with
     the fp32 model's.
     """
@@ -390,7 +390,7 @@ class RegisteredVersion:
 def registered_version(settings: Settings, ref: str | int) -> RegisteredVersion:
     """Resolve ``3``, ``challenger``, ``models:/near2-encoder/3`` or ``models:/near2-encoder@champion``."""
     from near2_tasks.conventions import parse_model_uri
-    from near2_tasks.registry import get_version, resolve_model_uri
+    from near2_tasks.models.registry import get_version, resolve_model_uri
 
     name, parsed = settings.mlflow.registered_model, parse_model_uri(str(ref))
     if parsed is not None and (parsed.name != name or parsed.selector is None):
@@ -410,8 +410,8 @@ def export_backend(settings: Settings, model_version: str | int, spec: BackendSp
     ``backend.<variant>`` = that artefact's URI. Returns the URI. Idempotent: exporting again
     replaces the files with an identical export.
     """
-    from near2_tasks.registry import client as mlflow_client
-    from near2_tasks.registry import load_model_from_mlflow
+    from near2_tasks.models.registry import client as mlflow_client
+    from near2_tasks.models.registry import load_model_from_mlflow
 
     spec = spec or BackendSpec.from_settings(settings)
     version = registered_version(settings, model_version)
@@ -484,7 +484,7 @@ def _local_model_key(ref: str) -> str:
     """A cache key for a non-MLflow model that changes when its files do."""
     import hashlib
 
-    from near2_tasks.embeddings import resolve_model_path
+    from near2_tasks.models.embeddings import resolve_model_path
 
     path = Path(resolve_model_path(ref)).expanduser()
     digest = hashlib.sha256(str(path.resolve() if path.exists() else ref).encode())
@@ -510,7 +510,7 @@ def load_inference_encoder(settings: Settings, ref: str | None = None, *,
       ``"torch"`` (log a warning and serve the fp32 model: for the search service, which must never
       export at request time and should not go down for a missing artefact).
 
-    Either result works with :func:`near2_tasks.embeddings.encode` / ``encode_cached``.
+    Either result works with :func:`near2_tasks.models.embeddings.encode` / ``encode_cached``.
     """
     ref = ref or settings.model.base_model
     spec = BackendSpec.from_settings(settings)
@@ -551,11 +551,11 @@ def _missing(settings: Settings, ref: str, missing: str, message: str, hint: str
 def _load_torch(settings: Settings, ref: str, device: str | None = None) -> SentenceTransformer:
     """The fp32 model on ``device`` (default ``model.device``); MLflow references read the configured store
     (not the process-global one)."""
-    from near2_tasks.embeddings import load_encoder, pick_device
+    from near2_tasks.models.embeddings import load_encoder, pick_device
 
     device = device or settings.model.device
     if ref.startswith(("models:/", "runs:/")):
-        from near2_tasks.registry import load_model_from_mlflow
+        from near2_tasks.models.registry import load_model_from_mlflow
 
         return load_model_from_mlflow(ref, device=pick_device(device), settings=settings)
     return load_encoder(ref, device=device)

@@ -3,10 +3,10 @@
 For each dimension d, every judged query is scored against **every** catalog product by cosine similarity
 of the truncated, re-normalised vectors (one batched matrix product per block of queries; Elasticsearch
 is not involved, so the numbers measure the model, not the index). The top 100 products per query feed
-:mod:`near2_tasks.metrics`; results are reported overall and per query slice (:mod:`near2_tasks.slices`).
+:mod:`near2_tasks.evaluate.metrics`; results are reported overall and per query slice (:mod:`near2_tasks.evaluate.slices`).
 
 Embeddings are computed once per model at the full dimension and cached on disk per (model version,
-catalog texts) by :func:`near2_tasks.embeddings.encode_cached`, so re-evaluating the champion next to each
+catalog texts) by :func:`near2_tasks.models.embeddings.encode_cached`, so re-evaluating the champion next to each
 challenger costs only the matrix products.
 
 Outputs: :class:`EvaluationReport` (``report.json``), a Markdown table and a PNG of NDCG@10 against
@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from near2_tasks.backends import load_inference_encoder
+from near2_tasks.models.backends import load_inference_encoder
 from near2_tasks.conventions import metric_key, truncate
 from near2_tasks.data.text import product_texts
-from near2_tasks.embeddings import (
+from near2_tasks.models.embeddings import (
     MINILM_ALIASES,
     check_dims,
     encode_cached,
@@ -40,8 +40,8 @@ from near2_tasks.embeddings import (
     texts_fingerprint,
 )
 from near2_tasks.errors import Near2Error
-from near2_tasks.metrics import Qrels, mean_over, metric_names, per_query_metrics, required_depth
-from near2_tasks.slices import BUILTIN_SLICES, slice_masks
+from near2_tasks.evaluate.metrics import Qrels, mean_over, metric_names, per_query_metrics, required_depth
+from near2_tasks.evaluate.slices import BUILTIN_SLICES, slice_masks
 
 if TYPE_CHECKING:
     from near2_tasks.config import Settings
@@ -319,7 +319,7 @@ def _resolve_models_uri(settings: Settings, uri: str) -> ResolvedModel:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> that exact registered version;
     ``models:/m-<id>`` (an MLflow 3 logged model) is taken as is."""
     from near2_tasks.conventions import parse_model_uri
-    from near2_tasks.registry import configure_mlflow, resolve_model_uri
+    from near2_tasks.models.registry import configure_mlflow, resolve_model_uri
 
     parsed = parse_model_uri(uri)
     if parsed.selector is None:  # a logged model id: immutable, so the id is its own cache key
@@ -535,7 +535,7 @@ def log_evaluation(settings: Settings, report: EvaluationReport, files: ReportFi
     """
     import mlflow
 
-    from near2_tasks.registry import configure_mlflow
+    from near2_tasks.models.registry import configure_mlflow
 
     configure_mlflow(settings)
     if report.run_id:

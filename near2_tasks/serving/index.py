@@ -2,7 +2,7 @@
 
 One index per model version, ``<alias>-v<version>-<UTC timestamp>``, with one ``dense_vector`` field
 per served dimension (``embedding_<d>``; plus ``embedding_<d>_bits`` codes for the dims in
-``elasticsearch.binary_dims``, see :mod:`near2_tasks.compact`) and the product fields for display and filters. The
+``elasticsearch.binary_dims``, see :mod:`near2_tasks.serving.compact`) and the product fields for display and filters. The
 storefront only knows the alias, and the alias only ever points at an index that passed
 verification (ARCHITECTURE.md invariant 1):
 
@@ -34,10 +34,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from near2_tasks import compact, conventions
+from near2_tasks import conventions
+
+from near2_tasks.serving import compact
 from near2_tasks.config import VectorFieldOptions, default_oversample, is_quantised
 from near2_tasks.errors import Near2Error
-from near2_tasks.es_client import error_reason, es_errors, make_client, unavailable
+from near2_tasks.serving.es_client import error_reason, es_errors, make_client, unavailable
 
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch
@@ -227,7 +229,7 @@ def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dic
     for dim in dims:
         properties[conventions.vector_field(dim)] = vector_mapping(settings, dim)
     coded = compact.coded_dims(settings.elasticsearch.binary_dims, dims)
-    for dim in coded:  # 1-bit codes for the funnel's shortlist (near2_tasks.compact)
+    for dim in coded:  # 1-bit codes for the funnel's shortlist (near2_tasks.serving.compact)
         properties[conventions.binary_vector_field(dim)] = compact.bit_field_mapping(dim)
     mappings: dict[str, Any] = {"dynamic": "strict", "_meta": meta, "properties": properties}
     if not settings.elasticsearch.vectors_in_source:
@@ -248,7 +250,7 @@ def pin_model_uri(settings: Settings, model_ref: str, model_version: str) -> str
     local directories made absolute. It goes into ``_meta.model_uri``."""
     parsed = conventions.parse_model_uri(model_ref)
     if parsed is not None and parsed.selector is not None and not parsed.pinned:  # an alias, or latest
-        from near2_tasks.registry import resolve_model_uri
+        from near2_tasks.models.registry import resolve_model_uri
 
         version = resolve_model_uri(settings, parsed).version
         if str(version) != str(model_version):
@@ -265,7 +267,7 @@ def load_meta_model(settings: Settings, model_uri: str) -> SentenceTransformer:
     """The encoder an index's ``_meta.model_uri`` names, in the configured inference backend
     (``model.backend``; exported once and logged next to the model when missing); MLflow URIs read the
     configured store."""
-    from near2_tasks.backends import load_inference_encoder
+    from near2_tasks.models.backends import load_inference_encoder
 
     return load_inference_encoder(settings, model_uri, missing="export")
 
@@ -369,7 +371,7 @@ def build_index(
 
 def _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors, *,
            model_name, index_name, client, progress, shards: int = 1) -> tuple[BuiltIndex, SentenceTransformer | None]:
-    from near2_tasks.embeddings import check_dims, encode, model_dimension
+    from near2_tasks.models.embeddings import check_dims, encode, model_dimension
 
     products = prepare_products(products, settings.dataset.text_template)
     dims = _checked_dims(settings, list(dims or settings.model.dims))
@@ -488,7 +490,7 @@ def load_shard(
     dims and with the bit-code centres its ``_meta`` records (``meta``: the caller read it already).
     Documents are keyed by ``product_id``: re-loading a shard overwrites, never duplicates.
     Returns the number of documents sent."""
-    from near2_tasks.embeddings import check_dims
+    from near2_tasks.models.embeddings import check_dims
 
     products = prepare_products(products, settings.dataset.text_template)
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -690,7 +692,7 @@ def verify_index(settings: Settings, index_name: str, products: pd.DataFrame,
     model named in ``_meta`` (or ``model``, the same weights already loaded). Raises
     IndexVerificationFailed (alias untouched) with the report when a check fails.
     """
-    from near2_tasks.embeddings import encode
+    from near2_tasks.models.embeddings import encode
 
     es = settings.elasticsearch
     products = prepare_products(products, settings.dataset.text_template)
@@ -831,7 +833,7 @@ def swap_to_champion_index(client: Elasticsearch, alias: str, new_index: str, ex
     moved the alias after ``expected_current`` was read (AliasChanged) to an index whose model is not
     the champion, while ``new_index``'s model is, the swap is retried against that new target; in any
     other case the alias stays where the other run put it and AliasChanged propagates. Whether this
-    model may serve at all is :func:`near2_tasks.promotion.not_served_reason`'s question, asked before.
+    model may serve at all is :func:`near2_tasks.promote.promotion.not_served_reason`'s question, asked before.
     """
     url = _client_url(client)
     with es_errors(url, "reading the alias"):
@@ -974,7 +976,7 @@ def build_verify_swap(
     """Build, verify, swap (compare-and-swap against the target read before the build), prune.
 
     ``before_verify(built, model)``: runs on the loaded index before verification and swap and returns it
-    with whatever ``_meta`` it added, e.g. :func:`near2_tasks.hybrid_tuning.weight_tuning` (the hybrid
+    with whatever ``_meta`` it added, e.g. :func:`near2_tasks.serving.hybrid_tuning.weight_tuning` (the hybrid
     weights measured on the validation split).
 
     ``expected_current``: the alias target the caller based its decision on (default: the target

@@ -1,7 +1,7 @@
 """The promotion gate: is the challenger at least as good as the reference at every dimension we serve?
 
 The reference is the current champion, or the base model while there is no champion. Both are
-evaluated on the same judgments (:mod:`near2_tasks.evaluate`); :func:`decide` then applies
+evaluated on the same judgments (:mod:`near2_tasks.evaluate.evaluation`); :func:`decide` then applies
 ``settings.gates`` (:class:`near2_tasks.config.GateSettings`) at every evaluated dimension, to all queries
 and to each configured query slice:
 
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 from near2_tasks.conventions import TAG_GATE, gate_tag, mlflow_name
 from near2_tasks.errors import Near2Error
-from near2_tasks.evaluate import EvaluationReport
+from near2_tasks.evaluate.evaluation import EvaluationReport
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -234,11 +234,11 @@ def reviewer_details(settings: Settings, report: EvaluationReport, reference: st
                      run_id: str | None) -> str:
     """What a reviewer reads under the gate table: NDCG@10 per query slice and dimension, and a link to
     the NDCG-by-dimension plot among the run's artifacts (``evaluation/report_ndcg_by_dim.png``)."""
-    from near2_tasks.evaluate import HEADLINE_METRIC, slice_table
+    from near2_tasks.evaluate.evaluation import HEADLINE_METRIC, slice_table
 
     lines = [f"## {HEADLINE_METRIC} by query slice and dimension", "", *slice_table(report, reference)]
     if run_id:
-        from near2_tasks.registry import mlflow_run_url
+        from near2_tasks.models.registry import mlflow_run_url
 
         plot = f"{mlflow_run_url(settings, run_id)}/artifacts/{PLOT_ARTIFACT}"
         lines += ["", f"Plot: [{HEADLINE_METRIC} by dimension, against the references]({plot}) "
@@ -255,7 +255,7 @@ def record_decision(settings: Settings, version: str | int, decision: GateDecisi
     Tags of an earlier gate run are removed first, so the version shows this decision only. ``gate`` is
     written last: promotion reads it, and it must never describe checks that are not recorded yet.
     """
-    from near2_tasks.registry import client
+    from near2_tasks.models.registry import client
 
     registry = client(settings)
     name = settings.mlflow.registered_model
@@ -310,7 +310,7 @@ def current_champion(settings: Settings):
     from mlflow.exceptions import MlflowException
 
     from near2_tasks.conventions import CHAMPION
-    from near2_tasks.registry import client
+    from near2_tasks.models.registry import client
 
     try:
         return client(settings).get_model_version_by_alias(settings.mlflow.registered_model, CHAMPION)
@@ -329,8 +329,8 @@ def evaluate_with_references(settings: Settings, challenger_ref: str, version: s
     the base model (``settings.model.base_model``, also for the plot), all at the same dims and k.
     Returns (report, the champion's version or None). The DAG's evaluate step and ``near2 gate`` both
     call this; :func:`reference_role` says which reference the gate compares with."""
-    from near2_tasks.evaluate import evaluate_model
-    from near2_tasks.registry import model_uri
+    from near2_tasks.evaluate.evaluation import evaluate_model
+    from near2_tasks.models.registry import model_uri
 
     def run(ref: str, label: str, references: Mapping[str, EvaluationReport] | None = None) -> EvaluationReport:
         log.info("evaluating %s (%s)", label, ref)
@@ -362,8 +362,8 @@ def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataF
     challenger's report (with the references) goes to ``output_dir`` (default ``<home>/reports/v<version>``)
     and to its MLflow run.
     """
-    from near2_tasks.evaluate import log_evaluation, write_report
-    from near2_tasks.registry import configure_mlflow, get_version, model_uri
+    from near2_tasks.evaluate.evaluation import log_evaluation, write_report
+    from near2_tasks.models.registry import configure_mlflow, get_version, model_uri
 
     configure_mlflow(settings)
     challenger_version = get_version(settings, version)

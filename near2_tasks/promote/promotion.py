@@ -1,7 +1,7 @@
 """Approval, promotion and rollback of registered encoder versions (MLflow aliases and tags).
 
 The rule (ARCHITECTURE.md, invariant 2): the ``champion`` alias moves to a version only when its gate passed
-(version tag ``gate`` = ``pass``, written by :mod:`near2_tasks.gates`) **and** it is approved:
+(version tag ``gate`` = ``pass``, written by :mod:`near2_tasks.promote.gates`) **and** it is approved:
 
 * a person sets the version tag ``approval`` = ``approved`` (or ``rejected``) in the MLflow UI, on the
   model version page, after reading the gate summary there; ``near2 approve VERSION [--reject]`` does
@@ -80,14 +80,14 @@ class AliasMove:
 
 
 def _registry(settings: Settings):
-    from near2_tasks.registry import client
+    from near2_tasks.models.registry import client
 
     return client(settings)
 
 
 def champion_version(settings: Settings) -> str | None:
     """The version number the ``champion`` alias points at, or None when there is no champion yet."""
-    from near2_tasks.gates import current_champion
+    from near2_tasks.promote.gates import current_champion
 
     champion = current_champion(settings)
     return None if champion is None else str(champion.version)
@@ -124,7 +124,7 @@ def read_approval(tags: dict[str, str], auto_approve: bool) -> tuple[str, bool]:
 
 def promotion_status(settings: Settings, version: str | int) -> PromotionStatus:
     """The gate and approval state of ``version`` (a number or an alias such as ``challenger``)."""
-    from near2_tasks.registry import get_version
+    from near2_tasks.models.registry import get_version
 
     found = get_version(settings, version)
     approval, auto = read_approval(found.tags, settings.gates.auto_approve)
@@ -140,7 +140,7 @@ def set_approval(settings: Settings, version: str | int, approved: bool = True) 
 
     Returns the version number. Approval alone never moves ``champion``: :func:`promote` does.
     """
-    from near2_tasks.registry import get_version
+    from near2_tasks.models.registry import get_version
 
     number = str(get_version(settings, version).version)
     value = APPROVED if approved else REJECTED
@@ -177,7 +177,7 @@ def promote(settings: Settings, version: str | int) -> AliasMove:
 
 def rollback(settings: Settings) -> AliasMove:
     """Point ``champion`` back at the version the current champion replaced (its ``previous_champion`` tag)."""
-    from near2_tasks.registry import get_version
+    from near2_tasks.models.registry import get_version
 
     registry = _registry(settings)
     name = settings.mlflow.registered_model

@@ -1,8 +1,8 @@
 """The storefront search HTTP service: ``GET /search``, ``GET /health`` and ``GET /served`` (OpenAPI at
-``/docs``), and the storefront page at ``/`` (``near2_tasks/static/``: plain HTML + JavaScript that calls
+``/docs``), and the storefront page at ``/`` (``near2_tasks/serving/static/``: plain HTML + JavaScript that calls
 the JSON API; every catalog field is written as text, never as markup).
 
-The same logic as :func:`near2_tasks.search.search`, behind a thin layer that guards the edge:
+The same logic as :func:`near2_tasks.serving.search.search`, behind a thin layer that guards the edge:
 
 * bad input -> 4xx with a one-line message (400 for what the search rejects, 422 for wrong types and
   bounds, 413/414 for oversized bodies/URLs); unknown or repeated query parameters are rejected;
@@ -28,8 +28,8 @@ from pydantic import BaseModel, Field
 
 from near2_tasks.config import Settings, load_settings
 from near2_tasks.errors import Near2Error, ServiceUnavailable
-from near2_tasks.hybrid import FUSIONS, weight_for
-from near2_tasks.search import MODES, BadSearchRequest, NoServingIndex, Searcher
+from near2_tasks.serving.hybrid import FUSIONS, weight_for
+from near2_tasks.serving.search import MODES, BadSearchRequest, NoServingIndex, Searcher
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple
 
-from near2_tasks import registry
+from near2_tasks.models import registry
 from near2_tasks.conventions import REPORT_METRICS, metric_key, mlflow_name
 from near2_tasks.errors import Near2Error, ServiceUnavailable
 
@@ -228,7 +228,7 @@ def add_principal_axes(model: SentenceTransformer, texts: list[str], sample_size
 def load_base_model(settings: Settings, device: str, catalog_texts: list[str] | None = None) -> SentenceTransformer:
     """The base encoder with the training's max_seq_length; with ``catalog_texts`` and
     ``training.prefix_init=pca``, also rotated onto those texts' principal axes."""
-    from near2_tasks.embeddings import load_encoder, model_dimension
+    from near2_tasks.models.embeddings import load_encoder, model_dimension
 
     cfg = settings.training
     model = load_encoder(settings.model.base_model, device=device)
@@ -613,7 +613,7 @@ def train_model(
     import mlflow
     import transformers
 
-    from near2_tasks.embeddings import pick_device
+    from near2_tasks.models.embeddings import pick_device
 
     cfg = settings.training
     output_dir = Path(output_dir).expanduser().resolve()

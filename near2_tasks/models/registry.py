@@ -123,7 +123,7 @@ def client(settings: Settings) -> MlflowClient:
 
 def current_git_commit(repo: Path | None = None) -> str:
     """The commit of the code that runs, or ``"unknown"`` outside a git checkout."""
-    repo = repo or Path(__file__).resolve().parents[1]
+    repo = repo or Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True)

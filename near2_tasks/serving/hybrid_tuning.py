@@ -1,7 +1,7 @@
 """Hybrid retrieval, measured: BM25, dense, hybrid-RRF and hybrid-linear evaluated through Elasticsearch
 per dimension and query slice (:func:`evaluate_index`), and the linear weight tuned per dimension on the
 validation split and stored in the index ``_meta`` (:func:`tune_weights`). The fusion itself, which
-serving uses, is :mod:`near2_tasks.hybrid`; this module sits above :mod:`near2_tasks.search`, whose
+serving uses, is :mod:`near2_tasks.serving.hybrid`; this module sits above :mod:`near2_tasks.serving.search`, whose
 ``Searcher`` it drives.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from near2_tasks import conventions
 from near2_tasks.errors import Near2Error
-from near2_tasks.hybrid import METHODS, fuse, lexical_fields, linear, weight_for
+from near2_tasks.serving.hybrid import METHODS, fuse, lexical_fields, linear, weight_for
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from near2_tasks.config import Settings
-    from near2_tasks.index import BuiltIndex
-    from near2_tasks.search import Searcher
+    from near2_tasks.serving.index import BuiltIndex
+    from near2_tasks.serving.search import Searcher
 
 log = logging.getLogger(__name__)
 # ----- evaluation through Elasticsearch ---------------------------------------------------------------------
@@ -98,12 +98,12 @@ def evaluate_index(settings: Settings, products: pd.DataFrame, judgments: pd.Dat
     lists. ``grid``: linear weights to score as well (tuning); ``weights``: the linear weight per dim
     (default: the index ``_meta``, else ``serving.hybrid_weight``).
     """
-    from near2_tasks.embeddings import encode
-    from near2_tasks.evaluate import prepare_data
-    from near2_tasks.index import load_meta_model, prepare_products
-    from near2_tasks.metrics import mean_over, per_query_metrics
-    from near2_tasks.search import Searcher
-    from near2_tasks.slices import slice_masks
+    from near2_tasks.models.embeddings import encode
+    from near2_tasks.evaluate.evaluation import prepare_data
+    from near2_tasks.serving.index import load_meta_model, prepare_products
+    from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
+    from near2_tasks.serving.search import Searcher
+    from near2_tasks.evaluate.slices import slice_masks
 
     k = k or settings.evaluation.k
     searcher = searcher or Searcher(settings)
@@ -203,9 +203,9 @@ def tune_weights(settings: Settings, index_name: str, products: pd.DataFrame, va
     goes into ``_meta.hybrid_weights`` and the grid's scores into ``_meta.hybrid_tuning``. No validation
     queries: nothing is written, serving uses ``serving.hybrid_weight``.
     """
-    from near2_tasks.es_client import es_errors, make_client
-    from near2_tasks.index import _meta_of
-    from near2_tasks.search import Searcher
+    from near2_tasks.serving.es_client import es_errors, make_client
+    from near2_tasks.serving.index import _meta_of
+    from near2_tasks.serving.search import Searcher
 
     grid = sorted(set(float(w) for w in (grid or settings.evaluation.hybrid_weight_grid)))
     if not grid or any(not 0 <= w <= 1 for w in grid):
@@ -239,9 +239,9 @@ def tune_weights(settings: Settings, index_name: str, products: pd.DataFrame, va
 
 def weight_tuning(settings: Settings, products: pd.DataFrame,
                   validation: pd.DataFrame) -> Callable[[BuiltIndex, SentenceTransformer | None], BuiltIndex]:
-    """A ``before_verify`` step for :func:`near2_tasks.index.build_verify_swap`: :func:`tune_weights` on the
+    """A ``before_verify`` step for :func:`near2_tasks.serving.index.build_verify_swap`: :func:`tune_weights` on the
     loaded index, whose ``_meta`` then carries ``hybrid_weights`` into verification and the swap."""
-    from near2_tasks.index import BuiltIndex
+    from near2_tasks.serving.index import BuiltIndex
 
     def tune(built: BuiltIndex, model: SentenceTransformer | None) -> BuiltIndex:
         tuned = tune_weights(settings, built.name, products, validation, model=model)

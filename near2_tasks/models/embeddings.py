@@ -59,7 +59,7 @@ def load_encoder(ref: str, device: str = "auto") -> SentenceTransformer:
     from sentence_transformers import SentenceTransformer
 
     if ref.startswith(("models:/", "runs:/")):
-        from near2_tasks.registry import load_model_from_mlflow
+        from near2_tasks.models.registry import load_model_from_mlflow
 
         return load_model_from_mlflow(ref, device=pick_device(device))
     path = resolve_model_path(ref)
@@ -96,7 +96,7 @@ def encode(model: SentenceTransformer, texts: list[str], batch_size: int = 64,
     """Full-dimension, L2-normalised float32 embeddings, one row per text.
 
     ``model`` is a ``SentenceTransformer`` or an exported fast backend from
-    :func:`near2_tasks.backends.load_inference_encoder` (which brings its own ``encode_normalized``).
+    :func:`near2_tasks.models.backends.load_inference_encoder` (which brings its own ``encode_normalized``).
     """
     if not texts:
         return np.zeros((0, model_dimension(model)), dtype=np.float32)

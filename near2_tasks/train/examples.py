@@ -133,7 +133,7 @@ def _grade_bounds(settings: Settings) -> tuple[float, float]:
 def model_top_k(model: SentenceTransformer, queries: list[str], product_texts: list[str], k: int,
                 batch_size: int = 64, product_vectors: np.ndarray | None = None) -> np.ndarray:
     """Indices of each query's top-k products by the model's cosine similarity (rows: queries)."""
-    from near2_tasks.embeddings import encode
+    from near2_tasks.models.embeddings import encode
 
     if product_vectors is None:
         product_vectors = encode(model, product_texts, batch_size=batch_size)
@@ -152,8 +152,8 @@ def _resolve_model(model: Any, model_key: str | None, settings: Settings) -> tup
     """A reference becomes the encoder ``model.backend`` asks for (exported once when missing)."""
     if not isinstance(model, str):
         return model, model_key
-    from near2_tasks.backends import load_inference_encoder
-    from near2_tasks.embeddings import MINILM_ALIASES
+    from near2_tasks.models.backends import load_inference_encoder
+    from near2_tasks.models.embeddings import MINILM_ALIASES
 
     key = model_key or ("minilm-base" if model in MINILM_ALIASES else None)
     return load_inference_encoder(settings, model, missing="export"), key
@@ -178,7 +178,7 @@ def mine_examples(products: pd.DataFrame, train_judgments: pd.DataFrame, setting
                   product_vectors: np.ndarray | None = None) -> TrainingExamples:
     """Triplets and labelled pairs from the training split (see module doc); deterministic per seed.
 
-    ``model`` (a loaded encoder or a reference for :func:`near2_tasks.embeddings.load_encoder`) turns
+    ``model`` (a loaded encoder or a reference for :func:`near2_tasks.models.embeddings.load_encoder`) turns
     on model-mined hard negatives; ``model_key`` caches its product embeddings on disk, and
     ``product_vectors`` (the model's normalised vectors of ``products``, row for row) skips encoding
     the catalog when a caller already has them.
@@ -203,7 +203,7 @@ def mine_examples(products: pd.DataFrame, train_judgments: pd.DataFrame, setting
         texts = [text_of[pid] for pid in product_ids]
         vectors = product_vectors
         if vectors is None and key:
-            from near2_tasks.embeddings import encode_cached
+            from near2_tasks.models.embeddings import encode_cached
 
             cache = ex.embedding_cache_dir or settings.home / "cache" / "embeddings"
             vectors = encode_cached(encoder, key, texts, cache, batch_size=settings.model.encode_batch_size)

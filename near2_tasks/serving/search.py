@@ -12,11 +12,11 @@ Modes:
 * ``funnel``: a kNN shortlist on a small dimension, then an exact kNN at the larger dimension
   restricted to the shortlist (an ``ids`` filter; Lucene scores a small filtered set exhaustively).
   When the index holds 1-bit codes of a dimension (``elasticsearch.binary_dims``), the shortlist
-  compares codes by Hamming distance (``near2_tasks.compact``: d/8 bytes per product).
+  compares codes by Hamming distance (``near2_tasks.serving.compact``: d/8 bytes per product).
 * ``hybrid``: BM25 top-N over the lexical fields and kNN top-N at the dimension (or the funnel, with
   ``serving.hybrid_funnel``), in one ``_msearch``, fused in Python by reciprocal-rank fusion or a linear
   combination of min-max normalised scores with the weight the index ``_meta`` holds for the dimension
-  (``near2_tasks.hybrid``: why one request, the tie-breaking order).
+  (``near2_tasks.serving.hybrid``: why one request, the tie-breaking order).
 
 Filters (category, brand, price range) run inside the kNN ``filter``, so k results come back even
 when the filter is selective (and as the BM25 side's ``bool.filter`` in hybrid mode). Request bodies are built as structures, never from strings.
@@ -36,9 +36,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from near2_tasks import compact, conventions, hybrid
+from near2_tasks import conventions
+
+from near2_tasks.serving import compact
+
+from near2_tasks.serving import hybrid
 from near2_tasks.errors import Near2Error
-from near2_tasks.es_client import es_errors, make_client
+from near2_tasks.serving.es_client import es_errors, make_client
 
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch
@@ -196,7 +200,7 @@ class ServingIndex:
     model_uri: str
     model_name: str | None
     model_version: str | None
-    #: dims with 1-bit codes (``embedding_<d>_bits``) -> the centre their codes subtract (``near2_tasks.compact``)
+    #: dims with 1-bit codes (``embedding_<d>_bits``) -> the centre their codes subtract (``near2_tasks.serving.compact``)
     binary_centres: dict[int, np.ndarray] = field(default_factory=dict, compare=False)
     #: dim -> the ``index_options.type`` of ``embedding_<dim>`` in the index's mapping (hnsw, bbq_hnsw, ...)
     index_types: dict[int, str] = field(default_factory=dict, compare=False)
@@ -217,7 +221,7 @@ class ServingIndex:
 def vector_bytes(index_type: str, dim: int) -> float:
     """Bytes per vector of a ``dense_vector`` field searched with ``index_type``, by Elasticsearch's sizing
     formula: float 4·d, int8 d+4, int4 d/2+4, bbq d/8+14 (the quantized copy search reads; the HNSW graph,
-    about 4·m bytes more, is not counted). 1-bit codes (``near2_tasks.compact``) cost d/8."""
+    about 4·m bytes more, is not counted). 1-bit codes (``near2_tasks.serving.compact``) cost d/8."""
     kind = index_type.split("_")[0]
     return {"int8": dim + 4, "int4": dim / 2 + 4, "bbq": dim / 8 + 14, "bits": dim / 8}.get(kind, 4 * dim)
 
@@ -229,7 +233,7 @@ _ENCODERS_LOCK = threading.Lock()
 
 def encoder_for(settings: Settings, model_uri: str) -> SentenceTransformer:
     """The query encoder for ``model_uri``, loaded once (LRU of ``serving.encoder_cache_size`` models)."""
-    from near2_tasks.backends import load_inference_encoder, resolved_backend
+    from near2_tasks.models.backends import load_inference_encoder, resolved_backend
 
     cfg = settings.model
     backend = resolved_backend(cfg)
@@ -411,7 +415,7 @@ class Searcher:
 
     def _search(self, served: ServingIndex, query: str, k: int, dim: int | None, mode: str,
                 filters: SearchFilters, num_candidates: int, fusion: str = "rrf") -> SearchResponse:
-        from near2_tasks.embeddings import encode
+        from near2_tasks.models.embeddings import encode
 
         dim, shortlist_dim = self.pick_dims(served, dim, mode)
         began = time.perf_counter()
@@ -546,7 +550,7 @@ class Searcher:
                         shortlist_dim: int | None = None, clauses: list[dict[str, Any]] | None = None,
                         num_candidates: int = 100, fusion: str = "rrf") -> Retrieved:
         """:meth:`hybrid_sides` with top-N ``serving.hybrid_candidates`` (at least k), fused
-        (:func:`near2_tasks.hybrid.fuse`); a hit's score is its fused score."""
+        (:func:`near2_tasks.serving.hybrid.fuse`); a hit's score is its fused score."""
         serving = self.settings.serving
         n = min(max(k, serving.hybrid_candidates), serving.max_num_candidates)
         sides = self.hybrid_sides(served, query, full_vector, n, dim, shortlist_dim, clauses,
