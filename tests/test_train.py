@@ -311,6 +311,7 @@ def test_near2_train_command_trains_saves_and_registers(tmp_path, tiny_model_dir
     from near2_tasks.cli import main
     from near2_tasks.config import load_settings
     from near2_tasks.data.synthetic import write_catalog
+    from near2_tasks.run import read_step
 
     catalog, judgments = write_catalog(tmp_path / "data", n_products=200, n_queries=45, seed=5)
     config = write_config(tmp_path / "near2.yaml", tmp_path / "home", tiny_model_dir, TINY_DIMS)
@@ -324,6 +325,11 @@ def test_near2_train_command_trains_saves_and_registers(tmp_path, tiny_model_dir
     assert (str(registered.version), registered.run_id) == (version, run_id)
     assert registry.client(settings).get_run(run_id).data.params["max_steps"] == "1"
     assert SentenceTransformer(str(tmp_path / "model"), device="cpu").get_embedding_dimension() == 64
+    # the command ran the DAG's own steps: their records sit in the run directory it names
+    steps = Path(out.split("steps recorded in ", 1)[1].split()[0])
+    assert read_step(steps.parent, "train")["model_version"] == version
+    assert read_step(steps.parent, "validate")["dataset_version"] == registered.tags["dataset_version"]
+    assert read_step(steps.parent, "mine_examples")["triplets"] > 0
 
 
 def test_near2_train_command_rejects_bad_dims_in_one_line(tmp_path, tiny_model_dir, capsys):

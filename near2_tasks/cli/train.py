@@ -1,8 +1,12 @@
-"""``near2 train``: validate → split → mine → NEAR² fine-tuning → MLflow run and registry version."""
+"""``near2 train``: the DAG's first three steps in one process (validate → mine_examples → train), so the
+command line trains exactly as the ``near2_retrain`` DAG does: data validated and quarantined the same way,
+the same split and examples, an MLflow run and a registry version (alias ``challenger``)."""
 
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import click
 
@@ -21,32 +25,35 @@ import click
 @click.pass_context
 def train(ctx: click.Context, catalog: str, judgments: str, config_file: str | None, epochs: float | None,
           max_steps: int | None, output: str) -> None:
-    """Fine-tune the encoder so every configured dimension is a good embedding; register it as challenger."""
-    from near2_tasks.config import load_settings
-    from near2_tasks.evaluate.evaluation import resolve_model
-    from near2_tasks.train.examples import configured_splits, ir_eval_data, mine_examples
-    from near2_tasks.train.trainer import train_model
-    from near2_tasks.data.validate import validate_dataset
+    """Fine-tune the encoder so every configured dimension is a good embedding; register it as challenger.
+
+    Runs the DAG's steps validate, mine_examples and train; their records go to
+    <home>/runs/near2_train/<run id>/steps/.
+    """
+    from near2_tasks.data import step as data_step
+    from near2_tasks.run import RunParams, StepContext, settings_for_run
+    from near2_tasks.train import step as train_step
 
     began = time.monotonic()
-    settings = load_settings(config_file or ctx.find_root().obj.get("config_file"))
-    accepted = validate_dataset(settings, catalog, judgments)
-    splits = configured_splits(settings, accepted.judgments)
-    base = resolve_model(settings, settings.model.base_model)
-    examples = mine_examples(accepted.products, splits.train, settings, model=base.load_ref,
-                             model_key=base.cache_key)
-    validation = ir_eval_data(accepted.products, splits.validation, settings.dataset.relevant_threshold)
-    click.echo(f"data: {len(accepted.products)} products, dataset_version {accepted.dataset_version}; "
-               f"{len(examples.triplets)} triplets, {len(examples.pairs)} pairs, "
-               f"{len(validation[0])} validation queries")
-    result = train_model(settings, examples, validation, accepted.dataset_version, output, epochs=epochs,
-                         max_steps=max_steps, reports={"validation": accepted.report, "examples": examples.counts})
-    headline = ", ".join(f"{d}: {result.val_metrics.get(f'val_ndcg_at_10_dim_{d}', float('nan')):.4f}"
-                         for d in settings.model.dims)
+    params = RunParams(config_file=config_file or ctx.find_root().obj.get("config_file"), catalog_path=catalog,
+                       judgments_path=judgments, epochs=epochs, max_steps=max_steps)
+    run = StepContext(settings_for_run(params), params, dag_id="near2_train",
+                      run_id=datetime.now(timezone.utc).strftime("cli-%Y%m%dT%H%M%S%fZ"))
+    validation = data_step.validate(run)
+    examples = train_step.mine_examples(run, validation)
+    sizes = examples["splits"]
+    click.echo(f"data: {validation['products']} products, dataset_version {validation['dataset_version']}; "
+               f"{examples['triplets']} triplets, {examples['pairs']} pairs, "
+               f"{sizes['validation']['queries']} validation queries")
+    trained = train_step.train(run, validation, examples, output_dir=Path(output))
+    metrics = trained["val_metrics"]
+    headline = ", ".join(f"{d}: {metrics.get(f'val_ndcg_at_10_dim_{d}', float('nan')):.4f}"
+                         for d in run.settings.model.dims)
     click.echo(f"validation NDCG@10 by dimension: {headline}")
-    click.echo(f"model saved to {result.output_dir}")
-    click.echo(f"run id: {result.run_id}")
-    click.echo(f"model version: {result.model_version} ({result.model_uri}, alias challenger) "
+    click.echo(f"model saved to {trained['model_dir']}")
+    click.echo(f"run id: {trained['run_id']}")
+    click.echo(f"steps recorded in {run.run_dir / 'steps'}")
+    click.echo(f"model version: {trained['model_version']} ({trained['model_uri']}, alias challenger) "
                f"[{time.monotonic() - began:.0f}s]")
 
 

@@ -63,8 +63,10 @@ def split_frame(examples: Result, name: str) -> pd.DataFrame:
     return read_frame(Path(examples["paths"][f"{name}_judgments"]))
 
 
-def train(ctx: StepContext, validation: Result, examples: Result) -> Result:
-    """Fine-tune (NEAR² objective), log to MLflow and register the ``challenger`` (once per run)."""
+def train(ctx: StepContext, validation: Result, examples: Result, output_dir: Path | None = None) -> Result:
+    """Fine-tune (NEAR² objective), log to MLflow and register the ``challenger`` (once per run).
+
+    The model is saved to ``output_dir`` (``near2 train --output``), by default ``<run dir>/model``."""
     from near2_tasks.train import examples as ex
     from near2_tasks.train.trainer import train_model
 
@@ -76,7 +78,7 @@ def train(ctx: StepContext, validation: Result, examples: Result) -> Result:
                       counts=manifest.get("counts", {}))
     validation_data = ex.ir_eval_data(products, split_frame(examples, "validation"), settings.dataset.relevant_threshold)
     result = train_model(settings, mined, validation_data, validation["dataset_version"],
-                         output_dir=ctx.run_dir / "model", epochs=settings.training.epochs,
+                         output_dir=output_dir or ctx.run_dir / "model", epochs=settings.training.epochs,
                          max_steps=settings.training.max_steps, run_key=ctx.run_key,
                          reports={"examples": manifest})
     return record(ctx, "train", {
