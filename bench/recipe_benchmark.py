@@ -67,7 +67,7 @@ def plain_recipe(products, train_judgments, output: Path, seed: int = 42) -> dic
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
-    from near2_tasks.config import PACKAGED_MINILM
+    from near2_tasks.models.settings import PACKAGED_MINILM
     from near2_tasks.models.embeddings import load_encoder
 
     rng = random.Random(seed)

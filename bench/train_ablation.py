@@ -33,7 +33,8 @@ DIMS = [384, 256, 128, 64, 32]
 
 
 def main() -> None:
-    from near2_tasks.config import PACKAGED_MINILM, load_settings
+    from near2_tasks.config import load_settings
+    from near2_tasks.models.settings import PACKAGED_MINILM
     from near2_tasks.models.embeddings import encode, encode_cached, load_encoder
     from near2_tasks.evaluate.evaluation import prepare_data, rank_whole_catalog
     from near2_tasks.train.examples import configured_splits, ir_eval_data, mine_examples

@@ -37,7 +37,7 @@ INDEXER = "near2_indexer"
 STOREFRONT = "near2_storefront"
 PRINCIPALS = (INDEXER, STOREFRONT)
 KEY_FILE_ENV = {INDEXER: "ES_SETUP_INDEXER_KEY_FILE", STOREFRONT: "ES_SETUP_STOREFRONT_KEY_FILE"}
-DEFAULT_ALIAS = "products"  # = near2_tasks.config.ElasticsearchSettings.alias (a test keeps them equal)
+DEFAULT_ALIAS = "products"  # = near2_tasks.serving.settings.ElasticsearchSettings.alias (a test keeps them equal)
 
 
 def role_definitions(alias: str) -> dict[str, dict[str, Any]]:

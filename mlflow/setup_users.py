@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-# = near2_tasks.config.MLflowSettings defaults (a test keeps them equal)
+# = near2_tasks.models.settings.MLflowSettings defaults (a test keeps them equal)
 DEFAULT_EXPERIMENT = "near2"
 DEFAULT_REGISTERED_MODEL = "near2-encoder"
 

@@ -455,7 +455,7 @@ def test_images_ship_no_secret_and_build_only_allowlisted_files():
 
 # ----- Elasticsearch -----------------------------------------------------------------------------------
 def test_elasticsearch_image_matches_the_client_major_and_the_tested_server(services):
-    from near2_tasks.config import LocalElasticsearchSettings
+    from near2_tasks.serving.settings import LocalElasticsearchSettings
 
     image = services["elasticsearch"]["image"]
     assert image.startswith("docker.elastic.co/elasticsearch/elasticsearch:")
@@ -590,7 +590,8 @@ def test_mlflow_artifacts_go_to_the_bucket_minio_setup_creates(services):
 
 
 def test_setup_scripts_default_to_near2s_own_names():
-    from near2_tasks.config import ElasticsearchSettings, MLflowSettings
+    from near2_tasks.models.settings import MLflowSettings
+    from near2_tasks.serving.settings import ElasticsearchSettings
 
     assert load_script(REPO / "docker" / "es_setup.py").DEFAULT_ALIAS == ElasticsearchSettings().alias
     setup_users = load_script(REPO / "mlflow" / "setup_users.py")

@@ -232,7 +232,7 @@ def test_es_certs_makes_one_certificate_per_node_naming_it_and_the_client_name(c
 
 def test_index_shards_and_replicas_come_from_near2_settings(cluster, env_file, tmp_path, monkeypatch):  # noqa: F811
     from near2_tasks.serving import index
-    from near2_tasks.config import ElasticsearchSettings
+    from near2_tasks.serving.settings import ElasticsearchSettings
 
     env = read_env_file(env_file)
     shards, replicas = int(env["NEAR2_ES_SHARDS"]), int(env["NEAR2_ES_REPLICAS"])

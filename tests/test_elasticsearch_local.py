@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from near2_tasks.serving import elasticsearch_local
-from near2_tasks.config import LocalElasticsearchSettings
+from near2_tasks.serving.settings import LocalElasticsearchSettings
 from near2_tasks.serving.elasticsearch_local import ARTIFACT, PINNED_SHA512, download, find_java, required_java
 from near2_tasks.errors import Near2Error
 from tests.conftest import ES_DOWNLOAD_CACHE

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from near2_tasks.config import GateRules, GateSettings, MetricGate, load_settings
+from near2_tasks.config import load_settings
+
+from near2_tasks.promote.settings import GateRules, GateSettings, MetricGate
 from near2_tasks.conventions import CHAMPION, TAG_GATE, gate_tag
 from near2_tasks.errors import Near2Error
 from near2_tasks.evaluate.evaluation import EvaluationReport

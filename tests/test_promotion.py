@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from near2_tasks.config import GateRules, GateSettings, MetricGate
+from near2_tasks.promote.settings import GateRules, GateSettings, MetricGate
 from near2_tasks.conventions import CHALLENGER, CHAMPION, TAG_APPROVAL, TAG_PREVIOUS_CHAMPION
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.errors import Near2Error

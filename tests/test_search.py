@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from near2_tasks.cli import cli
-from near2_tasks.config import PACKAGED_MINILM
+from near2_tasks.models.settings import PACKAGED_MINILM
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.errors import Near2Error, ServiceUnavailable
 from near2_tasks.serving.index import build_verify_swap

@@ -318,7 +318,7 @@ STOREFRONT = ("near2-storefront", "storefront-pass-1")
 
 
 def test_mlflow_requires_credentials_and_an_allowed_host(mlflow_users):
-    from near2_tasks.config import MLflowSettings
+    from near2_tasks.models.settings import MLflowSettings
 
     params = {"experiment_name": MLflowSettings().experiment}
     assert api(mlflow_users, "GET", "experiments/get-by-name", None, params=params).status_code == 401
@@ -334,7 +334,7 @@ def test_mlflow_requires_credentials_and_an_allowed_host(mlflow_users):
 
 
 def test_pipeline_user_manages_and_storefront_user_only_reads(mlflow_users):
-    from near2_tasks.config import MLflowSettings
+    from near2_tasks.models.settings import MLflowSettings
 
     defaults = MLflowSettings()
     experiment = api(mlflow_users, "GET", "experiments/get-by-name", STOREFRONT,
@@ -374,7 +374,7 @@ def test_pipeline_user_manages_and_storefront_user_only_reads(mlflow_users):
 
 
 def test_setup_users_rerun_sets_the_configured_passwords(mlflow_users):
-    from near2_tasks.config import MLflowSettings
+    from near2_tasks.models.settings import MLflowSettings
 
     params = {"name": MLflowSettings().registered_model}
     result = run_setup_users(mlflow_users, MLFLOW_STOREFRONT_PASSWORD="storefront-pass-2")

@@ -39,7 +39,9 @@ from near2_tasks.errors import Near2Error
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-    from near2_tasks.config import ModelSettings, Settings
+    from near2_tasks.config import Settings
+
+    from near2_tasks.models.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 

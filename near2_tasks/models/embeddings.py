@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from near2_tasks.config import PACKAGED_MINILM
+from near2_tasks.models.settings import PACKAGED_MINILM
 from near2_tasks.errors import Near2Error
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 The reference is the current champion, or the base model while there is no champion. Both are
 evaluated on the same judgments (:mod:`near2_tasks.evaluate.evaluation`); :func:`decide` then applies
-``settings.gates`` (:class:`near2_tasks.config.GateSettings`) at every evaluated dimension, to all queries
+``settings.gates`` (:class:`near2_tasks.promote.settings.GateSettings`) at every evaluated dimension, to all queries
 and to each configured query slice:
 
 * ``floor``: the challenger's value must reach it;
@@ -31,7 +31,9 @@ from near2_tasks.evaluate.evaluation import EvaluationReport
 if TYPE_CHECKING:
     import pandas as pd
 
-    from near2_tasks.config import GateRules, GateSettings, MetricGate, Settings
+    from near2_tasks.config import Settings
+
+    from near2_tasks.promote.settings import GateRules, GateSettings, MetricGate
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from near2_tasks.config import LocalElasticsearchSettings, Settings
+from near2_tasks.config import Settings
+
+from near2_tasks.serving.settings import LocalElasticsearchSettings
 from near2_tasks.errors import Near2Error, ServiceUnavailable
 
 ES_USER = "near2-es"

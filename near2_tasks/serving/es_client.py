@@ -17,7 +17,9 @@ from near2_tasks.errors import Near2Error, ServiceUnavailable
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch
 
-    from near2_tasks.config import ElasticsearchSettings, Settings
+    from near2_tasks.config import Settings
+
+    from near2_tasks.serving.settings import ElasticsearchSettings
 
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 from near2_tasks import conventions
 
 from near2_tasks.serving import compact
-from near2_tasks.config import VectorFieldOptions, default_oversample, is_quantised
+from near2_tasks.serving.settings import VectorFieldOptions, default_oversample, is_quantised
 from near2_tasks.errors import Near2Error
 from near2_tasks.serving.es_client import error_reason, es_errors, make_client, unavailable
 
@@ -160,7 +160,7 @@ def prepare_products(products: pd.DataFrame, text_template: str | None = None) -
         if column not in frame.columns:
             frame[column] = None
     if "text" not in frame.columns:
-        from near2_tasks.config import DatasetSettings
+        from near2_tasks.data.settings import DatasetSettings
         from near2_tasks.data.text import product_texts
 
         frame["text"] = product_texts(frame, text_template or DatasetSettings().text_template)

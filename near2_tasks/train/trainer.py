@@ -48,7 +48,9 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
 
-    from near2_tasks.config import Settings, TrainingSettings
+    from near2_tasks.config import Settings
+
+    from near2_tasks.train.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,100 @@
+"""Settings of the training stage: example mining (MMSE-style graded signals) and the NEAR² recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from near2_tasks.section import Section
+
+
+class ExamplesSettings(Section):
+    """MMSE-style training examples mined from graded judgments."""
+
+    seed: int = 13
+    split_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train / validation / test share of queries (by seeded hash).")
+    strong_positive_min: float | None = Field(
+        2.5, description="relevance >= this is a strong positive (an MNRL anchor); None: the scale's maximum. "
+                         "2.5 on the default 1-3 scale takes Home Depot's 2.67 and 3 (bench/recipe_benchmark.py).")
+    hard_negative_max: float | None = Field(
+        1.67, description="relevance < this is a judged hard negative; None: dataset.relevant_threshold. 1.67 "
+                          "keeps 1.67-2 products (near misses) out of the negatives.")
+    weak_positives_in_triplets: bool = Field(
+        False, description="Weak positives also anchor MNRL triplets (they always enter the ranking pairs). Off: "
+                           "measured on Home Depot and on the demo catalog, they lowered NDCG@10 at 384-d.")
+    negatives_per_positive: int = Field(1, ge=1, description="Triplets per positive (distinct negatives).")
+    random_negatives_per_query: int = Field(
+        1, ge=0, description="UNJUDGED catalog products sampled per query and assumed irrelevant "
+                             "(0: never treat unjudged products as negatives).")
+    mined_top_k: int = Field(20, ge=1, description="Model-mined negatives: look at the model's top k products.")
+    mined_negatives_per_query: int = Field(2, ge=0, description="Model-mined hard negatives kept per query.")
+    mined_unjudged_as_negatives: bool = Field(
+        False, description="Also take UNJUDGED products the model ranks high as negatives (risk: false negatives).")
+    mined_skip_top: int = Field(
+        3, ge=0, description="With mined_unjudged_as_negatives: skip this many top unjudged hits (likely relevant).")
+    embedding_cache_dir: Path | None = Field(None, description="Product embeddings cache; None: home/cache/embeddings.")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, fractions: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be non-negative and sum to 1, got {list(fractions)}")
+        return fractions
+
+
+
+class TrainingSettings(Section):
+    """NEAR² fine-tuning: the hybrid objective, its schedule and the validation that picks the checkpoint."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many steps (overrides epochs).")
+    batch_size: int = Field(64, gt=0, description="Training batch on CPU (in-batch negatives for MNRL); 64 measured "
+                                             "(256 with CachedMNRL was no better, BENCHMARKS.md).")
+    gpu_batch_size: int = Field(128, gt=0, description="Training batch when a GPU is used.")
+    eval_batch_size: int = Field(64, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 42
+    retrieval_weight: float = Field(1.0, ge=0, description="Weight of MatryoshkaLoss(MultipleNegativesRankingLoss).")
+    ranking_weight: float = Field(
+        0.0, ge=0, description="Weight of MatryoshkaLoss(OnlineContrastiveLoss), NEAR²'s second loss; 0 leaves it "
+                               "out. OnlineContrastiveLoss SUMS over the hard pairs of a batch; on the shipped "
+                               "recipe, weight 0.05 cost 0.012 NDCG@10 at 384-d and 0.002 at 64-d on Home Depot "
+                               "(BENCHMARKS.md, Training recipes, row H), so it is off by default.")
+    matryoshka_weights: list[float] | None = Field(
+        None, description="One weight per model.dims entry (same order); None: all 1."
+    )
+    mnrl_scale: float = Field(20.0, gt=0, description="Similarity scale of MultipleNegativesRankingLoss.")
+    contrastive_margin: float = Field(0.5, gt=0, description="Margin of OnlineContrastiveLoss.")
+    multi_dataset_sampler: Literal["proportional", "round_robin"] = Field(
+        "round_robin", description="round_robin: every optimizer step sums one batch of each objective, so the "
+                                   "weights are exact even under gradient clipping; proportional: one objective "
+                                   "per step, each dataset used in full (weights then barely matter).")
+    max_seq_length: int | None = Field(
+        32, gt=0, description="Tokens per text in training and in the saved model; None: the base model's own "
+                              "limit (256). 32 covers Home Depot titles and queries and trains ~4x faster; raise "
+                              "it for catalogs with long product texts.")
+    eval_steps: int = Field(200, gt=0, description="Validate and checkpoint every N steps.")
+    logging_steps: int = Field(20, gt=0)
+    save_total_limit: int = Field(2, ge=1)
+    val_max_queries: int = Field(500, gt=0, description="Validation queries used to pick the checkpoint.")
+    val_corpus_size: int = Field(
+        5000, gt=0, description="Validation corpus: every relevant product plus random others up to this size."
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 where the CPU has "
+                            "bf16 instructions (AVX512-BF16/AMX), else fp32. fp16 needs a GPU.")
+    mnrl_mini_batch_size: int | None = Field(
+        None, gt=0, description="Set: CachedMultipleNegativesRankingLoss (GradCache) with this mini-batch, so "
+                                "batch_size can grow (more in-batch negatives) at the memory of the mini-batch.")
+    prefix_init: Literal["none", "pca"] = Field(
+        "pca", description="pca: start from a rotation onto the catalog's principal axes (a bias-free Dense "
+                            "layer before normalisation; full-dimension cosine unchanged), so each prefix "
+                            "starts as the best linear prefix of its size. +0.01 to +0.03 NDCG@10 at every "
+                            "dimension on Home Depot (BENCHMARKS.md, row C).")
+    pca_sample_size: int = Field(20000, gt=0, description="Product texts encoded to fit the principal axes.")
+
