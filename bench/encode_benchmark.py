@@ -12,7 +12,7 @@ titles/s, and the speed-up as the median of the per-round ratios to the baseline
 
 ``--ndcg`` adds the quality guard on retrieval: every non-baseline backend variant (at batch 64) encodes
 the whole catalog (54,667 titles) and the test-split queries (``examples.configured_splits``, the pipeline's
-seed and fractions), and NDCG@10 per dimension of exact whole-catalog search (``evaluate.rank_whole_catalog``
+seed and fractions), and NDCG@10 per dimension of exact whole-catalog search (``evaluate.retrieval.rank_whole_catalog``
 and ``metrics``) is compared with the fp32 model's (read from the team's embedding cache under evaluation's
 key, e.g. ``minilm-base``, when present). Slow: minutes per variant on 2 cores.
 
@@ -197,7 +197,8 @@ def query_latency(model, artefacts: dict[str, Path], queries: list[str]) -> dict
 def ndcg_guard(model, model_ref: str, runners: dict[str, Callable], configs: list[Config], data_dir: Path
                ) -> dict[str, Any]:
     """NDCG@10 per dimension on the Home Depot test split: each backend variant vs the fp32 model."""
-    from near2_tasks.evaluate.evaluation import prepare_data, rank_whole_catalog
+    from near2_tasks.evaluate.evaluation import prepare_data
+    from near2_tasks.evaluate.retrieval import rank_whole_catalog
     from near2_tasks.train.examples import configured_splits
     from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
 

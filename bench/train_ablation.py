@@ -36,7 +36,8 @@ def main() -> None:
     from near2_tasks.config import load_settings
     from near2_tasks.models.settings import PACKAGED_MINILM
     from near2_tasks.models.embeddings import encode, encode_cached, load_encoder
-    from near2_tasks.evaluate.evaluation import prepare_data, rank_whole_catalog
+    from near2_tasks.evaluate.evaluation import prepare_data
+    from near2_tasks.evaluate.retrieval import rank_whole_catalog
     from near2_tasks.train.examples import configured_splits, ir_eval_data, mine_examples
     from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
     from near2_tasks.train.trainer import train_model

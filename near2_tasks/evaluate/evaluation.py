@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from near2_tasks.models.backends import load_inference_encoder
-from near2_tasks.conventions import metric_key, truncate
+from near2_tasks.conventions import metric_key
 from near2_tasks.data.text import product_texts
 from near2_tasks.models.embeddings import (
     MINILM_ALIASES,
@@ -40,8 +41,9 @@ from near2_tasks.models.embeddings import (
     texts_fingerprint,
 )
 from near2_tasks.errors import Near2Error
-from near2_tasks.evaluate.metrics import Qrels, mean_over, metric_names, per_query_metrics, required_depth
-from near2_tasks.evaluate.slices import BUILTIN_SLICES, slice_masks
+from near2_tasks.evaluate.metrics import Qrels
+from near2_tasks.evaluate.retrieval import ExactRetriever, evaluate_retriever, scale_of
+from near2_tasks.evaluate.slices import BUILTIN_SLICES
 
 if TYPE_CHECKING:
     from near2_tasks.config import Settings
@@ -368,6 +370,13 @@ class EvaluationData:
     qrels: Qrels
     n_judgments: int
     n_judgments_outside_catalog: int
+    #: the catalog's product ids, row by row (Elasticsearch hits map back to rows through them)
+    product_ids: list[str] = field(default_factory=list)
+
+    @cached_property
+    def row_of(self) -> dict[str, int]:
+        """product id -> catalog row."""
+        return {pid: row for row, pid in enumerate(self.product_ids)}
 
 
 def _require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -423,30 +432,8 @@ def prepare_data(products: pd.DataFrame, judgments: pd.DataFrame, text_template:
     return EvaluationData(
         product_texts=texts, query_texts=query_texts, qrels=qrels,
         n_judgments=int(in_catalog.sum()), n_judgments_outside_catalog=int((~in_catalog).sum()),
+        product_ids=product_ids.tolist(),
     )
-
-
-# ----- retrieval -----------------------------------------------------------------------------------------
-def rank_whole_catalog(query_vectors: np.ndarray, catalog_vectors: np.ndarray, dim: int, depth: int,
-                       batch_size: int = 256) -> np.ndarray:
-    """Top ``depth`` catalog rows per query by cosine at dimension ``dim``, best first (exact search).
-
-    Both sides are truncated to ``dim`` and re-normalised, so the dot product is the cosine. Queries go
-    in blocks of ``batch_size`` to bound memory at ``batch_size x n_products`` scores.
-    """
-    catalog = truncate(catalog_vectors, dim)
-    queries = truncate(query_vectors, dim)
-    depth = min(depth, len(catalog))
-    ranking = np.empty((len(queries), depth), dtype=np.int64)
-    for start in range(0, len(queries), batch_size):
-        scores = queries[start:start + batch_size] @ catalog.T
-        if depth < scores.shape[1]:
-            top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-        else:
-            top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        ranking[start:start + batch_size] = np.take_along_axis(top, order, axis=1)
-    return ranking
 
 
 # ----- the entry point -----------------------------------------------------------------------------------
@@ -480,26 +467,18 @@ def evaluate_model(settings: Settings, model_ref: str, products: pd.DataFrame, j
     queries = encode_cached(model, resolved.cache_key, data.query_texts, cache_dir,
                             batch_size=settings.model.encode_batch_size, show_progress=progress)
 
-    names = metric_names(k)
     floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
-    masks = slice_masks(data.query_texts, settings.evaluation.slices)
-    overall: dict[int, MetricValues] = {}
-    per_slice: dict[str, dict[int, MetricValues]] = {name: {} for name in masks}
+    scores = evaluate_retriever(ExactRetriever(catalog, settings.evaluation.query_batch_size), data, dims,
+                                query_vectors=queries, k=k, **scale_of(settings))
     for dim in dims:
-        ranking = rank_whole_catalog(queries, catalog, dim, required_depth(names),
-                                     settings.evaluation.query_batch_size)
-        per_query = per_query_metrics(ranking, data.qrels, names, floor, threshold)
-        overall[dim] = {name: mean_over(values) for name, values in per_query.items()}
-        for slice_name, mask in masks.items():
-            if mask.any():
-                per_slice[slice_name][dim] = {name: mean_over(values, mask) for name, values in per_query.items()}
-        log.info("dim %d: %s", dim, ", ".join(f"{n}={_fmt(v)}" for n, v in overall[dim].items()))
+        log.info("dim %d: %s", dim, ", ".join(f"{n}={_fmt(v)}" for n, v in scores.dims[dim].items()))
+    names, overall, per_slice = scores.metrics, scores.dims, scores.slices
 
     n_ideal = int((data.qrels.ideal_dcg(floor, k) > 0).sum())
     n_relevant = int((data.qrels.count_relevant(threshold) > 0).sum())
     return EvaluationReport(
         model=model_ref, dims=overall, slices=per_slice,
-        slice_sizes={name: int(mask.sum()) for name, mask in masks.items()},
+        slice_sizes=scores.slice_sizes,
         n_queries=len(data.query_texts), k=k, metrics=names, model_key=resolved.cache_key,
         registered_model=resolved.registered_model, model_version=resolved.version, run_id=resolved.run_id,
         dataset={

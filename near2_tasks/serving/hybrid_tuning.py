@@ -8,7 +8,6 @@ serving uses, is :mod:`near2_tasks.serving.hybrid`; this module sits above :mod:
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -78,11 +77,6 @@ class HybridEvaluation:
         return "\n".join(lines)
 
 
-def _percentiles(ms: list[float]) -> dict[str, float]:
-    ordered = sorted(ms)
-    return {"p50": round(statistics.median(ordered), 2), "p99": round(ordered[int(0.99 * (len(ordered) - 1))], 2)}
-
-
 def evaluate_index(settings: Settings, products: pd.DataFrame, judgments: pd.DataFrame, *,
                    index_name: str | None = None, dims: Sequence[int] | None = None,
                    model: SentenceTransformer | None = None, grid: Sequence[float] | None = None,
@@ -101,7 +95,7 @@ def evaluate_index(settings: Settings, products: pd.DataFrame, judgments: pd.Dat
     from near2_tasks.models.embeddings import encode
     from near2_tasks.evaluate.evaluation import prepare_data
     from near2_tasks.serving.index import load_meta_model, prepare_products
-    from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
+    from near2_tasks.evaluate.retrieval import percentiles_ms, score_rankings
     from near2_tasks.serving.search import Searcher
     from near2_tasks.evaluate.slices import slice_masks
 
@@ -160,18 +154,18 @@ def evaluate_index(settings: Settings, products: pd.DataFrame, judgments: pd.Dat
 
     floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
     metric = f"ndcg@{k}"
-    masks = {"all": None, **slice_masks(data.query_texts, settings.evaluation.slices)}
+    masks = slice_masks(data.query_texts, settings.evaluation.slices)
 
     def score(ranking: np.ndarray) -> dict[str, float | None]:
-        values = per_query_metrics(ranking, data.qrels, [metric], floor, threshold)[metric]
-        return {name: mean_over(values, mask) for name, mask in masks.items()}
+        overall, by_slice = score_rankings(data, ranking, [metric], floor, threshold, masks)
+        return {"all": overall[metric], **{s: by_slice[s][metric] if s in by_slice else None for s in masks}}
 
     ndcg = {m: {d: score(rankings[m][d]) for d in dims} for m in methods}
     grid_scores = {d: {w: score(grid_rankings[d][w])["all"] for w in grid} for d in dims} if grid else {}
-    latency = {m: {d: _percentiles([1000 * s for s in seconds[m][d]]) for d in dims} for m in methods} if n else {}
+    latency = {m: {d: percentiles_ms(seconds[m][d]) for d in dims} for m in methods} if n else {}
     return HybridEvaluation(
         index=served.name, n_queries=n, k=k, dims=dims, weights=weights, rrf_k=serving.rrf_k,
-        candidates=candidates, slice_sizes={name: int(n if mask is None else mask.sum()) for name, mask in masks.items()},
+        candidates=candidates, slice_sizes={"all": n, **{name: int(mask.sum()) for name, mask in masks.items()}},
         ndcg=ndcg, latency_ms=latency, grid=grid_scores)
 
 
