@@ -4,7 +4,7 @@
         --out bench/results/hybrid_9.2.4.json
 
 Builds one index of the whole catalog with the production mapping and the serving code
-(``near2_tasks.serving.index.build_verify_swap``: the lexical text fields next to one ``dense_vector`` per dim),
+(``near2_tasks.serving.publish.build_verify_swap``: the lexical text fields next to one ``dense_vector`` per dim),
 tunes the linear-fusion weight per dim on the **validation** split (``near2_tasks.serving.hybrid_tuning.tune_weights``:
 grid ``evaluation.hybrid_weight_grid``, the best stored in ``_meta.hybrid_weights``), then evaluates on
 the **test** split (``near2_tasks.train.examples.configured_splits``) through Elasticsearch with
@@ -43,7 +43,8 @@ def main() -> None:
     from near2_tasks.serving.es_client import make_client
     from near2_tasks.train.examples import configured_splits
     from near2_tasks.serving.hybrid_tuning import evaluate_index, weight_tuning
-    from near2_tasks.serving.index import build_verify_swap, load_meta_model, prepare_products
+    from near2_tasks.serving.index import load_meta_model, prepare_products
+    from near2_tasks.serving.publish import build_verify_swap
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")

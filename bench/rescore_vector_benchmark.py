@@ -7,7 +7,7 @@ From Elasticsearch 9.1 a kNN query on a quantised field (``bbq_hnsw``, ``int8_hn
 ``k × oversample`` best candidates with the float vectors in the same request (``rescore_vector``). That is
 a single-request alternative to the funnel (``mode=funnel``: a shortlist from the 64-bit codes, then a
 second request that scores the shortlist at 384-d). This script builds one index with the production
-mapping (``near2_tasks.serving.index.build_verify_swap``: bbq_hnsw at 384/256/128, hnsw at 64/32, the 64-bit codes,
+mapping (``near2_tasks.serving.publish.build_verify_swap``: bbq_hnsw at 384/256/128, hnsw at 64/32, the 64-bit codes,
 force-merged), encodes the Home Depot **test-split** queries once, and runs, interleaved query by query:
 
 * kNN at 384-d with the query-time ``rescore_vector.oversample`` of the grid (0: no rescoring, the
@@ -47,7 +47,7 @@ def main() -> None:
     from near2_tasks.models.embeddings import encode, load_encoder
     from near2_tasks.evaluate.evaluation import prepare_data
     from near2_tasks.train.examples import configured_splits
-    from near2_tasks.serving.index import build_verify_swap
+    from near2_tasks.serving.publish import build_verify_swap
     from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
     from near2_tasks.serving.search import Searcher, knn_body, rescore_body, vector_bytes
 

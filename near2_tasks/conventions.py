@@ -37,6 +37,8 @@ LEXICAL_ANALYZER = "standard"
 META_LEXICAL_FIELDS = "lexical_fields"
 META_HYBRID_WEIGHTS = "hybrid_weights"
 META_HYBRID_TUNING = "hybrid_tuning"
+#: The ``_meta`` key verification adds once an index passed; the alias only moves to an index that has it.
+META_VERIFIED_AT = "verified_at"
 
 
 def vector_field(dim: int) -> str:

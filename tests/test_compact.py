@@ -60,7 +60,7 @@ def test_index_with_bit_codes_serves_the_funnel_shortlist(tiny_settings, tiny_mo
     """``elasticsearch.binary_dims``: the index gets ``embedding_32_bits`` and the centre in ``_meta``; the
     funnel's shortlist then compares codes, and every product still finds itself first."""
     from near2_tasks import conventions
-    from near2_tasks.serving.index import build_verify_swap
+    from near2_tasks.serving.publish import build_verify_swap
     from near2_tasks.serving.search import Searcher
     from tests.serving_support import serving_settings, titled_catalog
 

@@ -18,7 +18,7 @@ from near2_tasks.cli import cli
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.serving.hybrid import METHODS, fuse, lexical_fields, linear, minmax, rrf
 from near2_tasks.serving.hybrid_tuning import best_weight, evaluate_index, tune_weights, weight_tuning
-from near2_tasks.serving.index import build_verify_swap
+from near2_tasks.serving.publish import build_verify_swap
 from near2_tasks.serving.search import BadSearchRequest, Searcher
 from near2_tasks.serving.service import create_app
 from tests.serving_support import module_settings, serving_settings, titled_catalog, with_sections

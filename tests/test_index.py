@@ -10,20 +10,13 @@ import pytest
 from near2_tasks import conventions
 from near2_tasks.models.embeddings import encode, load_encoder
 from near2_tasks.errors import Near2Error, ServiceUnavailable
-from near2_tasks.serving.index import (
-    AliasChanged,
-    IndexVerificationFailed,
-    build_index,
-    build_verify_swap,
-    current_target,
-    index_body,
-    index_status,
-    prune_indices,
-    rollback,
-    swap_alias,
-    swap_to_champion_index,
-    verify_index,
+from near2_tasks.serving.alias import (
+    AliasChanged, current_target, index_status, prune_indices, rollback, swap_alias, swap_to_champion_index,
 )
+from near2_tasks.serving.index import build_index
+from near2_tasks.serving.mapping import index_body
+from near2_tasks.serving.publish import build_verify_swap
+from near2_tasks.serving.verify import IndexVerificationFailed, verify_index
 from tests.serving_support import serving_settings, titled_catalog, with_sections
 
 N = 80

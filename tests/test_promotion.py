@@ -187,7 +187,7 @@ def test_near2_index_serves_the_champion_and_refuses_any_other_model(
     from click.testing import CliRunner
 
     from near2_tasks.cli import cli
-    from near2_tasks.serving.index import index_status
+    from near2_tasks.serving.alias import index_status
 
     settings = with_base(tiny_settings, tiny_prefix_variants["strong"])
     champion = register_model_dir(settings, tiny_prefix_variants["strong"])

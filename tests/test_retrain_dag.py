@@ -88,11 +88,11 @@ def _states(dagrun) -> dict[str, str]:
 
 def _serving(settings) -> tuple[str | None, dict[str, Any]]:
     from near2_tasks.serving.es_client import make_client
-    from near2_tasks.serving.index import _meta_of, current_target
+    from near2_tasks.serving.alias import current_target, meta_of
 
     client = make_client(settings)
     target = current_target(client, settings.elasticsearch.alias)
-    return target, (_meta_of(client, target) if target else {})
+    return target, (meta_of(client, target) if target else {})
 
 
 def _champion(settings) -> str | None:

@@ -13,7 +13,7 @@ from near2_tasks.evaluate.retrieval import (
     ExactRetriever, Ranked, evaluate_retriever, overlap_at, rows_of, scale_of,
 )
 from near2_tasks.models.embeddings import encode, load_encoder
-from near2_tasks.serving.index import build_verify_swap
+from near2_tasks.serving.publish import build_verify_swap
 from near2_tasks.serving.retrievers import ElasticsearchRetriever
 from near2_tasks.serving.search import Searcher
 from tests.serving_support import module_settings, titled_catalog, with_sections

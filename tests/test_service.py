@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from near2_tasks.config import load_settings
-from near2_tasks.serving.index import build_verify_swap
+from near2_tasks.serving.publish import build_verify_swap
 from near2_tasks.serving.search import Searcher
 from near2_tasks.serving.service import create_app
 from tests.serving_support import serving_settings, titled_catalog, with_sections
@@ -179,7 +179,7 @@ def test_no_request_fails_while_the_alias_moves_to_another_model_and_back(tiny_s
 
     import httpx
 
-    from near2_tasks.serving.index import rollback
+    from near2_tasks.serving.alias import rollback
     from tests.browser_support import live_server
 
     settings = serving_settings(tiny_settings)

@@ -393,6 +393,7 @@ def test_finalize_refuses_an_index_a_shard_did_not_load(tiny_settings, es_client
     """The count check: finalize fails (nothing is verified or swapped) when a shard is missing, whether
     the DAG forgot it or its documents are not in the index."""
     from near2_tasks.serving import index as idx
+    from near2_tasks.serving import alias
     from near2_tasks.run import StepContext
     from near2_tasks.serving import step as serving_step
     from near2_tasks.errors import Near2Error
@@ -415,4 +416,4 @@ def test_finalize_refuses_an_index_a_shard_did_not_load(tiny_settings, es_client
     rows = idx.shard_positions(products, 1, 3)
     idx.load_shard(tiny_settings, made.name, products.iloc[rows], vectors[rows])
     assert idx.finalize_index(tiny_settings, made.name, products).count == len(products)
-    assert idx.current_target(es_client, tiny_settings.elasticsearch.alias) is None
+    assert alias.current_target(es_client, tiny_settings.elasticsearch.alias) is None

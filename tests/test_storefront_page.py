@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from near2_tasks.config import load_settings
-from near2_tasks.serving.index import build_verify_swap
+from near2_tasks.serving.publish import build_verify_swap
 from near2_tasks.serving.service import create_app
 from tests.browser_support import NoBrowser, headless_chromium, live_server
 from tests.serving_support import serving_settings, titled_catalog, with_sections

@@ -144,7 +144,7 @@ def index(ctx: click.Context, model_ref, allow_non_champion, catalog, dims, mode
         ctx.obj = {**(ctx.obj or {}), "alias": alias}
         return
     from near2_tasks.errors import Near2Error
-    from near2_tasks.serving.index import build_verify_swap
+    from near2_tasks.serving.publish import build_verify_swap
 
     overrides = {"elasticsearch": {"alias": alias}} if alias else {}
     settings = settings_from(ctx, **overrides)
@@ -208,7 +208,7 @@ def _sub_settings(ctx: click.Context):
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """The alias target and every kept index: model version, dims, documents, size."""
-    from near2_tasks.serving.index import index_status
+    from near2_tasks.serving.alias import index_status
 
     info = index_status(_sub_settings(ctx))
     if as_json:
@@ -227,7 +227,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def rollback_command(ctx: click.Context) -> None:
     """Move the alias back to the previous verified index."""
-    from near2_tasks.serving.index import rollback
+    from near2_tasks.serving.alias import rollback
 
     moved_from, moved_to = rollback(_sub_settings(ctx))
     click.echo(f"alias moved back: {moved_from} -> {moved_to}")

@@ -198,7 +198,7 @@ def tune_weights(settings: Settings, index_name: str, products: pd.DataFrame, va
     queries: nothing is written, serving uses ``serving.hybrid_weight``.
     """
     from near2_tasks.serving.es_client import es_errors, make_client
-    from near2_tasks.serving.index import _meta_of
+    from near2_tasks.serving.alias import meta_of
     from near2_tasks.serving.search import Searcher
 
     grid = sorted(set(float(w) for w in (grid or settings.evaluation.hybrid_weight_grid)))
@@ -216,7 +216,7 @@ def tune_weights(settings: Settings, index_name: str, products: pd.DataFrame, va
     weights = {d: best_weight(evaluation.grid[d], default) for d in evaluation.dims}
     evaluation.weights = weights
     with es_errors(settings.elasticsearch.url, f"storing the hybrid weights of {index_name}"):
-        meta = _meta_of(client, index_name)
+        meta = meta_of(client, index_name)
         meta[conventions.META_HYBRID_WEIGHTS] = {str(d): w for d, w in weights.items()}
         meta[conventions.META_HYBRID_TUNING] = {
             "split": "validation", "queries": evaluation.n_queries, "metric": f"ndcg@{evaluation.k}",
@@ -233,7 +233,7 @@ def tune_weights(settings: Settings, index_name: str, products: pd.DataFrame, va
 
 def weight_tuning(settings: Settings, products: pd.DataFrame,
                   validation: pd.DataFrame) -> Callable[[BuiltIndex, SentenceTransformer | None], BuiltIndex]:
-    """A ``before_verify`` step for :func:`near2_tasks.serving.index.build_verify_swap`: :func:`tune_weights` on the
+    """A ``before_verify`` step for :func:`near2_tasks.serving.publish.build_verify_swap`: :func:`tune_weights` on the
     loaded index, whose ``_meta`` then carries ``hybrid_weights`` into verification and the swap."""
     from near2_tasks.serving.index import BuiltIndex
 

@@ -26,7 +26,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +37,9 @@ import pandas as pd
 from near2_tasks import conventions
 
 from near2_tasks.serving import compact
-from near2_tasks.serving.settings import VectorFieldOptions, default_oversample, is_quantised
 from near2_tasks.errors import Near2Error
+from near2_tasks.serving.alias import meta_of
+from near2_tasks.serving.mapping import index_body, vector_mapping
 from near2_tasks.serving.es_client import error_reason, es_errors, make_client, unavailable
 
 if TYPE_CHECKING:
@@ -52,26 +53,8 @@ log = logging.getLogger(__name__)
 #: ``progress(done, total)`` is called after every bulk chunk.
 Progress = Callable[[int, int], None]
 
-#: The key verify_index adds to ``_meta`` once an index passed; swap_alias requires it.
-VERIFIED_AT = "verified_at"
 
 VECTOR_DECIMALS = 6  # JSON payload size; the rounding error is far below quantisation error
-
-
-class IndexVerificationFailed(Near2Error):
-    """The new index is not fit to serve; the alias was not touched."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, report: VerificationReport) -> None:
-        super().__init__(message, hint="the alias still points at the previous index; fix the cause and re-run")
-        self.report = report
-
-
-class AliasChanged(Near2Error):
-    """The alias no longer points where the caller expected: someone else moved it meanwhile."""
-
-    exit_code = 4
 
 
 @dataclass(frozen=True)
@@ -79,58 +62,6 @@ class BuiltIndex:
     name: str
     count: int
     meta: dict[str, Any]
-
-
-@dataclass
-class VerificationReport:
-    index: str
-    expected_count: int
-    actual_count: int
-    dims: list[int]
-    sample_size: int
-    top_k: int
-    self_hit_rate: dict[int, float] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    name: str
-    docs: int
-    size_bytes: int
-    serving: bool
-    verified: bool
-    model_name: str | None
-    model_version: str | None
-    model_uri: str | None
-    dims: list[int]
-    catalog_version: str | None
-    built_at: str | None
-
-
-@dataclass(frozen=True)
-class IndexStatus:
-    alias: str
-    target: str | None
-    indices: list[IndexInfo]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"alias": self.alias, "target": self.target, "indices": [asdict(i) for i in self.indices]}
-
-
-@dataclass(frozen=True)
-class SwapResult:
-    index: BuiltIndex
-    report: VerificationReport
-    previous: str | None
-    deleted: list[str]
 
 
 # ----- products and mapping ------------------------------------------------------------------
@@ -173,74 +104,6 @@ def catalog_fingerprint(products: pd.DataFrame) -> str:
     from near2_tasks.data.hashing import frame_hash
 
     return frame_hash(products, [c for c in (*conventions.PRODUCT_FIELDS, "text") if c in products.columns])
-
-
-def vector_mapping(settings: Settings, dim: int) -> dict[str, Any]:
-    options = settings.elasticsearch.field_options(dim)
-    kind = options.index_type
-    if kind.startswith("bbq") and dim < 64:
-        raise Near2Error(
-            f"index type {kind} needs at least 64 dimensions, embedding_{dim} has {dim}",
-            hint=f"set elasticsearch.index_options.{dim}.index_type to hnsw or int8_hnsw",
-        )
-    if kind.startswith("int4") and dim % 2:
-        raise Near2Error(f"index type {kind} needs an even dimension, got {dim}")
-    if options.oversample and not is_quantised(kind):
-        raise Near2Error(f"oversample {options.oversample} of embedding_{dim} needs a quantised index type, "
-                         f"not {kind} (its vectors are floats already)",
-                         hint=f"set elasticsearch.index_options.{dim}.oversample to 0, or index_type to int8_hnsw "
-                              "or bbq_hnsw")
-    return {"type": "dense_vector", "dims": dim, "index": True,
-            "similarity": options.similarity, "index_options": index_options_mapping(options)}
-
-
-def index_options_mapping(options: VectorFieldOptions) -> dict[str, Any]:
-    """A field's ``index_options`` with every parameter whose default may change set explicitly, so the
-    mapping means the same on any server version (bbq rescores 3x by default from 8.19 and 9.1, not before)."""
-    kind = options.index_type or "hnsw"
-    index_options: dict[str, Any] = {"type": kind}
-    if "hnsw" in kind:
-        index_options.update(m=options.m, ef_construction=options.ef_construction)
-    if kind.startswith(("int8_", "int4_")):
-        confidence = 0.0 if options.confidence_interval is None and kind.startswith("int4_") \
-            else options.confidence_interval
-        if confidence is not None:
-            index_options["confidence_interval"] = confidence
-    if is_quantised(kind):
-        oversample = default_oversample(kind) if options.oversample is None else options.oversample
-        index_options["rescore_vector"] = {"oversample": oversample}
-    return index_options
-
-
-def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dict[str, Any]:
-    """Settings (loading mode: no refresh, no replicas) and mappings of a new serving index."""
-    properties: dict[str, Any] = {
-        "product_id": {"type": "keyword"},
-        # lexical fields of hybrid search (conventions.LEXICAL_FIELDS): text with the core analyzer;
-        # category and brand stay keywords (exact filters) with a .text subfield for BM25
-        "title": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER,
-                  "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}},
-        "category": {"type": "keyword",
-                     "fields": {"text": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER}}},
-        "brand": {"type": "keyword",
-                  "fields": {"text": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER}}},
-        "price": {"type": "float"},
-    }
-    for dim in dims:
-        properties[conventions.vector_field(dim)] = vector_mapping(settings, dim)
-    coded = compact.coded_dims(settings.elasticsearch.binary_dims, dims)
-    for dim in coded:  # 1-bit codes for the funnel's shortlist (near2_tasks.serving.compact)
-        properties[conventions.binary_vector_field(dim)] = compact.bit_field_mapping(dim)
-    mappings: dict[str, Any] = {"dynamic": "strict", "_meta": meta, "properties": properties}
-    if not settings.elasticsearch.vectors_in_source:
-        # kNN reads the vector index, never _source: JSON floats there would double the disk
-        mappings["_source"] = {"excludes": [conventions.vector_field(d) for d in dims]
-                               + [conventions.binary_vector_field(d) for d in coded]}
-    return {
-        "settings": {"index": {"number_of_shards": settings.elasticsearch.number_of_shards,
-                               "number_of_replicas": 0, "refresh_interval": "-1"}},
-        "mappings": mappings,
-    }
 
 
 # ----- the model named in _meta ----------------------------------------------------------------
@@ -338,7 +201,7 @@ def index_meta(settings: Settings, index_name: str, client: Elasticsearch | None
     with es_errors(settings.elasticsearch.url, f"reading the _meta of {index_name}"):
         if not client.indices.exists(index=index_name):
             raise Near2Error(f"index {index_name} does not exist", hint="create it first (create_index)")
-        return _meta_of(client, index_name)
+        return meta_of(client, index_name)
 
 
 def build_index(
@@ -536,7 +399,7 @@ def _create_or_reuse(client, settings, dims, meta, index_name, model_version) ->
             raise Near2Error(f"index name {index_name!r} does not belong to alias {alias!r}",
                              hint=f"names look like {conventions.index_name(alias, model_version)}")
         if client.indices.exists(index=index_name):
-            old = _meta_of(client, index_name)
+            old = meta_of(client, index_name)
             if old.get("model_uri") != meta["model_uri"] or old.get("dims") != dims:
                 raise Near2Error(f"index {index_name} exists with another model or dims "
                                  f"({old.get('model_uri')}, {old.get('dims')})",
@@ -632,7 +495,7 @@ def _send_chunk(client, settings, name: str, actions: list[dict[str, Any]]) -> N
             log.warning("bulk chunk into %s failed (%s); retry %d in %.1fs", name, error_reason(exc), attempt, delay)
             time.sleep(delay)
     if failures:
-        reason = _item_reason(next(iter(failures[0].values())).get("error"))
+        reason = item_reason(next(iter(failures[0].values())).get("error"))
         statuses = sorted({next(iter(f.values())).get("status") for f in failures})
         hint = "fix the documents or the mapping and re-run"
         if "cluster_block_exception" in reason:  # checked first: a read-only block also answers 429
@@ -644,7 +507,7 @@ def _send_chunk(client, settings, name: str, actions: list[dict[str, Any]]) -> N
                          f"(HTTP {statuses}): {reason}", hint=hint)
 
 
-def _item_reason(error: Any) -> str:
+def item_reason(error: Any) -> str:
     """``type: reason`` of one failed bulk item (its ``error`` is a dict, or a string for exceptions)."""
     if isinstance(error, dict):
         return f"{error.get('type', 'error')}: {error.get('reason', '')}"
@@ -682,322 +545,13 @@ def _remove_strays(client, name: str, product_ids: set[str]) -> int:
 
 # ----- verify ---------------------------------------------------------------------------------
 
-def verify_index(settings: Settings, index_name: str, products: pd.DataFrame,
-                 model: SentenceTransformer | None = None, *, client: Elasticsearch | None = None
-                 ) -> VerificationReport:
-    """Check an index is fit to serve, then mark it verified in ``_meta``.
-
-    Checks: the ``_meta`` keys; document count == accepted catalog rows; every dimension answers a
-    kNN query; a sample of products find themselves in the top k by their own text, encoded by the
-    model named in ``_meta`` (or ``model``, the same weights already loaded). Raises
-    IndexVerificationFailed (alias untouched) with the report when a check fails.
-    """
-    from near2_tasks.models.embeddings import encode
-
-    es = settings.elasticsearch
-    products = prepare_products(products, settings.dataset.text_template)
-    client = client or make_client(settings)
-    with es_errors(es.url, f"verification of {index_name}"):
-        if not client.indices.exists(index=index_name):
-            raise Near2Error(f"index {index_name} does not exist", hint="`near2 index status` lists the indices")
-        meta = _meta_of(client, index_name)
-        dims = [int(d) for d in meta.get("dims") or []]
-        client.indices.refresh(index=index_name)
-        actual = client.count(index=index_name)["count"]
-        top_k = es.verify_top_k
-        report = VerificationReport(index=index_name, expected_count=len(products), actual_count=actual,
-                                    dims=dims, sample_size=min(es.verify_sample_size, len(products)),
-                                    top_k=top_k)
-        missing = [key for key in conventions.INDEX_META_KEYS if key not in meta]
-        if missing:
-            report.problems.append(f"_meta lacks {missing}")
-        if actual != len(products):
-            report.problems.append(f"index holds {actual} documents, the catalog has {len(products)} accepted rows")
-        mapped = _mapping_of(client, index_name)["properties"]
-        unmapped = [d for d in dims if conventions.vector_field(d) not in mapped]
-        if unmapped or not dims:
-            report.problems.append(f"dims {unmapped or dims} have no vector field")
-        if not report.problems:
-            model = model or load_meta_model(settings, meta["model_uri"])
-            rng = np.random.default_rng(0)
-            sample = products.iloc[np.sort(rng.choice(len(products), report.sample_size, replace=False))]
-            queries = encode(model, sample.text.tolist(), batch_size=settings.model.encode_batch_size)
-            for dim in dims:
-                hits = _knn_batch(client, index_name, dim, conventions.truncate(queries, dim), top_k,
-                                  max(top_k, es.num_candidates))
-                if not any(hits):
-                    report.problems.append(f"embedding_{dim} answered no kNN query")
-                    continue
-                found = sum(pid in ids for pid, ids in zip(sample.product_id, hits))
-                rate = found / len(sample)
-                report.self_hit_rate[dim] = round(rate, 4)
-                if rate < es.verify_min_self_hit_rate:
-                    report.problems.append(
-                        f"at dim {dim} only {found}/{len(sample)} sampled products retrieve themselves in the "
-                        f"top {top_k} (need {es.verify_min_self_hit_rate:.0%}): was the index built with "
-                        f"{meta.get('model_uri')}?")
-        if report.problems:
-            raise IndexVerificationFailed(f"index {index_name} failed verification: "
-                                          + "; ".join(report.problems), report)
-        client.indices.put_mapping(index=index_name, meta={
-            **meta, VERIFIED_AT: datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    return report
-
-
-def _knn_batch(client, index: str, dim: int, vectors: np.ndarray, k: int, num_candidates: int) -> list[list[str]]:
-    """Product ids of the kNN top k for each query vector, in one msearch round trip."""
-    searches: list[dict[str, Any]] = []
-    for vector in vectors:
-        searches.append({"index": index})
-        searches.append({"knn": {"field": conventions.vector_field(dim), "query_vector": vector.tolist(), "k": k,
-                                 "num_candidates": num_candidates}, "size": k, "_source": False})
-    responses = client.msearch(searches=searches)["responses"]
-    results = []
-    for response in responses:
-        if "error" in response:
-            raise Near2Error(f"kNN on embedding_{dim} of {index} failed: {_item_reason(response['error'])}")
-        results.append([hit["_id"] for hit in response["hits"]["hits"]])
-    return results
-
 
 # ----- alias ----------------------------------------------------------------------------------
-
-def alias_targets(client: Elasticsearch, alias: str) -> list[str]:
-    """The indices the alias points at (normally one; none before the first swap)."""
-    from elasticsearch import NotFoundError
-
-    try:
-        return sorted(client.indices.get_alias(name=alias).keys())
-    except NotFoundError:
-        return []
-
-
-def current_target(client: Elasticsearch, alias: str) -> str | None:
-    targets = alias_targets(client, alias)
-    if len(targets) > 1:
-        raise Near2Error(f"alias {alias} points at several indices {targets}",
-                         hint="`near2 index rollback` or an _aliases call must leave exactly one")
-    return targets[0] if targets else None
-
-
-def swap_alias(client: Elasticsearch | Settings, alias: str, new_index: str, expected_current: str | None,
-               *, require_verified: bool = True) -> str | None:
-    """Move ``alias`` to ``new_index`` in one atomic ``_aliases`` call, only if it still points at
-    ``expected_current`` (None: only if it does not exist yet). Returns the previous target.
-
-    Compare-and-swap: the removal of ``expected_current`` carries ``must_exist``, so if another run
-    moved the alias after the caller read it, Elasticsearch rejects the whole call and AliasChanged
-    is raised; the alias is then exactly where the other run left it. The first swap (no alias yet)
-    has no server-side precondition: it adds, re-reads, and withdraws its own addition if a
-    concurrent first swap also added one (then both fail and the alias stays absent, as before).
-    """
-    from elasticsearch import NotFoundError
-
-    if not isinstance(client, _es_client_type()):
-        client = make_client(client)
-    url = _client_url(client)
-    with es_errors(url, f"swap of alias {alias}"):
-        if not client.indices.exists(index=new_index):
-            raise Near2Error(f"index {new_index} does not exist; the alias {alias} was not moved")
-        if require_verified and VERIFIED_AT not in _meta_of(client, new_index):
-            raise Near2Error(f"index {new_index} has not passed verification; the alias {alias} was not moved",
-                             hint="run verify_index first")
-        current = alias_targets(client, alias)
-        expected = [expected_current] if expected_current else []
-        if current != expected:
-            raise AliasChanged(f"alias {alias} points at {current or 'nothing'}, expected "
-                               f"{expected_current or 'nothing'}: another run moved it; not swapped")
-        if current == [new_index]:
-            return expected_current
-        actions: list[dict[str, Any]] = []
-        if expected_current:
-            actions.append({"remove": {"index": expected_current, "alias": alias, "must_exist": True}})
-        actions.append({"add": {"index": new_index, "alias": alias}})
-        try:
-            client.indices.update_aliases(actions=actions)
-        except NotFoundError as exc:
-            raise AliasChanged(f"alias {alias} moved away from {expected_current} during the swap; not swapped"
-                               ) from exc
-        if expected_current is None and alias_targets(client, alias) != [new_index]:
-            client.indices.update_aliases(actions=[{"remove": {"index": new_index, "alias": alias}}])
-            raise AliasChanged(f"alias {alias} was created concurrently by another run; not swapped")
-    log.info("alias %s: %s -> %s", alias, expected_current, new_index)
-    return expected_current
-
-
-def swap_to_champion_index(client: Elasticsearch, alias: str, new_index: str, expected_current: str | None,
-                           model_version: str | int, champion: str | None) -> str | None:
-    """:func:`swap_alias`, with the one retry both the DAG and ``near2 index`` apply. Returns the previous target.
-
-    If the alias already points at ``new_index`` (a re-run after a swap), nothing moves. If another run
-    moved the alias after ``expected_current`` was read (AliasChanged) to an index whose model is not
-    the champion, while ``new_index``'s model is, the swap is retried against that new target; in any
-    other case the alias stays where the other run put it and AliasChanged propagates. Whether this
-    model may serve at all is :func:`near2_tasks.promote.promotion.not_served_reason`'s question, asked before.
-    """
-    url = _client_url(client)
-    with es_errors(url, "reading the alias"):
-        current = current_target(client, alias)
-    if current == new_index:
-        log.info("alias %s already points at %s", alias, new_index)
-        return expected_current
-    try:
-        return swap_alias(client, alias, new_index, expected_current)
-    except AliasChanged:
-        with es_errors(url, "reading the alias"):
-            current = current_target(client, alias)
-            serving = str(_meta_of(client, current).get("model_version")) if current else None
-        if champion is None or champion != str(model_version) or serving == champion:
-            raise  # nothing says the other run's index is stale: leave it
-        log.warning("alias %s moved to %s (v%s, not the champion) meanwhile; swapping from there",
-                    alias, current, serving)
-        return swap_alias(client, alias, new_index, current)
-
-
-def _es_client_type():
-    from elasticsearch import Elasticsearch
-
-    return Elasticsearch
-
-
-def _client_url(client: Elasticsearch) -> str:
-    try:
-        node = client.transport.node_pool.all()[0]
-        return node.base_url
-    except Exception:  # noqa: BLE001 - only used in messages
-        return "the configured Elasticsearch"
 
 
 # ----- inventory, pruning, rollback -------------------------------------------------------------
 
-def _meta_of(client, index: str) -> dict[str, Any]:
-    return _mapping_of(client, index).get("_meta") or {}
-
-
-def _mapping_of(client, index: str) -> dict[str, Any]:
-    response = client.indices.get_mapping(index=index)
-    return next(iter(response.values()))["mappings"]
-
-
-def _alias_indices(client, alias: str) -> list[dict[str, Any]]:
-    """This alias's indices (by the naming convention), oldest first, with docs, size and ``_meta``."""
-    pattern = re.compile(rf"{re.escape(alias)}-v[a-z0-9_.+-]+-\d{{8}}t\d{{6}}")
-    rows = client.cat.indices(index=f"{alias}-v*", format="json", bytes="b",
-                              h="index,docs.count,store.size,creation.date", expand_wildcards="open")
-    rows = [r for r in rows if pattern.fullmatch(r["index"])]
-    if not rows:
-        return []
-    mappings = client.indices.get_mapping(index=",".join(r["index"] for r in rows))
-    for row in rows:
-        row["meta"] = mappings.get(row["index"], {}).get("mappings", {}).get("_meta") or {}
-    return sorted(rows, key=lambda r: (int(r["creation.date"]), r["index"]))
-
-
-def prune_indices(settings: Settings, client: Elasticsearch | None = None) -> list[str]:
-    """Delete old indices: keep the alias target, ``keep_indices`` newest others, and anything
-    newer than the target (another run may still be building it). Returns the deleted names."""
-    es = settings.elasticsearch
-    client = client or make_client(settings)
-    with es_errors(es.url, "pruning old indices"):
-        targets = set(alias_targets(client, es.alias))
-        rows = _alias_indices(client, es.alias)
-        if not targets:
-            return []
-        newest_target = max(int(r["creation.date"]) for r in rows if r["index"] in targets) if any(
-            r["index"] in targets for r in rows) else 0
-        others = [r for r in reversed(rows) if r["index"] not in targets]
-        doomed = [r["index"] for r in others[es.keep_indices:] if int(r["creation.date"]) <= newest_target]
-        if doomed:
-            client.indices.delete(index=",".join(doomed))
-            log.info("deleted old indices %s", doomed)
-    return doomed
-
-
-def rollback(settings: Settings, client: Elasticsearch | None = None) -> tuple[str, str]:
-    """Move the alias back to the newest verified index older than its current target.
-
-    Returns (from, to). Raises Near2Error when there is nothing to roll back to.
-    """
-    es = settings.elasticsearch
-    client = client or make_client(settings)
-    with es_errors(es.url, "rollback"):
-        current = current_target(client, es.alias)
-        if current is None:
-            raise Near2Error(f"alias {es.alias} does not exist; nothing to roll back",
-                             hint="build an index first with `near2 index --model ... --catalog ...`")
-        rows = _alias_indices(client, es.alias)
-        position = next((i for i, r in enumerate(rows) if r["index"] == current), len(rows))
-        earlier = [r["index"] for r in rows[:position] if VERIFIED_AT in r["meta"]]
-        if not earlier:
-            raise Near2Error(f"no verified index older than {current} to roll back to",
-                             hint="`near2 index status` lists the indices that are kept")
-    swap_alias(client, es.alias, earlier[-1], current)
-    return current, earlier[-1]
-
-
-def index_status(settings: Settings, client: Elasticsearch | None = None) -> IndexStatus:
-    """The alias target and every kept index with its model, dims, documents and size."""
-    es = settings.elasticsearch
-    client = client or make_client(settings)
-    with es_errors(es.url, "index status"):
-        targets = alias_targets(client, es.alias)
-        infos = []
-        for row in reversed(_alias_indices(client, es.alias)):
-            meta = row["meta"]
-            infos.append(IndexInfo(
-                name=row["index"], docs=int(row["docs.count"] or 0), size_bytes=int(row["store.size"] or 0),
-                serving=row["index"] in targets, verified=VERIFIED_AT in meta,
-                model_name=meta.get("model_name"), model_version=meta.get("model_version"),
-                model_uri=meta.get("model_uri"), dims=list(meta.get("dims") or []),
-                catalog_version=meta.get("catalog_version"), built_at=meta.get("built_at")))
-    return IndexStatus(alias=es.alias, target=targets[0] if len(targets) == 1 else None, indices=infos)
-
 
 # ----- the whole step ---------------------------------------------------------------------------
 
-def build_verify_swap(
-    settings: Settings,
-    model_ref: str,
-    products: pd.DataFrame,
-    model_version: str | int,
-    run_id: str | None = None,
-    catalog_version: str | None = None,
-    dims: list[int] | None = None,
-    vectors: np.ndarray | None = None,
-    *,
-    model_name: str | None = None,
-    index_name: str | None = None,
-    expected_current: str | None | type[Ellipsis] = ...,
-    progress: Progress | None = None,
-    champion: str | None = None,
-    before_verify: Callable[[BuiltIndex, SentenceTransformer | None], BuiltIndex] | None = None,
-    shards: int = 1,
-) -> SwapResult:
-    """Build, verify, swap (compare-and-swap against the target read before the build), prune.
-
-    ``before_verify(built, model)``: runs on the loaded index before verification and swap and returns it
-    with whatever ``_meta`` it added, e.g. :func:`near2_tasks.serving.hybrid_tuning.weight_tuning` (the hybrid
-    weights measured on the validation split).
-
-    ``expected_current``: the alias target the caller based its decision on (default: the target
-    when this call starts). If the alias moved meanwhile, AliasChanged is raised after the build
-    and the alias stays where the other run put it, unless :func:`swap_to_champion_index` retries
-    (``champion``: the champion's version as the caller read it; this model is that version).
-    ``shards``: see :func:`build_index`.
-    """
-    es = settings.elasticsearch
-    client = make_client(settings)
-    if expected_current is ...:
-        with es_errors(es.url, "reading the alias"):
-            expected_current = current_target(client, es.alias)
-    built, model = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
-                          model_name=model_name, index_name=index_name, client=client, progress=progress,
-                          shards=shards)
-    if before_verify is not None:
-        built = before_verify(built, model)
-    report = verify_index(settings, built.name, products, model=model, client=client)
-    previous = swap_to_champion_index(client, es.alias, built.name, expected_current,  # type: ignore[arg-type]
-                                      model_version, champion)
-    deleted = prune_indices(settings, client)
-    return SwapResult(index=built, report=report, previous=previous, deleted=deleted)
 

@@ -31,6 +31,7 @@ def _index_state(ctx: StepContext, model: Result) -> dict[str, Any]:
     """The new index's name and the alias target it replaces, chosen once per run (``index/state.json``):
     a retry finishes the same index instead of starting another."""
     from near2_tasks.serving import index as idx
+    from near2_tasks.serving.alias import current_target
     from near2_tasks.serving.es_client import es_errors, make_client
 
     settings = ctx.settings
@@ -39,7 +40,7 @@ def _index_state(ctx: StepContext, model: Result) -> dict[str, Any]:
         return json.loads(state_path.read_text())
     client = make_client(settings)
     with es_errors(settings.elasticsearch.url, "reading the alias"):
-        current = idx.current_target(client, settings.elasticsearch.alias)
+        current = current_target(client, settings.elasticsearch.alias)
     state = {"index": conventions.index_name(settings.elasticsearch.alias, idx.safe_version(model["model_version"])),
              "expected_current": current}
     state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,10 +171,11 @@ def build_index(ctx: StepContext, validation: Result, model: Result) -> Result:
 def verify_index(ctx: StepContext, validation: Result, built: Result) -> Result:
     """Check the new index (counts, every dimension answers, products find themselves) and mark it verified."""
     from near2_tasks.serving import index as idx
+    from near2_tasks.serving.verify import verify_index
 
     settings = ctx.settings
     products = idx.prepare_products(accepted(validation)[0])
-    report = idx.verify_index(settings, built["index"], products)
+    report = verify_index(settings, built["index"], products)
     return record(ctx, "verify_index", {
         "index": built["index"], "documents": report.actual_count, "self_hit_rate": report.self_hit_rate,
         "links": {"Elasticsearch index": index_url(settings, built["index"])},
@@ -188,7 +190,7 @@ def swap_alias(ctx: StepContext, built: Result) -> Result:
     If another run moved the alias after this one read it (AliasChanged) to an index whose model is not
     the champion, while this run's model is, the swap is retried against that new target.
     """
-    from near2_tasks.serving import index as idx
+    from near2_tasks.serving.alias import prune_indices, swap_to_champion_index
     from near2_tasks.serving.es_client import make_client
 
     settings = ctx.settings
@@ -198,8 +200,8 @@ def swap_alias(ctx: StepContext, built: Result) -> Result:
     refusal = not_served_reason(champion, version)
     if refusal is not None:
         skip_rest(f"not served: {refusal}; the alias {alias} was left where it is")
-    previous = idx.swap_to_champion_index(client, alias, new, built["expected_current"], version, champion)
-    deleted = idx.prune_indices(settings, client)
+    previous = swap_to_champion_index(client, alias, new, built["expected_current"], version, champion)
+    deleted = prune_indices(settings, client)
     return record(ctx, "swap_alias", {
         "alias": alias, "index": new, "previous": previous, "deleted": deleted,
         "model_version": built["model_version"],
@@ -245,7 +247,7 @@ def smoke_search(ctx: StepContext, validation: Result, swapped: Result) -> Resul
 def reindex_needed(ctx: StepContext, validation: Result) -> Result:
     """The champion to index with, and whether the alias already serves it on this catalog."""
     from near2_tasks.models import registry
-    from near2_tasks.serving.index import index_status
+    from near2_tasks.serving.alias import index_status
 
     settings = ctx.settings
     champion = champion_version(settings)

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from near2_tasks import conventions
 from near2_tasks.run import StepContext
 
 from near2_tasks.data import step as data_step
 
 from near2_tasks.serving import step as serving_step
 from near2_tasks.config import Settings
-from near2_tasks.serving.index import VERIFIED_AT, alias_targets
+from near2_tasks.serving.alias import alias_targets
 
 
 def make_fault_settings(home: Path, es_url: str, alias: str, model_dir: Path, **sections):
@@ -75,7 +76,7 @@ def index_meta(client, index: str) -> dict[str, Any]:
 
 
 def is_verified(client, index: str) -> bool:
-    return VERIFIED_AT in index_meta(client, index)
+    return conventions.META_VERIFIED_AT in index_meta(client, index)
 
 
 def alias_indices(client, alias: str) -> list[str]:

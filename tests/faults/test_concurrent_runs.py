@@ -30,7 +30,7 @@ from near2_tasks.models import registry
 from near2_tasks.conventions import TAG_GATE
 from near2_tasks.errors import Near2Error
 from near2_tasks.promote.gates import current_champion
-from near2_tasks.serving.index import swap_alias
+from near2_tasks.serving.alias import swap_alias
 from tests.faults.support import alias_indices, alias_target, doc_count, index_meta, index_steps
 
 

@@ -282,7 +282,7 @@ def served_settings(_dedicated_es_session, tiny_model_dir, tmp_path_factory):
     """A served index of 60 products (tiny encoder) on the dedicated Elasticsearch, for the API tests."""
     from near2_tasks.config import load_settings
     from near2_tasks.data.synthetic import generate_catalog
-    from near2_tasks.serving.index import build_verify_swap
+    from near2_tasks.serving.publish import build_verify_swap
     from tests.tiny_model import TINY_DIMS
 
     _dedicated_es_session.ensure_running()

@@ -25,7 +25,7 @@ from near2_tasks.data import step as data_step
 
 from near2_tasks.serving import step as serving_step
 from near2_tasks.errors import Near2Error
-from near2_tasks.serving.index import swap_alias
+from near2_tasks.serving.alias import swap_alias
 from near2_tasks.serving.search import search
 from tests.faults.harness import CannedResponse
 from tests.faults.support import (
