@@ -365,7 +365,7 @@ def test_precision_follows_the_device_and_the_cpu():
 def test_principal_axes_keep_full_cosine_and_order_the_prefix(tmp_path, tiny_model_dir, data):
     from sentence_transformers import SentenceTransformer
 
-    from near2_tasks.train.trainer import load_base_model, product_texts
+    from near2_tasks.train.init import load_base_model, product_texts
 
     examples, _ = data
     texts = product_texts(examples)
@@ -385,7 +385,7 @@ def test_principal_axes_keep_full_cosine_and_order_the_prefix(tmp_path, tiny_mod
 
 
 def test_principal_axes_need_enough_product_texts(tmp_path, tiny_model_dir):
-    from near2_tasks.train.trainer import load_base_model
+    from near2_tasks.train.init import load_base_model
 
     settings = make_settings(tmp_path, tiny_model_dir, training={"prefix_init": "pca"})
     with pytest.raises(Near2Error, match="at least 2 product texts, got 1"):
@@ -401,7 +401,9 @@ def test_mnrl_mini_batch_size_switches_to_the_cached_loss(tmp_path, tiny_model_d
         MultipleNegativesRankingLoss,
     )
 
-    from near2_tasks.train.trainer import RETRIEVAL, hybrid_losses, load_base_model
+    from near2_tasks.train.init import load_base_model
+
+    from near2_tasks.train.objective import RETRIEVAL, hybrid_losses
 
     plain = make_settings(tmp_path, tiny_model_dir)
     cached = make_settings(tmp_path, tiny_model_dir, training={"mnrl_mini_batch_size": 4})

@@ -18,7 +18,7 @@ dimensions (one ``InformationRetrievalEvaluator`` per dimension, with ``truncate
 
 Everything goes into one MLflow run: parameters, per-step losses (total and per objective), per-dimension
 validation metrics (``val_ndcg_at_10_dim_64`` …; binary relevance at ``dataset.relevant_threshold``,
-on a sample of the validation split — the graded full-catalog evaluation is ``evaluate.py``'s job),
+on a sample of the validation split — the graded full-catalog evaluation is the evaluate stage's job),
 system metrics, the data reports, and the model, registered as the new ``challenger``. Only a run that
 trained and logged completely registers a version.
 """
@@ -29,46 +29,28 @@ import json
 import logging
 import os
 import platform
-import random
 import shutil
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from near2_tasks.models import registry
-from near2_tasks.conventions import REPORT_METRICS, metric_key, mlflow_name
+from near2_tasks.conventions import mlflow_name
 from near2_tasks.errors import Near2Error, ServiceUnavailable
+from near2_tasks.train.evaluator import BEST_METRIC, ValidationData, check_validation, nested_evaluator, val_metrics_from, validation_sample
+from near2_tasks.train.init import init_prefixes, load_base_model, product_texts
+from near2_tasks.train.objective import check_examples, hybrid_losses, matryoshka_weights, retrieval_loss_name, training_datasets
 
 if TYPE_CHECKING:
-    import pandas as pd
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
+    from sentence_transformers import SentenceTransformerTrainingArguments
 
     from near2_tasks.config import Settings
 
-    from near2_tasks.train.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
-
-TRIPLET_COLUMNS = ("anchor", "positive", "negative")
-PAIR_COLUMNS = ("sentence1", "sentence2", "label")
-RETRIEVAL, RANKING = "retrieval", "ranking"
-#: What the trainer maximises to pick the checkpoint: the mean over dimensions of validation NDCG@10.
-BEST_METRIC = "eval_sequential_score"
-#: Validation metrics reported per dimension (names as in reports; MLflow gets ``val_<m>_dim_<d>``).
-VAL_METRICS = ("ndcg@10", "mrr@10", "recall@100")
-
-
-class ValidationData(NamedTuple):
-    """What ``examples.ir_eval_data`` returns: the validation split as an IR task."""
-
-    queries: dict[str, str]  # query_id -> query text
-    corpus: dict[str, str]  # product_id -> product text
-    relevant_docs: dict[str, set[str]]  # query_id -> relevant product_ids
 
 
 @dataclass(frozen=True)
@@ -98,53 +80,6 @@ def check_nested_dims(dims: list[int], model_dim: int | None = None) -> None:
         if dims[0] != model_dim:
             raise Near2Error(f"model.dims must start at the model's full dimension {model_dim}, got {dims}",
                              hint=f"put {model_dim} first: the full dimension is always trained and served")
-
-
-def _check_frame(frame: pd.DataFrame | None, columns: tuple[str, ...], what: str) -> None:
-    if frame is None or len(frame) == 0:
-        raise Near2Error(f"no training {what}: the training split is empty or mining found nothing to learn from",
-                         hint="check the judgments (validation report) and examples settings; "
-                              "the train split needs queries with judged positives")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise Near2Error(f"training {what} lack columns {missing}; they have {list(frame.columns)}")
-
-
-def check_examples(examples: Any, cfg: TrainingSettings) -> None:
-    """Each objective with a weight > 0 needs a non-empty frame with its columns."""
-    if cfg.retrieval_weight == 0 and cfg.ranking_weight == 0:
-        raise Near2Error("training.retrieval_weight and training.ranking_weight are both 0: nothing to train",
-                         hint="give at least one objective a positive weight")
-    if cfg.retrieval_weight > 0:
-        _check_frame(getattr(examples, "triplets", None), TRIPLET_COLUMNS, "triplets")
-    if cfg.ranking_weight > 0:
-        _check_frame(getattr(examples, "pairs", None), PAIR_COLUMNS, "pairs")
-        import pandas as pd
-
-        labels = examples.pairs["label"]
-        bad = sorted(set(labels[~pd.to_numeric(labels, errors="coerce").isin([0, 1])].astype(str)))
-        if bad:
-            raise Near2Error(f"pair labels must be 0 or 1, got {bad[:5]}")
-
-
-def check_validation(validation_data: Any) -> ValidationData:
-    try:
-        data = ValidationData(*validation_data)
-    except TypeError as exc:
-        raise Near2Error("validation data must be (queries, corpus, relevant_docs) as ir_eval_data returns") from exc
-    usable = [q for q in data.queries if data.relevant_docs.get(q)]
-    if not usable or not data.corpus:
-        raise Near2Error("the validation split has no query with a relevant product",
-                         hint="more judged queries are needed, or larger examples.split_fractions[1]")
-    return data
-
-
-def matryoshka_weights(settings: Settings) -> list[float]:
-    weights = settings.training.matryoshka_weights or [1.0] * len(settings.model.dims)
-    if len(weights) != len(settings.model.dims):
-        raise Near2Error(f"training.matryoshka_weights has {len(weights)} entries for {len(settings.model.dims)} "
-                         f"dims {settings.model.dims}", hint="give one weight per dimension, in the same order")
-    return list(weights)
 
 
 # ----- the pieces, in the order they are built: model → data → loss → evaluator → trainer ----------
@@ -181,161 +116,6 @@ def pick_precision(precision: str, device: str, native_cpu_bf16: bool | None = N
     if precision == "fp16" and not on_gpu:
         raise Near2Error("training.precision=fp16 needs a GPU", hint="use precision 'auto', 'bf16' or 'fp32' on CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-
-
-def product_texts(examples: Any) -> list[str]:
-    """The distinct product texts of the training examples (positives and negatives), sorted."""
-    texts: set[str] = set()
-    for frame, columns in ((getattr(examples, "triplets", None), ("positive", "negative")),
-                           (getattr(examples, "pairs", None), ("sentence2",))):
-        if frame is not None:
-            for column in columns:
-                if column in frame.columns:
-                    texts.update(frame[column].astype(str))
-    return sorted(texts)
-
-
-def add_principal_axes(model: SentenceTransformer, texts: list[str], sample_size: int, seed: int,
-                       batch_size: int = 128) -> None:
-    """Insert a bias-free linear layer that rotates the pooled embedding onto the catalog's principal axes.
-
-    The rotation is orthogonal, so full-dimension cosine similarities are unchanged; but the first
-    dimensions now carry the most variance, so every Matryoshka prefix starts as the best linear prefix of
-    that size (PCA) instead of an arbitrary slice. It sits after pooling and before normalisation, and is
-    trained with the rest of the model.
-    """
-    import torch
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
-
-    rng = random.Random(seed)
-    sample = texts if len(texts) <= sample_size else rng.sample(texts, sample_size)
-    if len(sample) < 2:
-        raise Near2Error(f"training.prefix_init=pca needs at least 2 product texts, got {len(sample)}",
-                         hint="use prefix_init 'none' for such a small catalog")
-    embeddings = model.encode(sample, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                              show_progress_bar=False).float().cpu()
-    dim = embeddings.shape[1]
-    # full_matrices: a complete orthogonal dim x dim rotation even when there are fewer texts than dims
-    # (the axes beyond the sample's rank are an arbitrary orthonormal completion)
-    _, _, vt = torch.linalg.svd(embeddings - embeddings.mean(dim=0), full_matrices=True)
-    rotation = Dense(dim, dim, bias=False, activation_function=torch.nn.Identity(), init_weight=vt.contiguous())
-    modules = list(model._modules.values())
-    at = next((i for i, m in enumerate(modules) if isinstance(m, Normalize)), len(modules))
-    modules.insert(at, rotation.to(model.device))
-    model._modules.clear()
-    for i, module in enumerate(modules):
-        model._modules[str(i)] = module
-
-
-def load_base_model(settings: Settings, device: str, catalog_texts: list[str] | None = None) -> SentenceTransformer:
-    """The base encoder with the training's max_seq_length; with ``catalog_texts`` and
-    ``training.prefix_init=pca``, also rotated onto those texts' principal axes."""
-    from near2_tasks.models.embeddings import load_encoder, model_dimension
-
-    cfg = settings.training
-    model = load_encoder(settings.model.base_model, device=device)
-    if cfg.max_seq_length:
-        model.max_seq_length = cfg.max_seq_length
-    check_nested_dims(settings.model.dims, model_dimension(model))
-    if catalog_texts is not None:
-        init_prefixes(model, cfg, catalog_texts)
-    return model
-
-
-def init_prefixes(model: SentenceTransformer, cfg: TrainingSettings, catalog_texts: list[str]) -> None:
-    """``training.prefix_init``: with ``pca``, rotate the model onto ``catalog_texts``' principal axes."""
-    if cfg.prefix_init == "pca":
-        add_principal_axes(model, catalog_texts, cfg.pca_sample_size, cfg.seed, cfg.eval_batch_size)
-
-
-def training_datasets(examples: Any, cfg: TrainingSettings) -> dict[str, Dataset]:
-    """``{"retrieval": triplets, "ranking": pairs}`` (objectives with weight 0 left out)."""
-    from datasets import Dataset
-
-    datasets = {}
-    if cfg.retrieval_weight > 0:
-        triplets = examples.triplets[list(TRIPLET_COLUMNS)].astype(str).reset_index(drop=True)
-        datasets[RETRIEVAL] = Dataset.from_pandas(triplets, preserve_index=False)
-    if cfg.ranking_weight > 0:
-        pairs = examples.pairs[list(PAIR_COLUMNS)].reset_index(drop=True)
-        pairs = pairs.astype({"sentence1": str, "sentence2": str, "label": int})
-        datasets[RANKING] = Dataset.from_pandas(pairs, preserve_index=False)
-    return datasets
-
-
-def hybrid_losses(model: SentenceTransformer, settings: Settings) -> dict:
-    """The NEAR² objective: one Matryoshka-wrapped loss per dataset, scaled by the objective weights."""
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedMultipleNegativesRankingLoss,
-        MatryoshkaLoss,
-        MultipleNegativesRankingLoss,
-        OnlineContrastiveLoss,
-    )
-
-    cfg, dims = settings.training, settings.model.dims
-    per_dim = matryoshka_weights(settings)
-    losses = {}
-    if cfg.retrieval_weight > 0:
-        # GradCache: a large batch of in-batch negatives at the memory of a mini-batch
-        mnrl = (CachedMultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale,
-                                                   mini_batch_size=cfg.mnrl_mini_batch_size)
-                if cfg.mnrl_mini_batch_size else MultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale))
-        losses[RETRIEVAL] = MatryoshkaLoss(
-            model, mnrl, dims,
-            matryoshka_weights=[cfg.retrieval_weight * w for w in per_dim])
-    if cfg.ranking_weight > 0:
-        losses[RANKING] = MatryoshkaLoss(
-            model, OnlineContrastiveLoss(model, margin=cfg.contrastive_margin), dims,
-            matryoshka_weights=[cfg.ranking_weight * w for w in per_dim])
-    return losses
-
-
-def validation_sample(data: ValidationData, max_queries: int, corpus_size: int, seed: int) -> ValidationData:
-    """At most ``max_queries`` queries; the corpus keeps every relevant product plus random others.
-
-    Bounded so that validating every ``eval_steps`` stays cheap on a CPU; the full-catalog evaluation
-    of the finished model is evaluate.py's.
-    """
-    rng = random.Random(seed)
-    query_ids = sorted(q for q in data.queries if data.relevant_docs.get(q))
-    if len(query_ids) > max_queries:
-        query_ids = sorted(rng.sample(query_ids, max_queries))
-    relevant = {q: {p for p in data.relevant_docs[q] if p in data.corpus} for q in query_ids}
-    relevant = {q: docs for q, docs in relevant.items() if docs}
-    keep = set().union(*relevant.values()) if relevant else set()
-    others = sorted(set(data.corpus) - keep)
-    keep |= set(rng.sample(others, max(0, min(len(others), corpus_size - len(keep)))))
-    return ValidationData({q: data.queries[q] for q in relevant}, {p: data.corpus[p] for p in sorted(keep)},
-                          relevant)
-
-
-def nested_evaluator(data: ValidationData, dims: list[int], batch_size: int) -> SequentialEvaluator:
-    """One IR evaluator per dimension; the main score is the mean NDCG@10 over the dimensions."""
-    from sentence_transformers.sentence_transformer.evaluation import (
-        InformationRetrievalEvaluator,
-        SequentialEvaluator,
-    )
-
-    evaluators = [
-        InformationRetrievalEvaluator(
-            data.queries, data.corpus, data.relevant_docs, name=f"dim_{dim}", truncate_dim=dim,
-            mrr_at_k=[10], ndcg_at_k=[10], precision_recall_at_k=[10, 100], map_at_k=[100],
-            accuracy_at_k=[1], batch_size=batch_size, write_csv=False, main_score_function="cosine",
-        )
-        for dim in dims
-    ]
-    return SequentialEvaluator(evaluators, main_score_function=lambda scores: sum(scores) / len(scores))
-
-
-def val_metrics_from(evaluation: Mapping[str, float], dims: list[int], prefix: str = "eval_") -> dict[str, float]:
-    """``eval_dim_64_cosine_ndcg@10`` -> ``val_ndcg_at_10_dim_64`` for every reported metric found."""
-    found = {}
-    for dim in dims:
-        for metric in REPORT_METRICS:
-            value = evaluation.get(f"{prefix}dim_{dim}_cosine_{metric}")
-            if value is not None:
-                found[metric_key("val", metric, dim)] = float(value)
-    return found
 
 
 def training_arguments(settings: Settings, checkpoints: Path, device: str, epochs: float | None,
@@ -518,10 +298,6 @@ def run_params(settings: Settings, examples: Any, validation: ValidationData, da
         "val_corpus": len(validation.corpus),
         "git_commit": git_commit,
     }
-
-
-def retrieval_loss_name(cfg: TrainingSettings) -> str:
-    return "CachedMultipleNegativesRankingLoss" if cfg.mnrl_mini_batch_size else "MultipleNegativesRankingLoss"
 
 
 def run_name(dataset_version: str, run_key: str | None = None, now: float | None = None) -> str:
