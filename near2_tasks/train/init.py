@@ -8,7 +8,6 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from near2_tasks.errors import Near2Error
-from near2_tasks.train.trainer import check_nested_dims
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -17,6 +16,25 @@ if TYPE_CHECKING:
     from near2_tasks.train.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
+
+
+def check_nested_dims(dims: list[int], model_dim: int | None = None) -> None:
+    """Dims must be positive, distinct, descending, and start at the model's full dimension."""
+    if not dims or any(d <= 0 for d in dims):
+        raise Near2Error(f"model.dims must be positive dimensions, got {dims}", hint="e.g. [384, 256, 128, 64, 32]")
+    if len(set(dims)) != len(dims):
+        raise Near2Error(f"model.dims {dims} repeat a dimension", hint="list each dimension once")
+    if dims != sorted(dims, reverse=True):
+        raise Near2Error(f"model.dims {dims} are not in descending order",
+                         hint=f"use {sorted(set(dims), reverse=True)} (full dimension first)")
+    if model_dim is not None:
+        too_big = [d for d in dims if d > model_dim]
+        if too_big:
+            raise Near2Error(f"model.dims {too_big} exceed the model's embedding dimension {model_dim}",
+                             hint=f"use dimensions <= {model_dim}")
+        if dims[0] != model_dim:
+            raise Near2Error(f"model.dims must start at the model's full dimension {model_dim}, got {dims}",
+                             hint=f"put {model_dim} first: the full dimension is always trained and served")
 
 
 def product_texts(examples: Any) -> list[str]:

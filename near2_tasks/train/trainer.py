@@ -40,9 +40,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 from near2_tasks.models import registry
 from near2_tasks.conventions import mlflow_name
 from near2_tasks.errors import Near2Error, ServiceUnavailable
-from near2_tasks.train.evaluator import BEST_METRIC, ValidationData, check_validation, nested_evaluator, val_metrics_from, validation_sample
-from near2_tasks.train.init import init_prefixes, load_base_model, product_texts
-from near2_tasks.train.objective import check_examples, hybrid_losses, matryoshka_weights, retrieval_loss_name, training_datasets
+from near2_tasks.train.evaluator import (
+    BEST_METRIC, ValidationData, check_validation, nested_evaluator, val_metrics_from, validation_sample,
+)
+from near2_tasks.train.init import check_nested_dims, init_prefixes, load_base_model, product_texts
+from near2_tasks.train.objective import (
+    check_examples, hybrid_losses, matryoshka_weights, retrieval_loss_name, training_datasets,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformerTrainingArguments
@@ -63,23 +67,6 @@ class TrainResult:
 
 
 # ----- input checks ---------------------------------------------------------------------------
-def check_nested_dims(dims: list[int], model_dim: int | None = None) -> None:
-    """Dims must be positive, distinct, descending, and start at the model's full dimension."""
-    if not dims or any(d <= 0 for d in dims):
-        raise Near2Error(f"model.dims must be positive dimensions, got {dims}", hint="e.g. [384, 256, 128, 64, 32]")
-    if len(set(dims)) != len(dims):
-        raise Near2Error(f"model.dims {dims} repeat a dimension", hint="list each dimension once")
-    if dims != sorted(dims, reverse=True):
-        raise Near2Error(f"model.dims {dims} are not in descending order",
-                         hint=f"use {sorted(set(dims), reverse=True)} (full dimension first)")
-    if model_dim is not None:
-        too_big = [d for d in dims if d > model_dim]
-        if too_big:
-            raise Near2Error(f"model.dims {too_big} exceed the model's embedding dimension {model_dim}",
-                             hint=f"use dimensions <= {model_dim}")
-        if dims[0] != model_dim:
-            raise Near2Error(f"model.dims must start at the model's full dimension {model_dim}, got {dims}",
-                             hint=f"put {model_dim} first: the full dimension is always trained and served")
 
 
 # ----- the pieces, in the order they are built: model → data → loss → evaluator → trainer ----------
