@@ -40,8 +40,8 @@ load generator's (process CPU time / wall), the service's process tree's and Ela
 the machine's 1-minute load average at the end of the level; the cores are shared by all three.
 
 Events: ``swap``: 16 clients while a subprocess builds, verifies and swaps in an index of another model
-(the base MiniLM) on the same catalog, then rolls the alias back (``index.build_verify_swap`` /
-``index.rollback``, as ``tests/test_service.py`` does); the requirement is 0 failed requests and answers
+(the base MiniLM) on the same catalog, then rolls the alias back (``serving.publish.build_verify_swap`` /
+``serving.alias.rollback``, as ``tests/test_service.py`` does); the requirement is 0 failed requests and answers
 from both models. ``restart``: 8 clients while Elasticsearch is stopped and started again
 (``elasticsearch_local``; only a server this script's settings own): while it is down every answer must
 be a 503 with ``Retry-After``; afterwards the same service process answers 200 again. ``soak``: 16 clients
@@ -213,7 +213,7 @@ def es_process(settings):
     """The local Elasticsearch's process (psutil), or None."""
     import psutil
 
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
 
     info = elasticsearch_local.status(settings)
     try:
@@ -402,9 +402,12 @@ def run_levels(args, service: Service, es) -> list[dict]:
 
 def swap_step(step: str) -> None:
     """Run in a child process: build, verify and swap in an index of the base model (``build``), or roll back."""
-    from near2_tasks.config import PACKAGED_MINILM, load_settings
+    from near2_tasks.config import load_settings
     from near2_tasks.data.synthetic import generate_catalog
-    from near2_tasks.index import build_verify_swap, prepare_products, rollback
+    from near2_tasks.models.settings import PACKAGED_MINILM
+    from near2_tasks.serving.alias import rollback
+    from near2_tasks.serving.index import prepare_products
+    from near2_tasks.serving.publish import build_verify_swap
 
     settings = load_settings()
     if step == "build":
@@ -415,7 +418,7 @@ def swap_step(step: str) -> None:
         print(json.dumps({"built": built.index.name}), flush=True)
     else:
         moved = rollback(settings)
-        from near2_tasks.es_client import make_client
+        from near2_tasks.serving.es_client import make_client
 
         make_client(settings).indices.delete(index=moved[0])  # the benchmark's index; the demo's is served again
         print(json.dumps({"rolled_back": moved, "deleted": moved[0]}), flush=True)
@@ -462,7 +465,7 @@ def run_swap(args, service: Service, es) -> dict:
 
 
 def run_restart(args, service: Service, es_settings) -> dict:
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
 
     mix = QueryMix("zipf", seed=args.seed + 2)
     marks: dict[str, float] = {}
@@ -582,7 +585,7 @@ def main() -> None:
     args.mixes = args.mixes.split(",")
     extra_env = dict(item.split("=", 1) for item in args.env)
 
-    from near2_tasks import elasticsearch_local
+    from near2_tasks.serving import elasticsearch_local
     from near2_tasks.config import load_settings
 
     settings = load_settings()

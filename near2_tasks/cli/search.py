@@ -77,7 +77,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
     config_file = ctx.find_root().obj.get("config_file")
     if config_file:
         os.environ["NEAR2_CONFIG"] = str(config_file)
-    uvicorn.run("near2_tasks.service:app_from_settings", factory=True, workers=workers, **options)
+    uvicorn.run("near2_tasks.serving.service:app_from_settings", factory=True, workers=workers, **options)
 
 
 COMMANDS = [search_command, serve]
