@@ -4,9 +4,9 @@
     export NEAR2_HOME=$PWD/.near2 NEAR2_ELASTICSEARCH__URL=http://127.0.0.1:9256 NEAR2_LOCAL_ELASTICSEARCH__PORT=9256
     near2 es start && near2 demo
     # client levels, both query mixes, for one service configuration (its NEAR2_* settings via --env)
-    .venv/bin/python bench/load_benchmark.py levels --label baseline --out bench/results/load_baseline.json
-    .venv/bin/python bench/load_benchmark.py levels --label cache-w2 --workers 2 \\
-        --env NEAR2_SERVING__QUERY_CACHE_SIZE=4096 --out bench/results/load_cache_w2.json
+    .venv/bin/python bench/load_benchmark.py levels --label defaults --out bench/results/load_defaults.json
+    .venv/bin/python bench/load_benchmark.py levels --label no-cache-w1 --workers 1 \\
+        --env NEAR2_SERVING__QUERY_CACHE_SIZE=0 --out bench/results/load_no_cache_w1.json
     # events under load: an alias swap to another model and back, an Elasticsearch restart, a soak
     .venv/bin/python bench/load_benchmark.py swap restart --out bench/results/load_events.json
     .venv/bin/python bench/load_benchmark.py soak --soak-s 600 --out bench/results/load_soak.json
@@ -30,7 +30,8 @@ its queries repeat the way storefront queries do, "saw" 219 times out of 20,000)
 
 Each mix runs on a freshly started service; its levels (1, 8, 16, 32 clients) follow one another on it.
 With ``--rate R`` each level is paced at R requests/s in total (latency from the scheduled send time);
-without it, a closed loop (each client sends again as soon as it has its answer). Per level: requests, errors (anything but 200, or no answer), QPS, p50/p90/p99/max of the client's latency
+without it, a closed loop (each client sends again as soon as it has its answer). Per level: requests,
+errors (anything but 200, or no answer), QPS, p50/p90/p99/max of the client's latency
 (request sent -> body read), and where the time goes, as medians of the ``Server-Timing`` header:
 ``encode`` (query encoding, ~0 on a cache hit), ``search`` (Elasticsearch round trip(s) from the service)
 with ``es`` (Elasticsearch's own ``took``), ``handler`` (the search as a whole), ``app`` (request in ->
@@ -144,7 +145,7 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Service:
     """``near2 serve`` in its own process group; CPU and RSS of its process tree through psutil."""
 
-    def __init__(self, port: int, workers: int, env: dict[str, str], log_path: Path, code: Path = REPO) -> None:
+    def __init__(self, port: int, workers: int | None, env: dict[str, str], log_path: Path, code: Path = REPO) -> None:
         self.port, self.workers, self.env, self.log_path, self.code = port, workers, env, log_path, code
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
@@ -154,7 +155,7 @@ class Service:
             raise SystemExit(f"something already answers on {self.url}")
         env = {**os.environ, "PYTHONPATH": str(self.code), **self.env}
         command = [sys.executable, "-c", "from near2_tasks.cli import main; main()", "serve", "--port", str(self.port)]
-        if self.workers > 1:
+        if self.workers is not None:  # None: serving.workers (and code older than --workers)
             command += ["--workers", str(self.workers)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
@@ -164,7 +165,7 @@ class Service:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise SystemExit(f"near2 serve exited with {self.process.returncode}; log: {self.log_path}")
-            if _get(self.url + "/health", timeout=2)[0] == 200 and len(self.tree()) >= self.workers:
+            if _get(self.url + "/health", timeout=2)[0] == 200 and len(self.tree()) >= (self.workers or 1):
                 return
             time.sleep(0.5)
         raise SystemExit(f"near2 serve did not become healthy in {timeout_s:.0f} s; log: {self.log_path}")
@@ -391,7 +392,8 @@ def run_levels(args, service: Service, es) -> list[dict]:
                 records, wall = asyncio.run(drive(service.url, clients, mix.next, duration_s=args.level_s,
                                                   max_requests=args.max_requests, client_kind=args.client,
                                                   rate=args.rate))
-            row = {"mix": mix_name, "clients": clients, "target_qps": args.rate or None, **summarise(records, wall), **meter.result,
+            row = {"mix": mix_name, "clients": clients, "target_qps": args.rate or None, **summarise(records, wall),
+                   **meter.result,
                    "repeated_texts": mix.repeats - repeats_before, "new_texts": len(mix.seen) - seen_before}
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("mix", "clients", "requests", "errors", "qps", "p50_ms", "p99_ms",
@@ -556,7 +558,7 @@ def main() -> None:
     parser.add_argument("--swap-step", choices=["build", "rollback"], help=argparse.SUPPRESS)
     parser.add_argument("--label", default="default", help="name of the service configuration")
     parser.add_argument("--port", type=int, default=8256)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="near2 serve --workers (default: serving.workers)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (NEAR2_SERVING__...)")
     parser.add_argument("--service-code", type=Path, default=REPO,
                         help="where the served near2_tasks comes from (e.g. an older commit's export, for a before/after)")
@@ -597,7 +599,9 @@ def main() -> None:
                       settings.home / "bench" / f"load-serve-{args.label}.log", code=args.service_code)
     import psutil
 
-    result = {"label": args.label, "rate": args.rate, "workers": args.workers, "service_code": str(args.service_code), "env": extra_env, "client": args.client,
+    result = {"label": args.label, "rate": args.rate,
+              "workers": args.workers or f"serving.workers ({settings.serving.workers} here)",
+              "service_code": str(args.service_code), "env": extra_env, "client": args.client,
               "es_version": elasticsearch_local.server_version(url), "es_url": url,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "memory_gib": round(psutil.virtual_memory().total / 2 ** 30, 1)},
@@ -620,7 +624,8 @@ def main() -> None:
                 print(json.dumps(result["restart"]))
             elif scenario == "soak":
                 result["soak"] = run_soak(args, service, es)
-                print(json.dumps({k: result["soak"][k] for k in ("requests", "errors", "qps", "p99_ms", "rss_summary")}))
+                print(json.dumps({k: result["soak"][k]
+                                  for k in ("requests", "errors", "qps", "p99_ms", "rss_summary")}))
             else:
                 raise SystemExit(f"unknown scenario {scenario!r}")
     finally:

@@ -13,7 +13,8 @@ The same logic as :func:`near2_tasks.serving.search.search`, behind a thin layer
 Every response carries a ``Server-Timing`` header: ``app`` is the time from the request reaching the app to
 its response starting (validation, search, serialisation); ``/search`` adds its ``encode``, ``search`` (the
 Elasticsearch round trips), ``es`` (Elasticsearch's own ``took``) and ``handler`` (the search as a whole),
-the numbers of ``timings_ms``, and ``qcache;desc=hit|miss`` when ``serving.query_cache_size`` is on. A client's latency minus ``app`` is HTTP and transport time
+the numbers of ``timings_ms``, and ``qcache;desc=hit|miss`` when ``serving.query_cache_size`` is on. A
+client's latency minus ``app`` is HTTP and transport time
 (``bench/load_benchmark.py`` splits a request's time this way).
 
 Run it with ``near2 serve`` (uvicorn), or ``create_app(settings)`` in any ASGI server.
