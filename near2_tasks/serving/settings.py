@@ -197,7 +197,7 @@ class ServingSettings(Section):
         1, ge=0, description="Retry-After (seconds) of a 503 while the search backend is unavailable.")
     workers: int = Field(
         2, ge=1, description="`near2 serve` worker processes (uvicorn), each with its own encoder and query cache. "
-                             "2 on 2 cores, 16 clients: 396 -> 499 QPS (Zipf-like mix), 200 -> 245 (no repeats).")
+                             "2 on 2 cores, 16 clients, Zipf-like mix: 396 -> 499 QPS (BENCHMARKS.md).")
     access_log: bool = Field(
         True, description="`near2 serve` logs one line per request (off: within noise at 16 clients, BENCHMARKS.md).")
     host: str = "127.0.0.1"
