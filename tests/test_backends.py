@@ -73,6 +73,22 @@ def test_batching_keeps_input_order(tiny_exports, catalog_texts):
     assert encoder.encode_normalized([]).shape == (0, model_dimension(encoder))
 
 
+@pytest.mark.parametrize("variant", ["onnx", "openvino"])
+def test_one_encoder_serves_concurrent_threads(variant, tiny_exports, catalog_texts):
+    """The search service encodes from its threadpool with one shared encoder: queries encoded by 8
+    threads at once get exactly the vectors they get one at a time (an OpenVINO infer request shared
+    between threads failed, or could hand one query another's output buffer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    encoder = load_artifact(tiny_exports[variant], threads=1, precision="fp32")
+    texts = catalog_texts[:60] * 5
+    alone = {text: encoder.encode_normalized([text])[0] for text in set(texts)}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(lambda text: encoder.encode_normalized([text])[0], texts))
+    for text, vector in zip(texts, together):
+        np.testing.assert_allclose(vector, alone[text], atol=1e-6)
+
+
 def test_cache_keeps_backend_vectors_apart_from_fp32(tiny_model, tiny_exports, catalog_texts, tmp_path):
     texts = catalog_texts[:20]
     int8 = load_artifact(tiny_exports["onnx-int8"])

@@ -123,15 +123,52 @@ def test_service_errors_reveal_no_hostnames_or_traces(served):
         assert response.status_code == 503 and response.json()["error"] == "no product index is being served yet"
 
 
+def test_a_backend_outage_is_a_503_with_retry_after_and_the_service_recovers(served, es_url):
+    """Elasticsearch stops answering (a proxy in front of the shared test server drops every connection;
+    the server itself is never stopped): searches and /health answer 503 with Retry-After; once it
+    answers again, the same app serves 200 without a restart."""
+    from tests.faults.harness import DROP, FaultyProxy
+
+    settings, products, index = served
+    proxy = FaultyProxy(es_url)
+    try:
+        via_proxy = with_sections(settings, elasticsearch={"url": proxy.url, "max_retries": 0, "request_timeout": 10})
+        with TestClient(create_app(via_proxy), raise_server_exceptions=False) as client:
+            assert client.get("/search", params={"q": products.title[1], "k": 3}).status_code == 200
+            proxy.rule = lambda request: DROP
+            for path in ("/search?q=drill", "/health"):
+                down = client.get(path)
+                assert down.status_code == 503 and down.headers["retry-after"] == str(settings.serving.retry_after_s)
+            assert down.json()["status"] == "unavailable"
+            assert proxy.answered["dropped"] >= 2
+            proxy.rule = None
+            back = client.get("/search", params={"q": products.title[1], "k": 3})
+            assert back.status_code == 200 and back.json()["index"] == index
+            assert back.json()["hits"][0]["product_id"] == products.product_id[1]
+            assert client.get("/health").json()["status"] == "ok"
+    finally:
+        proxy.close()
+
+
 def test_service_follows_an_alias_move_to_a_new_model(tiny_settings, tiny_model_dir, second_tiny_model_dir):
     settings = serving_settings(tiny_settings)
     products = titled_catalog(50)
     build_verify_swap(settings, str(tiny_model_dir), products, model_version=1)
     with TestClient(create_app(settings)) as client:
-        first = client.get("/search", params={"q": products.title[2], "k": 3}).json()
-        assert first["model_version"] == "1"
+        def search() -> tuple[dict, str]:
+            response = client.get("/search", params={"q": products.title[2], "k": 3})
+            return response.json(), response.headers["server-timing"]
+
+        first, timing = search()
+        assert first["model_version"] == "1" and "qcache;desc=miss" in timing
+        again, timing = search()  # the query vector is cached: same answer, no encoding
+        assert "qcache;desc=hit" in timing and again["hits"] == first["hits"]
+        assert {"encode;dur=", "search;dur=", "es;dur=", "handler;dur=", "app;dur="} <= {
+            part.split("=")[0].strip() + "=" for part in timing.split(",") if "dur=" in part}
         moved = build_verify_swap(settings, str(second_tiny_model_dir), products, model_version=2)
-        second = client.get("/search", params={"q": products.title[2], "k": 3}).json()
+        second, timing = search()
+        # the cache is keyed by the model too: the new model encodes the query again (invariant 3)
+        assert "qcache;desc=miss" in timing
         assert second["model_version"] == "2" and second["index"] == moved.index.name
         assert second["hits"][0]["product_id"] == products.product_id[2]
         assert client.get("/health").json()["model_version"] == "2"

@@ -53,19 +53,31 @@ def search_command(ctx: click.Context, query, k, dim, mode, fusion, category, br
 @click.command("serve")
 @click.option("--host", help="Bind address (default: serving.host, 127.0.0.1).")
 @click.option("--port", type=int, help="Port (default: serving.port, 8000).")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: serving.workers).")
 @click.pass_context
-def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+def serve(ctx: click.Context, host: str | None, port: int | None, workers: int | None) -> None:
     """Run the storefront search API (OpenAPI docs at /docs)."""
+    import os
+
     import uvicorn
 
     from near2_tasks.serving.service import create_app
 
     settings = settings_from(ctx)
-    app = create_app(settings)
-    uvicorn.run(app, host=host or settings.serving.host, port=port or settings.serving.port,
-                # bounded work per connection: header size, concurrency, keep-alive
-                h11_max_incomplete_event_size=settings.serving.max_request_bytes * 2,
-                limit_concurrency=64, timeout_keep_alive=5, server_header=False, log_level="info")
+    workers = workers or settings.serving.workers
+    options = dict(host=host or settings.serving.host, port=port or settings.serving.port,
+                   # bounded work per connection: header size, concurrency, keep-alive
+                   h11_max_incomplete_event_size=settings.serving.max_request_bytes * 2,
+                   limit_concurrency=64, timeout_keep_alive=5, server_header=False, log_level="info",
+                   access_log=settings.serving.access_log)
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    # each worker process builds its app from the same configuration (file and NEAR2_* variables)
+    config_file = ctx.find_root().obj.get("config_file")
+    if config_file:
+        os.environ["NEAR2_CONFIG"] = str(config_file)
+    uvicorn.run("near2_tasks.serving.service:app_from_settings", factory=True, workers=workers, **options)
 
 
 COMMANDS = [search_command, serve]

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,9 @@ class ExportedEncoder:
         self.max_seq_length: int = self.meta["max_seq_length"]
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.directory / "tokenizer"))
         self.pad_id = self.tokenizer.pad_token_id or 0
+        # the search service encodes from several threads at once: a fast tokenizer called with truncation
+        # settings is not safe to share between concurrent calls (it may raise "Already borrowed")
+        self._tokenizer_lock = threading.Lock()
 
     def get_embedding_dimension(self) -> int:
         return int(self.meta["dimension"])
@@ -308,8 +312,9 @@ class ExportedEncoder:
         out = np.zeros((len(texts), self.get_embedding_dimension()), dtype=np.float32)
         if not texts:
             return out
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length,
-                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        with self._tokenizer_lock:
+            ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length,
+                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         order = np.argsort([len(row) for row in ids], kind="stable")
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -355,13 +360,20 @@ class OpenVinoEncoder(ExportedEncoder):
         self.precision = "bf16" if compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "fp32"
         if self.precision == "bf16":
             self.variant += "-bf16"
-        self.request = compiled.create_infer_request()
+        self.compiled = compiled
+        self._requests = threading.local()
         self.output = compiled.outputs[0]
         self.input_names = {name for port in compiled.inputs for name in port.get_names()}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        result = self.request.infer({k: v for k, v in feeds.items() if k in self.input_names})
-        return np.asarray(result[self.output])
+        # one infer request per thread: a request is not safe to share between concurrent infer() calls (the
+        # search service's threadpool did, and one in ~2,400 queries at 8 clients failed with "array is too
+        # big"), and its output buffer is overwritten by the next call on it, so the result is copied out
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
+        result = request.infer({k: v for k, v in feeds.items() if k in self.input_names})
+        return np.array(result[self.output], copy=True)
 
 
 def load_artifact(directory: Path, threads: int | None = None, precision: str = "auto") -> ExportedEncoder:

@@ -158,6 +158,8 @@ class SearchResponse:
     shortlist_size: int | None = None
     #: mode=hybrid only: fusion, rrf_k or weight (and where the weight came from), per-side hit counts
     hybrid: dict[str, Any] | None = None
+    #: whether the query vector came from the searcher's cache (None: ``serving.query_cache_size`` is 0)
+    query_cached: bool | None = None
 
     def to_dict(self, include_model_uri: bool = True) -> dict[str, Any]:
         data = asdict(self)
@@ -281,6 +283,11 @@ class Searcher:
         self._serving: ServingIndex | None = None
         self._checked_at = -math.inf
         self._lock = threading.Lock()
+        #: (model URI, query text) -> the full-dimension query vector (``serving.query_cache_size``)
+        self._vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._vectors_lock = threading.Lock()
+        self.query_cache_hits = 0
+        self.query_cache_misses = 0
 
     # ----- what is served ------------------------------------------------------------------
     def serving_index(self, refresh: bool = False) -> ServingIndex:
@@ -337,6 +344,34 @@ class Searcher:
 
     def encoder(self, serving: ServingIndex) -> SentenceTransformer:
         return encoder_for(self.settings, serving.model_uri)
+
+    def query_vector(self, served: ServingIndex, query: str) -> tuple[np.ndarray, bool]:
+        """(the full-dimension vector of ``query`` by the model of ``served``, whether it came from the
+        cache). The cache is keyed by the model URI too, so an alias move to another model never reuses a
+        vector of the old one (invariant 3); its vectors are read-only."""
+        from near2_tasks.models.embeddings import encode
+
+        size = self.settings.serving.query_cache_size
+        key = (served.model_uri, query)
+        if size:
+            with self._vectors_lock:
+                vector = self._vectors.get(key)
+                if vector is not None:
+                    self._vectors.move_to_end(key)
+                    self.query_cache_hits += 1
+                    return vector, True
+        model = self.encoder(served)
+        with torch_threads(self.settings.serving.encode_threads):
+            vector = np.asarray(encode(model, [query], batch_size=1)[0])
+        if size:
+            vector.flags.writeable = False
+            with self._vectors_lock:
+                self.query_cache_misses += 1
+                self._vectors[key] = vector
+                self._vectors.move_to_end(key)
+                while len(self._vectors) > size:
+                    self._vectors.popitem(last=False)
+        return vector, False
 
     # ----- search ----------------------------------------------------------------------------
     def search(self, query: str, k: int = 10, dim: int | None = None, mode: Mode | None = None,
@@ -415,14 +450,11 @@ class Searcher:
 
     def _search(self, served: ServingIndex, query: str, k: int, dim: int | None, mode: str,
                 filters: SearchFilters, num_candidates: int, fusion: str = "rrf") -> SearchResponse:
-        from near2_tasks.models.embeddings import encode
-
         dim, shortlist_dim = self.pick_dims(served, dim, mode)
         began = time.perf_counter()
-        model = self.encoder(served)
+        self.encoder(served)
         loaded = time.perf_counter()
-        with torch_threads(self.settings.serving.encode_threads):
-            full = encode(model, [query], batch_size=1)[0]
+        full, cached = self.query_vector(served, query)
         encoded = time.perf_counter()
         if mode == "hybrid":
             retrieved = self.retrieve_hybrid(served, query, full, k, dim, shortlist_dim, filters.clauses(),
@@ -436,7 +468,8 @@ class Searcher:
             query=query, k=k, dim=dim, mode=mode, index=served.name, model_name=served.model_name,
             model_version=served.model_version, model_uri=served.model_uri, hits=retrieved.hits,
             timings_ms=timings, filters=filters.active(), shortlist_dim=shortlist_dim,
-            shortlist_size=retrieved.shortlist_size, hybrid=retrieved.hybrid)
+            shortlist_size=retrieved.shortlist_size, hybrid=retrieved.hybrid,
+            query_cached=cached if self.settings.serving.query_cache_size else None)
 
     def retrieve(self, served: ServingIndex, full_vector, k: int, dim: int, shortlist_dim: int | None = None,
                  clauses: list[dict[str, Any]] | None = None, num_candidates: int = 100) -> Retrieved:

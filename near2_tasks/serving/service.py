@@ -6,8 +6,16 @@ The same logic as :func:`near2_tasks.serving.search.search`, behind a thin layer
 
 * bad input -> 4xx with a one-line message (400 for what the search rejects, 422 for wrong types and
   bounds, 413/414 for oversized bodies/URLs); unknown or repeated query parameters are rejected;
-* backend failures -> 503 with a generic message; anything unexpected -> 500 "internal error".
-  Responses never carry stack traces, hostnames or local paths (details go to the server log).
+* backend failures -> 503 with a generic message and ``Retry-After`` (``serving.retry_after_s``);
+  anything unexpected -> 500 "internal error". Responses never carry stack traces, hostnames or local
+  paths (details go to the server log).
+
+Every response carries a ``Server-Timing`` header: ``app`` is the time from the request reaching the app to
+its response starting (validation, search, serialisation); ``/search`` adds its ``encode``, ``search`` (the
+Elasticsearch round trips), ``es`` (Elasticsearch's own ``took``) and ``handler`` (the search as a whole),
+the numbers of ``timings_ms``, and ``qcache;desc=hit|miss`` when ``serving.query_cache_size`` is on. A
+client's latency minus ``app`` is HTTP and transport time
+(``bench/load_benchmark.py`` splits a request's time this way).
 
 Run it with ``near2 serve`` (uvicorn), or ``create_app(settings)`` in any ASGI server.
 """
@@ -15,13 +23,14 @@ Run it with ``near2 serve`` (uvicorn), or ``create_app(settings)`` in any ASGI s
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
@@ -123,18 +132,58 @@ class HealthOut(BaseModel):
     error: str | None = None
 
 
-def _error(status: int, message: str, hint: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=ErrorOut(error=message, hint=hint).model_dump(exclude_none=True))
+def _error(status: int, message: str, hint: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=ErrorOut(error=message, hint=hint).model_dump(exclude_none=True),
+                        headers=headers)
 
 
-def _backend_error(exc: Exception) -> JSONResponse:
-    """503 without internals: the full reason (URL, path) only goes to the log."""
+def _backend_error(exc: Exception, retry_after_s: int) -> JSONResponse:
+    """503 without internals, with ``Retry-After``: the full reason (URL, path) only goes to the log."""
     log.warning("search backend failure: %s", exc)
+    retry = {"Retry-After": str(retry_after_s)}
     if isinstance(exc, NoServingIndex):
-        return _error(503, "no product index is being served yet")
+        return _error(503, "no product index is being served yet", headers=retry)
     if isinstance(exc, ServiceUnavailable):
-        return _error(503, "the search backend is unavailable; try again shortly")
-    return _error(503, "search is temporarily unavailable")
+        return _error(503, "the search backend is unavailable; try again shortly", headers=retry)
+    return _error(503, "search is temporarily unavailable", headers=retry)
+
+
+def server_timing(timings_ms: dict[str, float], query_cached: bool | None = None) -> str:
+    """``Server-Timing`` entries of a search's ``timings_ms`` (encode, search, es, handler), and whether
+    its query vector came from the cache (``qcache;desc=hit|miss``, when the cache is on)."""
+    names = (("encode", "encode"), ("search", "search"), ("es_took", "es"), ("total", "handler"))
+    entries = [f"{name};dur={timings_ms[key]:.3f}" for key, name in names if key in timings_ms]
+    if query_cached is not None:
+        entries.append(f"qcache;desc={'hit' if query_cached else 'miss'}")
+    return ", ".join(entries)
+
+
+class ServerTiming:
+    """ASGI middleware: appends ``app;dur=<ms>`` (request in -> response start) to ``Server-Timing``."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+
+        async def timed_send(message) -> None:
+            if message["type"] == "http.response.start":
+                app_ms = f"app;dur={(time.perf_counter() - began) * 1000:.3f}".encode()
+                headers = list(message.get("headers") or [])
+                for i, (name, value) in enumerate(headers):
+                    if name.lower() == b"server-timing":
+                        headers[i] = (name, value + b", " + app_ms)
+                        break
+                else:
+                    headers.append((b"server-timing", app_ms))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
 
 
 class RequestSizeLimit:
@@ -208,6 +257,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
         version="1",
     )
     app.add_middleware(RequestSizeLimit, max_bytes=limits.max_request_bytes)
+    app.add_middleware(ServerTiming)
     app.state.searcher = searcher or Searcher(settings)
 
     @app.exception_handler(RequestValidationError)
@@ -222,7 +272,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
 
     @app.exception_handler(Near2Error)
     async def _near2_error(request: Request, exc: Near2Error) -> JSONResponse:
-        return _backend_error(exc)
+        return _backend_error(exc, limits.retry_after_s)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -238,6 +288,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     @app.get("/search", response_model=SearchOut, responses=error_responses, summary="Search products")
     def search_products(
         request: Request,
+        response_headers: Response,
         q: str = Query(..., min_length=1, max_length=limits.max_query_chars, description="The shopper's query."),
         k: int = Query(10, ge=1, le=limits.k_max, description="How many products to return."),
         dim: int | None = Query(None, description="Embedding dimension; one the index serves (see /health)."),
@@ -264,6 +315,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
         filters = {"category": category, "brand": brand, "price_min": price_min, "price_max": price_max}
         response = app.state.searcher.search(q, k=k, dim=dim, mode=mode, filters=filters,
                                              num_candidates=num_candidates, fusion=fusion)
+        response_headers.headers["Server-Timing"] = server_timing(response.timings_ms, response.query_cached)
         return response.to_dict(include_model_uri=False)
 
     @app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}}, summary="Readiness")
@@ -276,7 +328,8 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
             reason = "no product index is being served yet" if isinstance(exc, NoServingIndex) \
                 else "the search backend is unavailable"
             return JSONResponse(status_code=503, content=HealthOut(
-                status="unavailable", alias=alias, error=reason).model_dump())
+                status="unavailable", alias=alias, error=reason).model_dump(),
+                headers={"Retry-After": str(limits.retry_after_s)})
         return HealthOut(status="ok", alias=alias, index=served.name, model_name=served.model_name,
                          model_version=served.model_version, dims=served.dims)
 
@@ -303,3 +356,8 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def app_from_settings() -> FastAPI:
+    """``create_app(load_settings())``: the factory each worker of ``near2 serve --workers N`` calls."""
+    return create_app(load_settings())

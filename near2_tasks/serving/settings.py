@@ -189,6 +189,17 @@ class ServingSettings(Section):
         1, ge=1, description="torch threads while encoding one query (1: no thread hand-off, concurrent "
         "requests use the other cores; None: torch's default)."
     )
+    query_cache_size: int = Field(
+        4096, ge=0, description="Query vectors kept per searcher (LRU keyed by model URI and query text; storefront "
+                                "traffic repeats its head queries); 0: every query is encoded. Zipf-like mix, 16 "
+                                "clients, 1 worker: 204 -> 396 QPS (BENCHMARKS.md, Storefront capacity).")
+    retry_after_s: int = Field(
+        1, ge=0, description="Retry-After (seconds) of a 503 while the search backend is unavailable.")
+    workers: int = Field(
+        2, ge=1, description="`near2 serve` worker processes (uvicorn), each with its own encoder and query cache. "
+                             "2 on 2 cores, 16 clients, Zipf-like mix: 396 -> 499 QPS (BENCHMARKS.md).")
+    access_log: bool = Field(
+        True, description="`near2 serve` logs one line per request (off: within noise at 16 clients, BENCHMARKS.md).")
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
 
