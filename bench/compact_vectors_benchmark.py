@@ -51,7 +51,8 @@ from serving_benchmark import (  # noqa: E402
 
 from near2_tasks import conventions  # noqa: E402
 from near2_tasks.serving.compact import binary_codes, catalog_centre, to_hex  # noqa: E402
-from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
+from near2_tasks.config import load_settings  # noqa: E402
+from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
 from near2_tasks.train.examples import configured_splits  # noqa: E402
 from near2_tasks.serving.index import build_index  # noqa: E402

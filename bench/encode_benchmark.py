@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from near2_tasks.models.backends import BackendSpec, cpu_threads, export_artifact, load_artifact  # noqa: E402
-from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
+from near2_tasks.config import load_settings  # noqa: E402
+from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
 
 BASELINE = "torch fp32 b64"

@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from near2_tasks import conventions  # noqa: E402
-from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
+from near2_tasks.config import load_settings  # noqa: E402
+from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
 from near2_tasks.serving.index import build_index  # noqa: E402
 from near2_tasks.evaluate.metrics import Qrels, mean_over, ndcg_at  # noqa: E402
