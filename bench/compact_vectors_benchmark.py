@@ -25,6 +25,8 @@ Memory accounting of a funnel: the shortlist field is what every query scans (RA
 are only read for N documents per query, so they count as disk (plus whatever page cache the hot ones
 take), not as vector-index memory. The tables list both.
 
+Rankings are scored by the evaluation entry point (``near2_tasks.evaluate.retrieval``: qrels from the
+judgments, the relevance floor and threshold from the dataset settings, exact search by ``rank_whole_catalog``).
 Indices are force-merged to one segment and deleted afterwards (``--keep`` keeps them). The Home Depot
 data is research-only: it is read from ``--data-dir``, never copied.
 """
@@ -46,16 +48,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench_retrieval import ndcg  # noqa: E402
 from serving_benchmark import (  # noqa: E402
-    add_common_arguments, bytes_per_vector, exact_top_k, load_homedepot, percentile_ms, ram_estimate)
+    add_common_arguments, bytes_per_vector, load_homedepot, percentile_ms, ram_estimate)
 
 from near2_tasks import conventions  # noqa: E402
 from near2_tasks.serving.compact import binary_codes, catalog_centre, to_hex  # noqa: E402
-from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
+from near2_tasks.config import load_settings  # noqa: E402
+from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
 from near2_tasks.train.examples import configured_splits  # noqa: E402
 from near2_tasks.serving.index import build_index  # noqa: E402
-from near2_tasks.evaluate.metrics import Qrels, mean_over, ndcg_at  # noqa: E402
+from near2_tasks.evaluate.evaluation import EvaluationData, prepare_data  # noqa: E402
+from near2_tasks.evaluate.retrieval import overlap_at, rank_whole_catalog, rows_of  # noqa: E402
 
 log = logging.getLogger("compact_vectors")
 
@@ -106,16 +111,9 @@ def model_and_vectors(args, titles: list[str]) -> tuple[Any, str, str, np.ndarra
     return model, ref, label, vectors
 
 
-def test_queries(judgments: pd.DataFrame, products: pd.DataFrame) -> tuple[pd.DataFrame, Qrels]:
-    settings = load_settings()
-    test = configured_splits(settings, judgments).test
-    row_of = {pid: i for i, pid in enumerate(products.product_id)}
-    test = test[test.product_id.isin(row_of)]
-    queries = test.drop_duplicates("query_id")[["query_id", "query"]].reset_index(drop=True)
-    number = {qid: i for i, qid in enumerate(queries.query_id)}
-    qrels = Qrels.from_pairs(test.query_id.map(number).to_numpy(), test.product_id.map(row_of).to_numpy(),
-                             test.relevance.to_numpy(), len(queries), len(products))
-    return queries, qrels
+def test_queries(settings, judgments: pd.DataFrame, products: pd.DataFrame) -> EvaluationData:
+    """The test-split queries and their judgments on ``products`` (the pipeline's split)."""
+    return prepare_data(products, configured_splits(settings, judgments).test, settings.dataset.text_template)
 
 
 # ----- indices ------------------------------------------------------------------------------------------
@@ -180,13 +178,6 @@ class Config:
         return [hit["_id"] for hit in response["hits"]["hits"]], time.perf_counter() - began
 
 
-def ndcg_of(ids: list[list[str]], row_of: dict[str, int], qrels: Qrels) -> float:
-    ranking = np.full((len(ids), K), -1, dtype=np.int64)
-    for i, got in enumerate(ids):
-        ranking[i, :min(K, len(got))] = [row_of[p] for p in got[:K]]
-    return float(mean_over(ndcg_at(qrels.ranked_relevance(ranking), qrels, 1.0, K)))
-
-
 def run_interleaved(functions: list, vectors: np.ndarray) -> list[tuple[list[list[str]], list[float]]]:
     """Each function on every query, rotating the order query by query (background load hits all alike)."""
     for function in functions:  # warm-up: graphs and vectors into the page cache
@@ -238,14 +229,13 @@ def run(args: argparse.Namespace) -> None:
         products, titles = products.head(args.limit), titles[:args.limit]
         judgments = judgments[judgments.product_id.isin(set(products.product_id))]
     model, model_ref, label, doc_vectors = model_and_vectors(args, titles)
-    queries, qrels = test_queries(judgments, products)
-    query_vectors = encode(model, queries["query"].tolist(), batch_size=64)
-    row_of = {pid: i for i, pid in enumerate(products.product_id)}
+    data = test_queries(settings, judgments, products)
+    query_vectors = encode(model, data.query_texts, batch_size=64)
     centre = {d: catalog_centre(doc_vectors, d) for d in BIT_DIMS}  # per dimension, as the index stores it
     types = args.types.split(",")
-    log.info("%s: %d products, %d test queries, types %s", label, len(products), len(queries), types)
+    log.info("%s: %d products, %d test queries, types %s", label, len(products), len(data.query_texts), types)
 
-    results: dict[str, Any] = {"model": label, "products": len(products), "test_queries": len(queries),
+    results: dict[str, Any] = {"model": label, "products": len(products), "test_queries": len(data.query_texts),
                                "knn": [], "funnel": []}
     built: list[str] = []
     configs: list[Config] = []
@@ -271,26 +261,24 @@ def run(args: argparse.Namespace) -> None:
                 meta[config.label] = {"type": kind, "dim": d, "disk_bytes_per_vector": disk[d],
                                       "ram_bytes_per_vector": ram, "index_store_mib": round(store / 2**20, 1)}
 
-        exact = {d: exact_top_k(doc_vectors, query_vectors, d, K) for d in DIMS}
+        exact = {d: rank_whole_catalog(query_vectors, doc_vectors, d, K) for d in DIMS}
         runs = run_interleaved([lambda v, c=c: c.knn(client, v, K, NUM_CANDIDATES) for c in configs], query_vectors)
         for config, (ids, seconds) in zip(configs, runs):
-            truth = exact[config.dim]
-            recall = np.mean([len({row_of[p] for p in got} & set(truth[i].tolist())) / K for i, got in enumerate(ids)])
+            recall = overlap_at(rows_of(data, ids, K), exact[config.dim], K)
             info = meta[config.label]
-            row = {**info, "ndcg@10": round(ndcg_of(ids, row_of, qrels), 4), "recall@10": round(float(recall), 4),
+            row = {**info, "ndcg@10": round(ndcg(data, settings, ids=ids, k=K), 4), "recall@10": round(recall, 4),
                    "p50_ms": percentile_ms(seconds, 50), "p99_ms": percentile_ms(seconds, 99),
                    "qps": round(len(seconds) / sum(seconds), 1),
                    "ram_reduction": round(FLOAT_BYTES_FULL / info["ram_bytes_per_vector"], 1)}
             log.info("%s", row)
             results["knn"].append(row)
-        exact_ndcg = {d: round(ndcg_of([[products.product_id.iat[r] for r in row] for row in exact[d]], row_of, qrels), 4)
-                      for d in DIMS}
+        exact_ndcg = {d: round(ndcg(data, settings, rows=exact[d], k=K), 4) for d in DIMS}
         results["exact_float_ndcg"] = exact_ndcg
         log.info("exact float NDCG@10 per dim: %s", exact_ndcg)
 
         if not args.no_funnel:
             fields = [(kind, int(dim)) for kind, dim in (f.split(":") for f in args.shortlist_fields.split(","))]
-            results["funnel"] = funnel_grid(client, configs, meta, query_vectors, row_of, qrels, fields)
+            results["funnel"] = funnel_grid(client, configs, meta, query_vectors, data, settings, fields)
     finally:
         if not args.keep and built:
             client.indices.delete(index=",".join(built), ignore_unavailable=True)
@@ -300,8 +288,8 @@ def run(args: argparse.Namespace) -> None:
     log.info("results in %s", args.out)
 
 
-def funnel_grid(client, configs: list[Config], meta: dict, query_vectors: np.ndarray, row_of: dict[str, int],
-                qrels: Qrels, fields: list[tuple[str, int]] = SHORTLIST_FIELDS) -> list[dict[str, Any]]:
+def funnel_grid(client, configs: list[Config], meta: dict, query_vectors: np.ndarray, data: EvaluationData,
+                settings, fields: list[tuple[str, int]] = SHORTLIST_FIELDS) -> list[dict[str, Any]]:
     """NDCG@10 and latency of (shortlist field, size N) rescored exactly on float ``flat`` fields at D."""
     by_label = {c.label: c for c in configs}
     rescorers = {d: by_label.get(f"flat {d}") for d in RESCORE_DIMS}
@@ -331,7 +319,7 @@ def funnel_grid(client, configs: list[Config], meta: dict, query_vectors: np.nda
         for (n, d), (ids, seconds) in zip(labels, run_interleaved(functions, query_vectors)):
             info = meta[shortlist.label]
             row = {"shortlist_type": kind, "shortlist_dim": dim, "shortlist": n, "rescore_dim": d,
-                   "ndcg@10": round(ndcg_of(ids, row_of, qrels), 4), "p50_ms": percentile_ms(seconds, 50),
+                   "ndcg@10": round(ndcg(data, settings, ids=ids, k=K), 4), "p50_ms": percentile_ms(seconds, 50),
                    "p99_ms": percentile_ms(seconds, 99), "qps": round(len(seconds) / sum(seconds), 1),
                    "ram_bytes_per_vector": info["ram_bytes_per_vector"],
                    "ram_reduction": round(FLOAT_BYTES_FULL / info["ram_bytes_per_vector"], 1),

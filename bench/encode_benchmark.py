@@ -12,9 +12,10 @@ titles/s, and the speed-up as the median of the per-round ratios to the baseline
 
 ``--ndcg`` adds the quality guard on retrieval: every non-baseline backend variant (at batch 64) encodes
 the whole catalog (54,667 titles) and the test-split queries (``examples.configured_splits``, the pipeline's
-seed and fractions), and NDCG@10 per dimension of exact whole-catalog search (``evaluate.retrieval.rank_whole_catalog``
-and ``metrics``) is compared with the fp32 model's (read from the team's embedding cache under evaluation's
-key, e.g. ``minilm-base``, when present). Slow: minutes per variant on 2 cores.
+seed and fractions), and NDCG@10 per dimension of exact whole-catalog search
+(``evaluate.retrieval.evaluate_retriever`` with ``ExactRetriever``, the relevance scale from settings) is
+compared with the fp32 model's (read from the team's embedding cache under evaluation's key, e.g.
+``minilm-base``, when present). Slow: minutes per variant on 2 cores.
 
 The Home Depot data is research-only: read from ``--data-dir``, never copied.
 """
@@ -41,7 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from near2_tasks.models.backends import BackendSpec, cpu_threads, export_artifact, load_artifact  # noqa: E402
-from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
+from near2_tasks.config import load_settings  # noqa: E402
+from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
 
 BASELINE = "torch fp32 b64"
@@ -198,9 +200,8 @@ def ndcg_guard(model, model_ref: str, runners: dict[str, Callable], configs: lis
                ) -> dict[str, Any]:
     """NDCG@10 per dimension on the Home Depot test split: each backend variant vs the fp32 model."""
     from near2_tasks.evaluate.evaluation import prepare_data
-    from near2_tasks.evaluate.retrieval import rank_whole_catalog
+    from near2_tasks.evaluate.retrieval import ExactRetriever, evaluate_retriever, scale_of
     from near2_tasks.train.examples import configured_splits
-    from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
 
     settings = load_settings()
     products = pd.read_csv(data_dir / "products.csv", dtype={"product_id": str})
@@ -208,14 +209,11 @@ def ndcg_guard(model, model_ref: str, runners: dict[str, Callable], configs: lis
     judgments = pd.read_csv(data_dir / "judgments.csv", dtype={"product_id": str, "query_id": str})
     test = configured_splits(settings, judgments).test
     data = prepare_data(products, test, settings.dataset.text_template)
-    floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
 
     def ndcg(catalog: np.ndarray, queries: np.ndarray) -> dict[int, float]:
-        out = {}
-        for dim in DIMS:
-            ranking = rank_whole_catalog(queries, catalog, dim, 10)
-            out[dim] = mean_over(per_query_metrics(ranking, data.qrels, ["ndcg@10"], floor, threshold)["ndcg@10"])
-        return out
+        scores = evaluate_retriever(ExactRetriever(catalog), data, DIMS, query_vectors=queries, metrics=["ndcg@10"],
+                                    **scale_of(settings))
+        return {dim: scores.dims[dim]["ndcg@10"] for dim in DIMS}
 
     from near2_tasks.evaluate.evaluation import resolve_model
 

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 
 def main() -> None:
@@ -35,11 +34,13 @@ def main() -> None:
     from near2_tasks.models.embeddings import encode
     from near2_tasks.evaluate.evaluation import prepare_data
     from near2_tasks.train.examples import configured_splits
-    from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
     from near2_tasks.serving.search import Searcher
+
+    from bench_retrieval import score
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
+    parser.add_argument("--queries", type=int, default=0, help="first N test queries only (0: all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -49,15 +50,16 @@ def main() -> None:
     products = pd.read_csv(args.data_dir / "products.csv", dtype={"product_id": str})
     judgments = pd.read_csv(args.data_dir / "judgments.csv", dtype={"product_id": str, "query_id": str})
     test = configured_splits(settings, judgments).test
+    if args.queries:  # a smoke run: the first N test queries (by id)
+        test = test[test["query_id"].isin(sorted(set(test["query_id"]))[:args.queries])]
     data = prepare_data(products.assign(text=products["title"].astype(str)), test, settings.dataset.text_template)
-    row_of = {pid: i for i, pid in enumerate(products["product_id"])}
     queries = encode(searcher.encoder(served), data.query_texts)
 
     full, shortlist_dim = searcher.pick_dims(served, None, "funnel")  # exactly the service's choice
     modes = {f"knn {d}": (d, None) for d in served.dims}
     modes[f"funnel {settings.serving.funnel_shortlist_size} @ {shortlist_dim}"
           f"{' bits' if shortlist_dim in served.binary_centres else ''} -> {full}"] = (full, shortlist_dim)
-    rankings = {name: np.zeros((len(queries), 10), dtype=np.int64) for name in modes}
+    ids: dict[str, list[list[str]]] = {name: [] for name in modes}
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     for i, vector in enumerate(queries):
         names = list(modes)
@@ -66,17 +68,15 @@ def main() -> None:
             began = time.perf_counter()
             hits = searcher.retrieve(served, vector, 10, dim, short).hits
             seconds[name].append(time.perf_counter() - began)
-            rows = [row_of[h.product_id] for h in hits][:10]
-            rankings[name][i] = rows + [-1] * (10 - len(rows))  # -1: padding, never judged
-    floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
+            ids[name].append([h.product_id for h in hits])
     results = {"index": served.name, "model_uri": served.model_uri, "backend": resolved_backend(settings.model),
                "queries": len(queries), "products": len(products), "rows": []}
-    for name in modes:
-        ndcg = mean_over(per_query_metrics(rankings[name], data.qrels, ["ndcg@10"], floor, threshold)["ndcg@10"])
-        ms = sorted(1000 * s for s in seconds[name])
-        results["rows"].append({"mode": name, "ndcg@10": round(ndcg, 4), "p50_ms": round(statistics.median(ms), 2),
-                                "p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 2),
-                                "qps": round(len(ms) / (sum(ms) / 1000), 1)})
+    for name in modes:  # the answers in query order, scored by the evaluation entry point
+        scores = score(data, settings, ids=ids[name], seconds=seconds[name], name=name)
+        latency = scores.latency_ms[0]
+        results["rows"].append({"mode": name, "ndcg@10": round(scores.dims[0]["ndcg@10"], 4),
+                                "p50_ms": round(latency["p50"], 2), "p99_ms": round(latency["p99"], 2),
+                                "qps": round(len(seconds[name]) / sum(seconds[name]), 1)})
     print(f"index {served.name} ({served.model_uri}), {len(queries)} test queries, backend {results['backend']}")
     print("| mode | NDCG@10 | p50 ms | p99 ms | QPS |\n|---|---:|---:|---:|---:|")
     for row in results["rows"]:

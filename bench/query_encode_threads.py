@@ -20,7 +20,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from near2_tasks.config import PACKAGED_MINILM  # noqa: E402
+from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
 from near2_tasks.models.embeddings import encode, load_encoder  # noqa: E402
 from near2_tasks.serving.search import torch_threads  # noqa: E402
 

@@ -15,7 +15,8 @@ force-merged), encodes the Home Depot **test-split** queries once, and runs, int
 * kNN at the smallest served dimension (32-d ``hnsw``: floats, nothing to rescore),
 * the funnel through ``Searcher.retrieve`` (the storefront's code),
 
-and scores each with NDCG@10 against exact float search at 384-d (numpy, same vectors). RAM per product
+and scores each with NDCG@10 and recall@10 against exact float search at 384-d (numpy, same vectors),
+all through the evaluation entry point (``evaluate.retrieval``: the relevance scale from settings). RAM per product
 is ES's sizing rule (the quantised copy plus 4·m bytes of HNSW graph); the raw floats that rescoring reads
 stay on disk. The Home Depot data is read in place, never copied.
 """
@@ -24,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 ALIAS = "near2-bench-rescore"
 
@@ -44,12 +44,14 @@ def main() -> None:
     from near2_tasks.serving import compact
     from near2_tasks.serving import elasticsearch_local
     from near2_tasks.config import load_settings
-    from near2_tasks.models.embeddings import encode, load_encoder
-    from near2_tasks.evaluate.evaluation import prepare_data
+    from near2_tasks.models.embeddings import encode, encode_cached, load_encoder
+    from near2_tasks.evaluate.evaluation import prepare_data, resolve_model
+    from near2_tasks.evaluate.retrieval import overlap_at, rank_whole_catalog
     from near2_tasks.train.examples import configured_splits
     from near2_tasks.serving.publish import build_verify_swap
-    from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
     from near2_tasks.serving.search import Searcher, knn_body, rescore_body, vector_bytes
+
+    from bench_retrieval import score
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--num-candidates", type=int, default=100)
     parser.add_argument("--queries", type=int, default=0, help="first N test queries only (0: all)")
     parser.add_argument("--extra-code-dims", default="128", help="more bit-code dims to index and funnel from")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / ".near2" / "cache" / "embeddings",
+                        help="the team's embedding cache (catalog vectors under evaluation's key)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.extra_code_dims = [int(d) for d in args.extra_code_dims.split(",") if d]
@@ -80,19 +84,19 @@ def main() -> None:
     products = pd.read_csv(args.data_dir / "products.csv", dtype={"product_id": str})
     judgments = pd.read_csv(args.data_dir / "judgments.csv", dtype={"product_id": str, "query_id": str})
     test = configured_splits(settings, judgments).test
+    if args.queries:  # the first N test queries (by id) only
+        test = test[test["query_id"].isin(sorted(set(test["query_id"]))[:args.queries])]
     data = prepare_data(products.assign(text=products["title"].astype(str)), test, settings.dataset.text_template)
 
     model = load_encoder(args.model)
-    catalog = encode(model, list(data.product_texts))  # once: indexed, and the exact reference
+    key = resolve_model(settings, args.model).cache_key  # evaluation's key: the team's cached vectors
+    catalog = encode_cached(model, key, list(data.product_texts), args.cache_dir)  # indexed, and the exact reference
     began = time.perf_counter()
     build_verify_swap(settings, args.model, products, model_version="bench", vectors=catalog)
     build_s = time.perf_counter() - began
     searcher = Searcher(settings)
     served = searcher.serving_index(refresh=True)
     queries = encode(searcher.encoder(served), data.query_texts)
-    if args.queries:
-        queries = queries[:args.queries]
-    row_of = {pid: i for i, pid in enumerate(products["product_id"])}
     full = served.full_dim
     k = 10
 
@@ -140,7 +144,7 @@ def main() -> None:
     for code_dim, size in ((shortlist_dim, 2000), *((d, n) for d in args.extra_code_dims for n in (400, 800))):
         modes[f"funnel {size} @ {code_dim} bits -> {full}, trimmed stage 1"] = (
             lambda v, i, d=code_dim, n=size: rescore(v, shortlist(v, "docvalues", d, n)))
-    rankings = {name: np.full((len(queries), k), -1, dtype=np.int64) for name in modes}
+    ids: dict[str, list[list[str]]] = {name: [] for name in modes}
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     for name in modes:  # one warm-up query each
         modes[name](queries[0], 0)
@@ -148,24 +152,22 @@ def main() -> None:
         names = list(modes)
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
             start = time.perf_counter()
-            ids = modes[name](vector, i)
+            got = modes[name](vector, i)
             seconds[name].append(time.perf_counter() - start)
-            rows = [row_of[p] for p in ids][:k]
-            rankings[name][i, :len(rows)] = rows
+            ids[name].append(got)
 
-    floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
-    exact = np.argsort(-(queries @ catalog.T), axis=1)[:, :k]
-    rankings["exact float 384 (numpy)"] = exact
+    exact = rank_whole_catalog(queries, catalog, full, k)
     results = {"server": version, "index": served.name, "model": args.model, "queries": len(queries),
                "products": len(products), "build_verify_swap_s": round(build_s, 1),
                "num_candidates": args.num_candidates, "rows": []}
-    for name, ranking in rankings.items():
-        ndcg = mean_over(per_query_metrics(ranking, data.qrels, ["ndcg@10"], floor, threshold)["ndcg@10"])
-        recall = float(np.mean([len(set(ranking[i]) & set(exact[i])) / k for i in range(len(queries))]))
-        row = {"mode": name, "ndcg@10": round(ndcg, 4), "recall@10_vs_exact": round(recall, 4)}
-        if name in seconds:
-            ms = sorted(1000 * s for s in seconds[name])
-            row.update(p50_ms=round(statistics.median(ms), 2), p99_ms=round(ms[int(0.99 * (len(ms) - 1))], 2))
+    answers = {name: {"ids": got, "seconds": seconds[name]} for name, got in ids.items()}
+    answers["exact float 384 (numpy)"] = {"rows": exact}
+    for name, answer in answers.items():  # scored by the evaluation entry point
+        scores = score(data, settings, k=k, name=name, **answer)
+        row = {"mode": name, "ndcg@10": round(scores.dims[0]["ndcg@10"], 4),
+               "recall@10_vs_exact": round(overlap_at(scores.rankings[0], exact, k), 4)}
+        if 0 in scores.latency_ms:
+            row.update(p50_ms=round(scores.latency_ms[0]["p50"], 2), p99_ms=round(scores.latency_ms[0]["p99"], 2))
         results["rows"].append(row)
     results["ram_bytes_per_product"] = {
         f"{dim} {served.index_types[dim]}": vector_bytes(served.index_types[dim], dim) for dim in served.dims}

@@ -10,13 +10,15 @@ What is measured (single client, sequential requests, after a warm-up):
   p50/p99 latency and QPS of the kNN request (``Searcher.retrieve``, the production code path; k=10,
   num_candidates=100), the same including the query's encoding (that query's own measured encode time
   with the production setting, one torch thread), recall@10 of the approximate kNN against exact search
-  (numpy, the same truncated float32 vectors), bytes per vector of the field on disk (disk usage API:
-  raw floats, quantized copy and HNSW graph), the bytes per vector that must stay in RAM (ES sizing
-  formula) and the index's store size. All configs are timed side by side, query by query;
+  (``evaluate.retrieval.rank_whole_catalog``, the same truncated float32 vectors), bytes per vector of
+  the field on disk (disk usage API: raw floats, quantized copy and HNSW graph), the bytes per vector
+  that must stay in RAM (ES sizing formula) and the index's store size. All configs are timed side by
+  side, query by query;
 * funnel (shortlist at a small dim, rescored at the full dim) against kNN at one dimension: NDCG@10 on
   the held-out test queries of the team's query split (``examples.configured_splits``; the trained model
   never saw them), with exact search's NDCG@10 at the same dimension for reference, and latency/QPS, on
-  an index with the configured per-dimension defaults (``--funnel-index``).
+  an index with the configured per-dimension defaults (``--funnel-index``). Rankings are scored by the
+  evaluation entry point (``evaluate.retrieval.evaluate_retriever``; the relevance scale from settings).
 
 Indices are built with ``near2_tasks.serving.index.build_index`` from the team's cached base-model title
 embeddings (``<cache>/minilm-base-*.npy``) and force-merged to one segment. With ``--trained-model``
@@ -40,11 +42,18 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_retrieval import score  # noqa: E402
+
 from near2_tasks import conventions  # noqa: E402
-from near2_tasks.config import PACKAGED_MINILM, load_settings  # noqa: E402
+from near2_tasks.config import load_settings  # noqa: E402
+from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
+from near2_tasks.evaluate.evaluation import prepare_data  # noqa: E402
+from near2_tasks.evaluate.retrieval import (  # noqa: E402
+    ExactRetriever, evaluate_retriever, overlap_at, rank_whole_catalog, rows_of, scale_of)
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
 from near2_tasks.serving.index import build_index  # noqa: E402
-from near2_tasks.evaluate.metrics import Qrels, mean_over, ndcg_at  # noqa: E402
 from near2_tasks.serving.search import Searcher, ServingIndex, torch_threads  # noqa: E402
 
 log = logging.getLogger("serving_benchmark")
@@ -87,14 +96,6 @@ def parse_args() -> argparse.Namespace:
 
 def percentile_ms(seconds: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(seconds) * 1000, q)), 2)
-
-
-def exact_top_k(docs: np.ndarray, queries: np.ndarray, dim: int, k: int) -> np.ndarray:
-    """Row numbers of the exact top k by dot product of the truncated, re-normalised vectors."""
-    scores = conventions.truncate(queries, dim) @ conventions.truncate(docs, dim).T
-    top = np.argpartition(-scores, k, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
-    return np.take_along_axis(top, order, axis=1)
 
 
 def encode_one_by_one(model, texts: list[str]) -> tuple[np.ndarray, list[float]]:
@@ -213,8 +214,9 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
     rng = np.random.default_rng(0)
     queries = judgments.drop_duplicates("query_id")[["query_id", "query"]].reset_index(drop=True)
     timed = queries.iloc[np.sort(rng.choice(len(queries), min(args.queries, len(queries)), replace=False))]
-    query_vectors, encode_seconds = encode_one_by_one(model, timed["query"].tolist())
-    row_of = {pid: i for i, pid in enumerate(products.product_id)}
+    timed_data = prepare_data(products, judgments[judgments.query_id.isin(set(timed.query_id))],
+                              settings.dataset.text_template)  # the timed queries, by id
+    query_vectors, encode_seconds = encode_one_by_one(model, timed_data.query_texts)
 
     client = make_client(settings)
     searcher = Searcher(settings, client=client)
@@ -224,7 +226,7 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
                      "knn": [], "funnel": []}
     built_indices = []
     try:
-        exact = {d: exact_top_k(doc_vectors, query_vectors, d, K) for d in dims}
+        exact = {d: rank_whole_catalog(query_vectors, doc_vectors, d, K) for d in dims}
         configs, meta, served_by_option = [], [], {}
         for option in options:
             option_dims = [d for d in dims if not option.startswith("bbq") or d > 64]
@@ -241,8 +243,7 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
             served_by_option[option] = served
         log.info("timing %d configs side by side on %d queries", len(configs), len(query_vectors))
         for info, (ids, seconds) in zip(meta, timed_side_by_side(searcher, configs, query_vectors)):
-            truth = exact[info["dim"]]
-            recall = np.mean([len({row_of[p] for p in got} & set(truth[i].tolist())) / K for i, got in enumerate(ids)])
+            recall = overlap_at(rows_of(timed_data, ids, K), exact[info["dim"]], K)
             with_encoding = [s + e for s, e in zip(seconds, encode_seconds)]
             row = {"option": info["option"], "dim": info["dim"], "p50_ms": percentile_ms(seconds, 50),
                    "p99_ms": percentile_ms(seconds, 99), "qps": round(len(seconds) / sum(seconds), 1),
@@ -261,7 +262,7 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
                 served = ServingIndex(alias=name, name=name, dims=dims, model_uri=args.model,
                                       model_name="all-MiniLM-L6-v2", model_version="base")
             results["funnel"] += funnel_rows(searcher, served, model, doc_vectors, judgments, test_queries, products,
-                                             row_of, args, dims, "all-MiniLM-L6-v2 (base)")
+                                             args, dims, "all-MiniLM-L6-v2 (base)")
         trained = args.trained_model
         if trained and trained.exists():
             log.info("trained model found at %s: encoding the catalog with it", trained)
@@ -275,7 +276,7 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
             served = ServingIndex(alias=name, name=name, dims=dims, model_uri=str(trained),
                                   model_name="trained-homedepot", model_version="trained")
             results["funnel"] += funnel_rows(searcher, served, trained_model, trained_vectors, judgments, test_queries,
-                                             products, row_of, args, dims, "NEAR² trained (trained-homedepot)")
+                                             products, args, dims, "NEAR² trained (trained-homedepot)")
     finally:
         if not args.keep and built_indices:
             client.indices.delete(index=",".join(built_indices), ignore_unavailable=True)
@@ -293,33 +294,31 @@ def test_split(settings, judgments: pd.DataFrame, cap: int) -> pd.DataFrame:
     return queries
 
 
-def funnel_rows(searcher, served, model, doc_vectors, judgments, sample, products, row_of, args, dims,
+def funnel_rows(searcher, served, model, doc_vectors, judgments, sample, products, args, dims,
                 label) -> list[dict]:
     """NDCG@10 and QPS of kNN at each dimension and of funnels rescored at the full dimension, with the
-    NDCG@10 of exact search at the same (final) dimension for reference."""
+    NDCG@10 of exact search at the same (final) dimension for reference, all scored by the evaluation
+    entry point (the relevance scale from the settings)."""
+    settings = searcher.settings
+    data = prepare_data(products, judgments[judgments.query_id.isin(set(sample.query_id))],
+                        settings.dataset.text_template)
     with torch_threads(None):
-        vectors = encode(model, sample["query"].tolist(), batch_size=64)
-    number = {qid: i for i, qid in enumerate(sample.query_id)}
-    judged = judgments[judgments.query_id.isin(number) & judgments.product_id.isin(row_of)]
-    qrels = Qrels.from_pairs(judged.query_id.map(number).to_numpy(), judged.product_id.map(row_of).to_numpy(),
-                             judged.relevance.to_numpy(), len(sample), len(products))
+        vectors = encode(model, data.query_texts, batch_size=64)
     full = max(dims)
     configs = [(d, None) for d in dims] + [(full, s) for s in dims if s < full and s <= 128]
     rows = []
-    exact = {d: mean_over(ndcg_at(qrels.ranked_relevance(exact_top_k(doc_vectors, vectors, d, K)), qrels, 1.0, K))
-             for d in dims}
+    metric = f"ndcg@{K}"
+    exact = evaluate_retriever(ExactRetriever(doc_vectors), data, dims, query_vectors=vectors, k=K, metrics=[metric],
+                               **scale_of(settings)).dims
     timed = timed_side_by_side(searcher, [(served, dim, shortlist) for dim, shortlist in configs], vectors)
     for (dim, shortlist_dim), (ids, seconds) in zip(configs, timed):
-        ranking = np.full((len(sample), K), -1, dtype=np.int64)
-        for i, got in enumerate(ids):
-            ranking[i, :len(got)] = [row_of[p] for p in got]
-        ndcg = mean_over(ndcg_at(qrels.ranked_relevance(ranking), qrels, 1.0, K))
+        ndcg = score(data, settings, ids=ids, metrics=[metric], k=K).dims[0][metric]
         row = {"model": label, "mode": "knn" if shortlist_dim is None else "funnel", "dim": dim,
                "shortlist_dim": shortlist_dim, "shortlist": args.shortlist if shortlist_dim else None,
-               f"ndcg@{K}": round(ndcg, 4), f"exact_ndcg@{K}": round(exact[dim], 4), "index": args.funnel_index,
+               f"ndcg@{K}": round(ndcg, 4), f"exact_ndcg@{K}": round(exact[dim][metric], 4), "index": args.funnel_index,
                "p50_ms": percentile_ms(seconds, 50),
                "p99_ms": percentile_ms(seconds, 99), "qps": round(len(seconds) / sum(seconds), 1),
-               "queries": len(sample)}
+               "queries": len(data.query_texts)}
         log.info("%s", row)
         rows.append(row)
     return rows

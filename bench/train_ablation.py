@@ -8,9 +8,10 @@
 Each run validates the data (read in place, never copied), mines the examples on the train split with the
 base model's hard negatives (cached base vectors, key ``minilm-base``), trains ``--steps`` optimizer steps
 with ``train_model`` (the project's trainer, its own MLflow store under ``--home``), then scores base and
-trained NDCG@10 per dimension on the 943 test-split queries over a *sub-catalog*: every product judged for
-a test query plus ``--distractors`` random others (13.6k products with the defaults), so one run costs
-minutes instead of the whole-catalog evaluation's. Absolute numbers are therefore higher than the
+trained NDCG@10 per dimension (``evaluate.retrieval.evaluate_retriever``, exact search) on the 943
+test-split queries over a *sub-catalog*: every product judged for a test query plus ``--distractors``
+random others (13.6k products with the defaults), so one run costs minutes instead of the whole-catalog
+evaluation's. Absolute numbers are therefore higher than the
 whole-catalog table of ``train_benchmark.py``; compare rows with each other. One JSON line per run is
 appended to ``bench/results/train_ablation.jsonl``.
 """
@@ -37,9 +38,8 @@ def main() -> None:
     from near2_tasks.models.settings import PACKAGED_MINILM
     from near2_tasks.models.embeddings import encode, encode_cached, load_encoder
     from near2_tasks.evaluate.evaluation import prepare_data
-    from near2_tasks.evaluate.retrieval import rank_whole_catalog
+    from near2_tasks.evaluate.retrieval import ExactRetriever, evaluate_retriever, scale_of
     from near2_tasks.train.examples import configured_splits, ir_eval_data, mine_examples
-    from near2_tasks.evaluate.metrics import mean_over, per_query_metrics
     from near2_tasks.train.trainer import train_model
     from near2_tasks.data.validate import validate_dataset
 
@@ -84,12 +84,11 @@ def main() -> None:
                                    rng.choice(np.flatnonzero(~judged), args.distractors, replace=False)]))
     sub = catalog.iloc[rows].reset_index(drop=True)
     data = prepare_data(sub, splits.test, settings.dataset.text_template)
-    floor, threshold = settings.dataset.relevance_floor, settings.dataset.relevant_threshold
 
     def ndcg(catalog_vectors: np.ndarray, query_vectors: np.ndarray) -> dict[int, float]:
-        return {d: round(mean_over(per_query_metrics(rank_whole_catalog(query_vectors, catalog_vectors, d, 10),
-                                                     data.qrels, ["ndcg@10"], floor, threshold)["ndcg@10"]), 4)
-                for d in DIMS}
+        scores = evaluate_retriever(ExactRetriever(catalog_vectors), data, DIMS, query_vectors=query_vectors,
+                                    metrics=["ndcg@10"], **scale_of(settings))
+        return {d: round(scores.dims[d]["ndcg@10"], 4) for d in DIMS}
 
     base = load_encoder(PACKAGED_MINILM, device="cpu")
     base_catalog = encode_cached(base, "minilm-base", catalog["text"].tolist(), args.cache)[rows]
