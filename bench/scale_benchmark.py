@@ -443,9 +443,10 @@ def plot(results: dict) -> None:
     import matplotlib.pyplot as plt
 
     series: dict = {}
-    for key, measure in results.get("measures", {}).items():
-        if "#" in key:
-            continue
+    latest = {}  # a unit measured again (SIZE:OPTION#N): the plot shows the latest measurement
+    for key in sorted(results.get("measures", {})):
+        latest[key.split("#")[0]] = results["measures"][key]
+    for key, measure in latest.items():
         build = results["builds"][key]
         for row in measure["rows"]:
             hot, _ = ram_per_product(build, row)
