@@ -95,7 +95,7 @@ def evaluate_index(settings: Settings, products: pd.DataFrame, judgments: pd.Dat
     from near2_tasks.models.embeddings import encode
     from near2_tasks.evaluate.evaluation import prepare_data
     from near2_tasks.serving.index import load_meta_model, prepare_products
-    from near2_tasks.evaluate.retrieval import percentiles_ms, score_rankings
+    from near2_tasks.evaluate.retrieval import percentiles_ms, rows_of, score_rankings
     from near2_tasks.serving.search import Searcher
     from near2_tasks.evaluate.slices import slice_masks
 
@@ -108,7 +108,6 @@ def evaluate_index(settings: Settings, products: pd.DataFrame, judgments: pd.Dat
         raise Near2Error(f"index {served.name} does not serve dims {unserved}", hint=f"it serves {served.dims}")
     products = prepare_products(products, settings.dataset.text_template)
     data = prepare_data(products, judgments, settings.dataset.text_template)
-    row_of = {pid: i for i, pid in enumerate(products.product_id)}
     if query_vectors is None:
         model = model or load_meta_model(settings, served.model_uri)
         query_vectors = encode(model, data.query_texts, batch_size=settings.model.encode_batch_size)
@@ -118,26 +117,23 @@ def evaluate_index(settings: Settings, products: pd.DataFrame, judgments: pd.Dat
     fields = lexical_fields(serving.lexical_fields, served.lexical_fields)
     n = len(data.query_texts)
     methods = list(METHODS)
-    rankings = {m: {d: np.full((n, k), -1, dtype=np.int64) for d in dims} for m in methods}
+    #: method -> dim -> the product ids each query got (mapped to catalog rows by rows_of when scored)
+    answers: dict[str, dict[int, list[list[str]]]] = {m: {d: [] for d in dims} for m in methods}
     grid = [float(w) for w in (grid or [])]
-    grid_rankings = {d: {w: np.full((n, k), -1, dtype=np.int64) for w in grid} for d in dims}
+    grid_answers: dict[int, dict[float, list[list[str]]]] = {d: {w: [] for w in grid} for d in dims}
     seconds: dict[str, dict[int, list[float]]] = {m: {d: [] for d in dims} for m in methods}
-
-    def put(target: np.ndarray, i: int, ids: Sequence[str]) -> None:
-        rows = [row_of[p] for p in ids if p in row_of][:k]
-        target[i, :len(rows)] = rows
 
     for i, (query, vector) in enumerate(zip(data.query_texts, query_vectors)):
         began = time.perf_counter()
         bm25 = searcher.retrieve_lexical(served, query, k, [], fields=fields)
         elapsed = time.perf_counter() - began
         for dim in dims:
-            put(rankings["bm25"][dim], i, [h.product_id for h in bm25.hits])
+            answers["bm25"][dim].append([h.product_id for h in bm25.hits])
             seconds["bm25"][dim].append(elapsed)
             began = time.perf_counter()
             dense = searcher.retrieve(served, vector, k, dim, None, [], max(k, settings.elasticsearch.num_candidates))
             seconds["dense"][dim].append(time.perf_counter() - began)
-            put(rankings["dense"][dim], i, [h.product_id for h in dense.hits])
+            answers["dense"][dim].append([h.product_id for h in dense.hits])
             began = time.perf_counter()
             sides = searcher.hybrid_sides(served, query, vector, candidates, dim, None, [],
                                           max(candidates, settings.elasticsearch.num_candidates), fields=fields)
@@ -146,9 +142,9 @@ def evaluate_index(settings: Settings, products: pd.DataFrame, judgments: pd.Dat
                 began = time.perf_counter()
                 fused = fuse(sides.dense, sides.lexical, fusion, rrf_k=serving.rrf_k, weight=weights[dim])
                 seconds[method][dim].append(fetched + time.perf_counter() - began)
-                put(rankings[method][dim], i, [f.product_id for f in fused[:k]])
+                answers[method][dim].append([f.product_id for f in fused[:k]])
             for w in grid:
-                put(grid_rankings[dim][w], i, [f.product_id for f in linear(sides.dense, sides.lexical, w)[:k]])
+                grid_answers[dim][w].append([f.product_id for f in linear(sides.dense, sides.lexical, w)[:k]])
         if (i + 1) % 200 == 0:
             log.info("hybrid evaluation: %d/%d queries", i + 1, n)
 
@@ -156,12 +152,12 @@ def evaluate_index(settings: Settings, products: pd.DataFrame, judgments: pd.Dat
     metric = f"ndcg@{k}"
     masks = slice_masks(data.query_texts, settings.evaluation.slices)
 
-    def score(ranking: np.ndarray) -> dict[str, float | None]:
-        overall, by_slice = score_rankings(data, ranking, [metric], floor, threshold, masks)
+    def score(ids: list[list[str]]) -> dict[str, float | None]:
+        overall, by_slice = score_rankings(data, rows_of(data, ids, k), [metric], floor, threshold, masks)
         return {"all": overall[metric], **{s: by_slice[s][metric] if s in by_slice else None for s in masks}}
 
-    ndcg = {m: {d: score(rankings[m][d]) for d in dims} for m in methods}
-    grid_scores = {d: {w: score(grid_rankings[d][w])["all"] for w in grid} for d in dims} if grid else {}
+    ndcg = {m: {d: score(answers[m][d]) for d in dims} for m in methods}
+    grid_scores = {d: {w: score(grid_answers[d][w])["all"] for w in grid} for d in dims} if grid else {}
     latency = {m: {d: percentiles_ms(seconds[m][d]) for d in dims} for m in methods} if n else {}
     return HybridEvaluation(
         index=served.name, n_queries=n, k=k, dims=dims, weights=weights, rrf_k=serving.rrf_k,
