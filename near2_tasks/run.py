@@ -92,6 +92,7 @@ class RunParams:
     max_steps: int | None = None
     auto_approve: bool | None = None
     force: bool = False  # near2_reindex: rebuild even when the alias already serves the champion
+    serve_non_champion: bool = False  # swap_alias: serve a model that is not the champion (`near2 index --force`)
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, Any] | None) -> RunParams:

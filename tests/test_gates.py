@@ -12,7 +12,8 @@ from near2_tasks.promote.settings import GateRules, GateSettings, MetricGate
 from near2_tasks.conventions import CHAMPION, TAG_GATE, gate_tag
 from near2_tasks.errors import Near2Error
 from near2_tasks.evaluate.evaluation import EvaluationReport
-from near2_tasks.promote.gates import SUMMARY_MARKER, decide, gate_version, slice_gate_tag
+from near2_tasks.promote.gates import SUMMARY_MARKER, decide, slice_gate_tag
+from near2_tasks.promote.step import gate_version
 
 DIMS = [64, 32, 16]
 NO_DROP = GateSettings()  # default: ndcg@10 may not drop at any dimension

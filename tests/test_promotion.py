@@ -14,7 +14,7 @@ from near2_tasks.promote.settings import GateRules, GateSettings, MetricGate
 from near2_tasks.conventions import CHALLENGER, CHAMPION, TAG_APPROVAL, TAG_PREVIOUS_CHAMPION
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.errors import Near2Error
-from near2_tasks.promote.gates import gate_version
+from near2_tasks.promote.step import gate_version
 from near2_tasks.promote.promotion import promote, promotion_status, read_approval, rollback, set_approval
 
 

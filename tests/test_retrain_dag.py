@@ -140,6 +140,33 @@ def test_retrain_serves_the_new_champion(pipeline, first_run):
         assert len(response.hits) == 5
 
 
+def test_near2_gate_decides_as_the_dags_gate_on_the_same_version(pipeline, first_run, tmp_path):
+    """`near2 gate` runs the DAG's validate, evaluate and gate steps: on the version the DAG gated, with the
+    same data, it evaluates the same test queries and reaches the same decision, number for number."""
+    import json
+
+    from click.testing import CliRunner
+
+    from near2_tasks.cli import cli
+    from near2_tasks.run import read_step
+
+    settings = pipeline.settings
+    run_dir = _run_dir(settings, first_run)
+    dag_gate, trained = read_step(run_dir, "gate"), read_step(run_dir, "train")
+    assert dag_gate["reference_role"] == "base"  # the first run: no champion before it
+    result = CliRunner().invoke(cli, ["--config", pipeline.config_file(), "gate", "--version",
+                                      trained["model_version"], "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    # now the version is the champion itself, so the CLI's reference is the base model again
+    cli_decision = json.loads((tmp_path / "gate.json").read_text())
+    dag_decision = json.loads(Path(dag_gate["decision"]).read_text())
+    assert cli_decision == dag_decision
+    assert cli_decision["checks"] and cli_decision["status"] == dag_gate["status"] == "pass"
+    cli_report = json.loads((tmp_path / "report.json").read_text())
+    dag_report = json.loads(Path(read_step(run_dir, "evaluate")["report"]).read_text())
+    assert cli_report["dims"] == dag_report["dims"] and cli_report["n_queries"] == dag_report["n_queries"]
+
+
 def test_task_links_open_mlflow_and_the_index(pipeline, first_run):
     """What the API server shows as extra links: the plugin's links, filled from each task's XComs."""
     from airflow.models.serialized_dag import SerializedDagModel

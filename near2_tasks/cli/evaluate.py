@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -15,7 +16,7 @@ import click
 from near2_tasks.cli import settings_from
 
 
-def _show_progress() -> None:
+def show_progress() -> None:
     """Print near2's INFO log lines (stages, per-dimension results) on stderr: evaluations take minutes."""
     logger = logging.getLogger("near2_tasks")
     if not logger.handlers:
@@ -93,7 +94,7 @@ def evaluate(ctx: click.Context, model_ref: str, catalog: str, judgments: str, f
     from near2_tasks.evaluate.evaluation import EvaluationReport, evaluate_model, log_evaluation, render_markdown, write_report
 
     began = time.monotonic()
-    _show_progress()
+    show_progress()
     settings = settings_from(ctx)
     reference_reports = {label: EvaluationReport.read_json(path) for label, path in references.items()}
     products, judged = _load_frames(settings, catalog, judgments, fmt)
@@ -108,25 +109,42 @@ def evaluate(ctx: click.Context, model_ref: str, catalog: str, judgments: str, f
 
 
 @click.command("gate")
-@_with(DATA_OPTIONS)
+@click.option("--catalog", type=click.Path(exists=True), default=None,
+              help="Catalog file or dataset directory (default: dataset.catalog_path, else the synthetic catalog).")
+@click.option("--judgments", type=click.Path(exists=True), default=None,
+              help="Judgments file (default: dataset.judgments_path, else the catalog dataset's own).")
+@click.option("--format", "fmt", default=None, help="csv, parquet, jsonl, homedepot, wands, esci (default: auto).")
 @click.option("--version", "version", default="challenger", show_default=True,
               help="Version number or alias to gate.")
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="Where the report and gate summary go (default: <home>/reports/v<version>).")
 @click.pass_context
-def gate(ctx: click.Context, catalog: str, judgments: str, fmt: str | None, version: str,
+def gate(ctx: click.Context, catalog: str | None, judgments: str | None, fmt: str | None, version: str,
          output_dir: str | None) -> None:
-    """Evaluate a version and its reference (champion, else base model), decide and record the gate.
+    """Gate a version as the DAG does: validate the data, evaluate the version and its reference (champion,
+    else base model) on the test split of the judgments, decide and record the gate.
 
-    Exits 1 when the gate fails.
+    Runs the DAG's validate step, then its evaluate and gate steps on the version; their records go to
+    <home>/runs/near2_gate/<run id>/steps/. Exits 1 when the gate fails.
     """
-    from near2_tasks.promote.gates import gate_version
+    from near2_tasks.data.step import accepted, validate
+    from near2_tasks.errors import Near2Error
+    from near2_tasks.promote.step import gate_version
+    from near2_tasks.run import RunParams, StepContext, settings_for_run
+    from near2_tasks.train.examples import configured_splits
 
-    _show_progress()
-    settings = settings_from(ctx)
-    products, judged = _load_frames(settings, catalog, judgments, fmt)
-    result = gate_version(settings, products, judged, version=version,
-                          output_dir=Path(output_dir) if output_dir else None)
+    show_progress()
+    params = RunParams(config_file=ctx.find_root().obj.get("config_file"), catalog_path=catalog,
+                       judgments_path=judgments, dataset_format=fmt)
+    run = StepContext(settings_for_run(params), params, dag_id="near2_gate",
+                      run_id=datetime.now(timezone.utc).strftime("cli-%Y%m%dT%H%M%S%fZ"))
+    products, judged = accepted(validate(run))
+    if judged.empty:
+        raise Near2Error("no accepted judgments: the gate evaluates on the test split of graded judgments",
+                         hint="pass --judgments PATH (or set dataset.judgments_path)")
+    test = configured_splits(run.settings, judged).test
+    result = gate_version(run.settings, products, test, version=version,
+                          output_dir=Path(output_dir) if output_dir else None, run=run)
     click.echo(result.decision.markdown().rstrip())
     click.echo(f"\nreport: {result.report_path}")
     if not result.decision.passed:

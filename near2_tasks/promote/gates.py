@@ -17,11 +17,9 @@ that reviewers read on the version page (its description) and as the run artifac
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from near2_tasks.conventions import TAG_GATE, gate_tag, mlflow_name
@@ -283,17 +281,7 @@ def record_decision(settings: Settings, version: str | int, decision: GateDecisi
     registry.set_model_version_tag(name, str(version), TAG_GATE, tags[TAG_GATE])
 
 
-# ----- the whole gate step: evaluate challenger and references, decide, record --------------------------------
-@dataclass
-class GateResult:
-    """What :func:`gate_version` produced: the decision, the challenger's report and where it was written."""
-
-    version: str
-    decision: GateDecision
-    report: EvaluationReport
-    report_path: Path
-
-
+# ----- what the evaluate and gate steps ask -------------------------------------------------------------
 def version_dims(settings: Settings, tags: Mapping[str, str]) -> list[int]:
     """The dimensions a version serves: its ``dims`` tag (``"384,256,..."``), else the configured ones."""
     from near2_tasks.conventions import TAG_DIMS
@@ -353,34 +341,3 @@ def evaluate_with_references(settings: Settings, challenger_ref: str, version: s
 def reference_role(report: EvaluationReport) -> Literal["champion", "base"]:
     """The reference a gate compares with: the champion when the report has one, else the base model."""
     return "champion" if "champion" in report.references else "base"
-
-
-def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataFrame,
-                 version: str | int = "challenger", output_dir: Path | None = None) -> GateResult:
-    """Evaluate ``version`` (number or alias) and its reference on the same judgments, decide and record.
-
-    The reference is the champion (unless ``version`` is the champion), else the base model
-    (:func:`evaluate_with_references`; cached embeddings make the repeated evaluations cheap). The
-    challenger's report (with the references) goes to ``output_dir`` (default ``<home>/reports/v<version>``)
-    and to its MLflow run.
-    """
-    from near2_tasks.evaluate.evaluation import log_evaluation, write_report
-    from near2_tasks.models.registry import configure_mlflow, get_version, model_uri
-
-    configure_mlflow(settings)
-    challenger_version = get_version(settings, version)
-    number = str(challenger_version.version)
-    dims = version_dims(settings, challenger_version.tags)
-    challenger, _ = evaluate_with_references(settings, model_uri(settings, number), number, products, judgments, dims)
-    role = reference_role(challenger)
-    reference = challenger.references[role]
-    decision = decide(challenger, reference, settings.gates, reference_role=role)
-    output_dir = Path(output_dir or settings.home / "reports" / f"v{number}")
-    files = write_report(challenger, output_dir / "report.json")
-    (output_dir / "gate.md").write_text(decision.markdown())
-    (output_dir / "gate.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
-    log_evaluation(settings, challenger, files)
-    record_decision(settings, number, decision, challenger)
-    log.info("gate %s for version %s%s", decision.status, number,
-             "" if decision.passed else ": " + "; ".join(decision.reasons))
-    return GateResult(version=number, decision=decision, report=challenger, report_path=files.json)

@@ -93,6 +93,19 @@ def champion_version(settings: Settings) -> str | None:
     return None if champion is None else str(champion.version)
 
 
+def registered_version(settings: Settings, model_ref: str) -> str | None:
+    """The version of ``settings.mlflow.registered_model`` that ``model_ref`` names, or None for anything
+    else (a directory, a hub id, a logged model, another registered model). ``models:/name/3`` -> ``3``;
+    ``models:/name@alias`` (or ``/latest``) -> the version it points at now."""
+    from near2_tasks.conventions import parse_model_uri
+    from near2_tasks.models.registry import resolve_model_uri
+
+    parsed = parse_model_uri(model_ref)
+    if parsed is None or parsed.selector is None or parsed.name != settings.mlflow.registered_model:
+        return None
+    return parsed.version if parsed.pinned else str(resolve_model_uri(settings, parsed).version)
+
+
 def not_served_reason(champion: str | None, model_version: str | int | None) -> str | None:
     """Why an index built with ``model_version`` must not take the serving alias, or None when it may.
 

@@ -11,7 +11,7 @@ from near2_tasks import conventions
 from near2_tasks.data.step import accepted
 from near2_tasks.errors import Near2Error
 from near2_tasks.models.registry import mlflow_version_url
-from near2_tasks.promote.promotion import champion_version, not_served_reason
+from near2_tasks.promote.promotion import champion_version, not_served_reason, registered_version
 from near2_tasks.run import Result, StepContext, record, skip_rest
 
 if TYPE_CHECKING:
@@ -178,6 +178,7 @@ def verify_index(ctx: StepContext, validation: Result, built: Result) -> Result:
     report = verify_index(settings, built["index"], products)
     return record(ctx, "verify_index", {
         "index": built["index"], "documents": report.actual_count, "self_hit_rate": report.self_hit_rate,
+        "verification": report.to_dict(),
         "links": {"Elasticsearch index": index_url(settings, built["index"])},
     })
 
@@ -187,6 +188,7 @@ def swap_alias(ctx: StepContext, built: Result) -> Result:
 
     Only the champion's index is served, even with two runs at once: a run whose model is no longer the
     champion (a later run promoted another version) ends here, "not served", leaving the alias alone.
+    (``near2 index --force`` starts its run with ``serve_non_champion``: then it is served, with a warning.)
     If another run moved the alias after this one read it (AliasChanged) to an index whose model is not
     the champion, while this run's model is, the swap is retried against that new target.
     """
@@ -197,9 +199,11 @@ def swap_alias(ctx: StepContext, built: Result) -> Result:
     alias, new, version = settings.elasticsearch.alias, built["index"], str(built["model_version"])
     client = make_client(settings)
     champion = champion_version(settings)
-    refusal = not_served_reason(champion, version)
-    if refusal is not None:
+    refusal = not_served_reason(champion, registered_version(settings, built["model_uri"]))
+    if refusal is not None and not ctx.params.serve_non_champion:
         skip_rest(f"not served: {refusal}; the alias {alias} was left where it is")
+    if refusal is not None:
+        log.warning("serving %s on %s although %s (serve_non_champion)", built["model_uri"], alias, refusal)
     previous = swap_to_champion_index(client, alias, new, built["expected_current"], version, champion)
     deleted = prune_indices(settings, client)
     return record(ctx, "swap_alias", {
