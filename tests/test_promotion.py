@@ -216,7 +216,15 @@ def test_near2_index_serves_the_champion_and_refuses_any_other_model(
         assert "is not the champion" in str(refused.exception) and f"v{champion} is" in str(refused.exception)
         assert index_status(settings).target == target  # the alias did not move
 
-    forced = near2_index("--model", f"models:/{settings.mlflow.registered_model}/{challenger}", "--allow-non-champion")
+    # another alias than the serving one (a staging alias) may point at any model; the serving one stays
+    staging = f"{settings.elasticsearch.alias}-staging"
+    staged = near2_index("--model", str(tiny_prefix_variants["weak"]), "--alias", staging)
+    assert staged.exit_code == 0, staged.output
+    assert "is not the champion" in staged.stderr and index_status(settings).target == target
+    assert index_status(settings.model_copy(update={"elasticsearch": settings.elasticsearch.model_copy(
+        update={"alias": staging})})).target == json.loads(staged.stdout)["index"]
+
+    forced = near2_index("--model", f"models:/{settings.mlflow.registered_model}/{challenger}", "--force")
     assert forced.exit_code == 0, forced.output
     assert json.loads(forced.stdout)["meta"]["model_version"] == challenger
     assert index_status(settings).target == json.loads(forced.stdout)["index"] != target
