@@ -88,17 +88,26 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(default_factory=lambda: Path("~/.near2"))
-    model: ModelSettings = Field(default_factory=ModelSettings)
+    # data/: what is read, and how it is checked
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
+
+    # models/ and train/: the encoder, its registry, the examples it learns from and how
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
     examples: ExamplesSettings = Field(default_factory=ExamplesSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    # evaluate/ and promote/: measured per dimension, gated against the champion
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    gates: GateSettings = Field(default_factory=GateSettings)
+
+    # serving/: the index, the search service, the local server of tests and the demo
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     local_elasticsearch: LocalElasticsearchSettings = Field(default_factory=LocalElasticsearchSettings)
-    mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
-    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
-    gates: GateSettings = Field(default_factory=GateSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    # orchestration (this module)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
 
