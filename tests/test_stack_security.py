@@ -197,7 +197,7 @@ def test_indexer_role_builds_and_swaps_and_storefront_role_only_searches(secured
 
     from near2_tasks.errors import Near2Error
     from near2_tasks.serving.es_client import make_client
-    from near2_tasks.serving.index import build_index
+    from near2_tasks.serving.build import build_index
     from near2_tasks.serving.alias import current_target, swap_alias
     from near2_tasks.serving.publish import build_verify_swap
     from near2_tasks.serving.search import Searcher
