@@ -53,13 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BuiltIndex:
-    name: str
-    count: int
-    meta: dict[str, Any]
-
-
 # ----- products --------------------------------------------------------------------------------------
 
 def prepare_products(products: pd.DataFrame, text_template: str | None = None) -> pd.DataFrame:
@@ -192,6 +185,15 @@ def index_meta(settings: Settings, index_name: str, client: Elasticsearch | None
 
 
 # ----- create, load, finalize -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    """An index as :func:`create_index` and :func:`finalize_index` leave it: its name, the documents it
+    holds, its ``_meta``."""
+    name: str
+    count: int
+    meta: dict[str, Any]
+
 
 def checked_dims(settings: Settings, dims: list[int]) -> list[int]:
     if dims != sorted(set(dims), reverse=True) or min(dims) <= 0:
