@@ -2,7 +2,7 @@
 #   make demo   set everything up, then run the retraining pipeline end to end on the synthetic catalog
 #   make test   set everything up, then run the test suite against a real local Elasticsearch
 # Everything a run writes goes under NEAR2_HOME (default ./.near2), nothing outside the checkout
-# except the local Elasticsearch's runtime directory (see near2_tasks/serving/elasticsearch_local.py).
+# except the local Elasticsearch's runtime directory (see near2_tasks/serving/elasticsearch_install.py).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv

@@ -10,7 +10,7 @@ the pipeline's seed, so a trained model never saw them), for the trained model a
 
 * **kNN per (vector type, dimension)**: every Elasticsearch type (``hnsw``, ``int8_hnsw``, ``int4_hnsw``,
   ``bbq_hnsw``, ``flat``, ``int8_flat``, ``int4_flat``, ``bbq_flat``; bbq only where ES accepts the dims)
-  built with the production mapping (``near2_tasks.serving.index.build_index``), plus ``bit`` fields holding the
+  built with the production mapping (``near2_tasks.serving.build.build_index``), plus ``bit`` fields holding the
   project's own binary codes (``near2_tasks.serving.compact``: sign bits of the centred nested prefix), ``flat``
   and ``hnsw``. Measured: NDCG@10 of ES's kNN answer (k=10, num_candidates=100), recall@10 against exact
   float search at that dimension (numpy), p50/p99 latency (single client, all configurations interleaved
@@ -58,7 +58,7 @@ from near2_tasks.config import load_settings  # noqa: E402
 from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
 from near2_tasks.train.examples import configured_splits  # noqa: E402
-from near2_tasks.serving.index import build_index  # noqa: E402
+from near2_tasks.serving.build import build_index  # noqa: E402
 from near2_tasks.evaluate.evaluation import EvaluationData, prepare_data  # noqa: E402
 from near2_tasks.evaluate.retrieval import overlap_at, rank_whole_catalog, rows_of  # noqa: E402
 

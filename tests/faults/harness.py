@@ -27,6 +27,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from near2_tasks.serving import elasticsearch_local
+from near2_tasks.serving.elasticsearch_install import runtime_dir
 from near2_tasks.config import Settings, load_settings
 
 
@@ -88,7 +89,7 @@ class DedicatedElasticsearch:
         self.kills = 0
 
     def _path(self, kind: str) -> Path:  # the layout of elasticsearch_local: <runtime>/<kind>-<port>
-        return elasticsearch_local.runtime_dir(self.settings) / f"{kind}-{self.settings.local_elasticsearch.port}"
+        return runtime_dir(self.settings) / f"{kind}-{self.settings.local_elasticsearch.port}"
 
     @property
     def data_dir(self) -> Path:
@@ -96,7 +97,7 @@ class DedicatedElasticsearch:
 
     @property
     def pid_file(self) -> Path:
-        return elasticsearch_local.runtime_dir(self.settings) / f"es-{self.settings.local_elasticsearch.port}.pid"
+        return runtime_dir(self.settings) / f"es-{self.settings.local_elasticsearch.port}.pid"
 
     def start_fresh(self) -> None:
         """Start on an empty data directory.
