@@ -322,20 +322,20 @@ def test_cli_shards_run_in_process_and_give_the_same_index(es_url, es_client, ti
     """Before any champion exists ``near2 index`` indexes the base model (here the tiny encoder)."""
     from click.testing import CliRunner
 
-    from near2_tasks.serving import build
+    from near2_tasks.serving import index as idx
     from near2_tasks.cli import cli
 
     alias = f"test-cli-shards-{uuid.uuid4().hex[:8]}"
     config = tmp_path / "near2.yaml"
     config.write_text(yaml.safe_dump(_sections(es_url, alias, tmp_path / "home", tiny_model_dir)))
     loads: list[int] = []
-    real_load_shard = build.load_shard
+    real_load_shard = idx.load_shard  # what the encode_shard step calls
 
     def counting_load_shard(settings, index_name, products, vectors, **kwargs):
         loads.append(len(products))
         return real_load_shard(settings, index_name, products, vectors, **kwargs)
 
-    monkeypatch.setattr(build, "load_shard", counting_load_shard)
+    monkeypatch.setattr(idx, "load_shard", counting_load_shard)
 
     def near2_index(*args: str) -> dict[str, Any]:
         result = CliRunner().invoke(cli, ["--config", str(config), "index", *args, "--json"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import numpy as np
 
@@ -32,22 +32,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_index(
-    settings: Settings,
-    model_ref: str,
-    products: pd.DataFrame,
-    model_version: str | int,
-    run_id: str | None = None,
-    catalog_version: str | None = None,
-    dims: list[int] | None = None,
-    vectors: np.ndarray | None = None,
-    *,
-    model_name: str | None = None,
-    index_name: str | None = None,
-    client: Elasticsearch | None = None,
-    progress: Progress | None = None,
-    shards: int = 1,
-) -> BuiltIndex:
+class BuildOptions(TypedDict, total=False):
+    """The optional keyword arguments of :func:`build_index` (and of ``publish.build_verify_swap``)."""
+
+    run_id: str | None  # the MLflow run that produced the model, for _meta
+    catalog_version: str | None  # default: a content hash of the rows
+    dims: list[int] | None  # default: model.dims
+    vectors: np.ndarray | None  # precomputed full-dimension embeddings aligned with the products
+    model_name: str | None
+    index_name: str | None  # finish this index instead of creating a new one
+    client: Elasticsearch | None
+    progress: Progress | None
+    shards: int  # encode and load in that many slices, one after another (default 1)
+
+
+def build_index(settings: Settings, model_ref: str, products: pd.DataFrame, model_version: str | int,
+                **options: Unpack[BuildOptions]) -> BuiltIndex:
     """Create a new index (or finish ``index_name``) and bulk-load every product at every dimension.
 
     ``vectors``: optional precomputed full-dimension embeddings aligned with ``products`` (they must
@@ -55,22 +55,24 @@ def build_index(
     encoded and loaded in that many slices, one after another (what the DAG's mapped tasks do in
     parallel); the index is the same. The alias is not touched.
     """
-    built, _ = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
-                      model_name=model_name, index_name=index_name, client=client, progress=progress, shards=shards)
-    return built
+    return build_with_encoder(settings, model_ref, products, model_version, options)[0]
 
 
-def _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors, *,
-           model_name, index_name, client, progress, shards: int = 1) -> tuple[BuiltIndex, SentenceTransformer | None]:
+def build_with_encoder(settings: Settings, model_ref: str, products: pd.DataFrame, model_version: str | int,
+                       options: BuildOptions) -> tuple[BuiltIndex, SentenceTransformer | None]:
     """:func:`build_index`, also returning the encoder it loaded (None when ``vectors`` were given), so
     that verification re-encodes with the same one."""
     from near2_tasks.models.embeddings import encode
 
+    unknown = sorted(set(options) - set(BuildOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"build_index() got unexpected keyword arguments {unknown}")
+    progress, shards = options.get("progress"), int(options.get("shards", 1))
     products = prepare_products(products, settings.dataset.text_template)
-    dims = checked_dims(settings, list(dims or settings.model.dims))
+    dims = checked_dims(settings, list(options.get("dims") or settings.model.dims))
     if shards < 1:
         raise Near2Error(f"shards must be >= 1, got {shards}")
-    model, vectors = _encoder_or_vectors(settings, model_ref, products, dims, vectors)
+    model, vectors = _encoder_or_vectors(settings, model_ref, products, dims, options.get("vectors"))
 
     def encode_rows(positions: np.ndarray) -> np.ndarray:
         if vectors is not None:
@@ -86,9 +88,10 @@ def _build(settings, model_ref, products, model_version, run_id, catalog_version
         # exists (a failed encode leaves nothing behind)
         vectors = encode_rows(np.arange(len(products)))
     centres = binary_centres(settings, dims, encode_rows(sample)) if sample is not None else {}
-    client = client or make_client(settings)
-    created = create_index(settings, model_ref, products, model_version, run_id, catalog_version, dims,
-                           centres=centres, model_name=model_name, index_name=index_name, client=client)
+    client = options.get("client") or make_client(settings)
+    created = create_index(settings, model_ref, products, model_version, options.get("run_id"),
+                           options.get("catalog_version"), dims, centres=centres, model_name=options.get("model_name"),
+                           index_name=options.get("index_name"), client=client)
     began = time.monotonic()
     done = 0
     for shard in range(shards):

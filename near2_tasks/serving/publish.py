@@ -1,24 +1,22 @@
 """Publish a catalog with one call: build the index, verify it, move the alias (compare-and-swap), prune.
 
-What ``near2 index``, the benchmarks and the tests use; the DAGs run the same pieces as separate tasks
-(``serving/step.py``).
+The library form of the DAG's index steps, for the benchmarks and tests that hold the vectors already;
+the DAGs and ``near2 index`` run the same pieces as separate steps (``serving/step.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Unpack
 
 from near2_tasks.serving.alias import current_target, prune_indices, swap_to_champion_index
 from near2_tasks.serving.es_client import es_errors, make_client
-from near2_tasks.serving.build import _build
-from near2_tasks.serving.bulk import Progress
+from near2_tasks.serving.build import BuildOptions, build_with_encoder
 from near2_tasks.serving.index import BuiltIndex
 from near2_tasks.serving.verify import VerificationReport, verify_index
 
 if TYPE_CHECKING:
-    import numpy as np
     import pandas as pd
     from sentence_transformers import SentenceTransformer
 
@@ -38,18 +36,11 @@ def build_verify_swap(
     model_ref: str,
     products: pd.DataFrame,
     model_version: str | int,
-    run_id: str | None = None,
-    catalog_version: str | None = None,
-    dims: list[int] | None = None,
-    vectors: np.ndarray | None = None,
     *,
-    model_name: str | None = None,
-    index_name: str | None = None,
     expected_current: str | None | type[Ellipsis] = ...,
-    progress: Progress | None = None,
     champion: str | None = None,
     before_verify: Callable[[BuiltIndex, SentenceTransformer | None], BuiltIndex] | None = None,
-    shards: int = 1,
+    **options: Unpack[BuildOptions],
 ) -> SwapResult:
     """Build, verify, swap (compare-and-swap against the target read before the build), prune.
 
@@ -61,16 +52,15 @@ def build_verify_swap(
     when this call starts). If the alias moved meanwhile, AliasChanged is raised after the build
     and the alias stays where the other run put it, unless :func:`swap_to_champion_index` retries
     (``champion``: the champion's version as the caller read it; this model is that version).
-    ``shards``: see :func:`build_index`.
+    ``options``: those of :func:`near2_tasks.serving.build.build_index` (dims, vectors, shards, ...).
     """
     es = settings.elasticsearch
-    client = make_client(settings)
+    client = options.get("client") or make_client(settings)
+    options = {**options, "client": client}
     if expected_current is ...:
         with es_errors(es.url, "reading the alias"):
             expected_current = current_target(client, es.alias)
-    built, model = _build(settings, model_ref, products, model_version, run_id, catalog_version, dims, vectors,
-                          model_name=model_name, index_name=index_name, client=client, progress=progress,
-                          shards=shards)
+    built, model = build_with_encoder(settings, model_ref, products, model_version, options)
     if before_verify is not None:
         built = before_verify(built, model)
     report = verify_index(settings, built.name, products, model=model, client=client)
