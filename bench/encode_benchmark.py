@@ -215,7 +215,7 @@ def ndcg_guard(model, model_ref: str, runners: dict[str, Callable], configs: lis
                                     **scale_of(settings))
         return {dim: scores.dims[dim]["ndcg@10"] for dim in DIMS}
 
-    from near2_tasks.evaluate.evaluation import resolve_model
+    from near2_tasks.models.refs import resolve_model
 
     SHARED_CACHE.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

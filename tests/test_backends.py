@@ -204,7 +204,8 @@ def test_evaluation_and_serving_encode_with_the_configured_backend(tiny_settings
     from fp32; the search service's encoder is the exported one, and falls back to fp32 torch (never
     exporting) for a model without the artefact."""
     from near2_tasks.serving import search
-    from near2_tasks.evaluate.evaluation import embedding_cache_dir, evaluate_model
+    from near2_tasks.evaluate.evaluation import evaluate_model
+    from near2_tasks.models.refs import embedding_cache_dir
     from near2_tasks.models.registry import client as mlflow_client
 
     data = generate_catalog(n_products=200, n_queries=40, seed=3)

@@ -11,12 +11,12 @@ challenger costs only the matrix products.
 
 Outputs: :class:`EvaluationReport` (``report.json``), a Markdown table and a PNG of NDCG@10 against
 dimension (this model next to its references: champion, base), and MLflow metrics named
-``eval_ndcg_at_10_dim_64`` (``eval_<slice>_ndcg_at_10_dim_64`` per slice).
+``eval_ndcg_at_10_dim_64`` (``eval_<slice>_ndcg_at_10_dim_64`` per slice). Which model a reference names,
+and the key of its cached embeddings, is :func:`near2_tasks.models.refs.resolve_model`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -33,25 +33,18 @@ import pandas as pd
 from near2_tasks.models.backends import load_inference_encoder
 from near2_tasks.conventions import metric_key
 from near2_tasks.data.text import product_texts
-from near2_tasks.models.embeddings import (
-    MINILM_ALIASES,
-    check_dims,
-    encode_cached,
-    model_dimension,
-    texts_fingerprint,
-)
+from near2_tasks.models.embeddings import check_dims, encode_cached, model_dimension, texts_fingerprint
 from near2_tasks.errors import Near2Error
 from near2_tasks.evaluate.metrics import Qrels
 from near2_tasks.evaluate.retrieval import ExactRetriever, evaluate_retriever, scale_of
 from near2_tasks.evaluate.slices import BUILTIN_SLICES
+from near2_tasks.models.refs import embedding_cache_dir, resolve_model
 
 if TYPE_CHECKING:
     from near2_tasks.config import Settings
 
 log = logging.getLogger(__name__)
 
-#: Cache key of the packaged base model's embeddings, shared by every stage (and every developer).
-BASE_MODEL_CACHE_KEY = "minilm-base"
 #: The metric plotted against dimension and compared in the Markdown summary.
 HEADLINE_METRIC = "ndcg@10"
 
@@ -294,70 +287,6 @@ def write_report(report: EvaluationReport, output: Path) -> ReportFiles:
     curves = {report.display_name: report, **{ref.display_name: ref for ref in report.references.values()}}
     plot = plot_by_dimension(curves, output.with_name(f"{output.stem}_ndcg_by_dim.png"))
     return ReportFiles(json=report.write_json(output), markdown=markdown, plot=plot)
-
-
-# ----- which model, and the key of its cached embeddings -------------------------------------------------
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model reference pinned down: what to load, and a cache key that changes when the weights do."""
-
-    ref: str
-    load_ref: str
-    cache_key: str
-    registered_model: str | None = None
-    version: str | None = None
-    run_id: str | None = None
-
-
-def _directory_fingerprint(directory: Path) -> str:
-    digest = hashlib.sha256(str(directory.resolve()).encode())
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:12]
-
-
-def _resolve_models_uri(settings: Settings, uri: str) -> ResolvedModel:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> that exact registered version;
-    ``models:/m-<id>`` (an MLflow 3 logged model) is taken as is."""
-    from near2_tasks.conventions import parse_model_uri
-    from near2_tasks.models.registry import configure_mlflow, resolve_model_uri
-
-    parsed = parse_model_uri(uri)
-    if parsed.selector is None:  # a logged model id: immutable, so the id is its own cache key
-        return ResolvedModel(ref=uri, load_ref=uri, cache_key=f"logged-{parsed.name}")
-    configure_mlflow(settings)
-    version = resolve_model_uri(settings, parsed)
-    return ResolvedModel(
-        ref=uri, load_ref=f"models:/{version.name}/{version.version}",
-        cache_key=f"{version.name}-v{version.version}", registered_model=version.name,
-        version=str(version.version), run_id=version.run_id,
-    )
-
-
-def resolve_model(settings: Settings, model_ref: str) -> ResolvedModel:
-    """Pin ``model_ref`` down: an alias is resolved to its version now, so a moving alias cannot race us."""
-    if model_ref.startswith("models:/"):
-        return _resolve_models_uri(settings, model_ref)
-    if model_ref.startswith("runs:/"):
-        run_id, _, artifact = model_ref[len("runs:/"):].partition("/")
-        return ResolvedModel(ref=model_ref, load_ref=model_ref, cache_key=f"run-{run_id}-{artifact or 'model'}",
-                             run_id=run_id)
-    if model_ref in MINILM_ALIASES:
-        return ResolvedModel(ref=model_ref, load_ref=model_ref, cache_key=BASE_MODEL_CACHE_KEY)
-    local = Path(model_ref).expanduser()
-    if local.is_dir():
-        return ResolvedModel(ref=model_ref, load_ref=str(local),
-                             cache_key=f"dir-{local.resolve().name}-{_directory_fingerprint(local)}")
-    if local.exists() or model_ref.startswith(("/", ".", "~")):
-        raise Near2Error(f"model {model_ref!r} not found: {local} is not a model directory",
-                         hint="give a directory saved by SentenceTransformer.save, a models:/ or runs:/ URI, "
-                              "or a hub id")
-    return ResolvedModel(ref=model_ref, load_ref=model_ref, cache_key=f"hub-{model_ref}")
-
-
-def embedding_cache_dir(settings: Settings) -> Path:
-    return settings.evaluation.cache_dir or settings.home / "cache" / "embeddings"
 
 
 # ----- data --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from near2_tasks.errors import Near2Error
+from near2_tasks.models.refs import local_model_key, parse_runs_uri
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -453,8 +454,9 @@ def _download_logged_artifact(settings: Settings, ref: str, spec: BackendSpec) -
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    if ref.startswith("runs:/"):
-        run_id = ref.removeprefix("runs:/").split("/", 1)[0]
+    run = parse_runs_uri(ref)
+    if run is not None:
+        run_id = run[0]
         key = f"run-{run_id}-{spec.variant}"
     else:
         version = registered_version(settings, ref)
@@ -494,23 +496,6 @@ def _publish(source: Path, target: Path) -> None:
             raise
 
 
-def _local_model_key(ref: str) -> str:
-    """A cache key for a non-MLflow model that changes when its files do."""
-    import hashlib
-
-    from near2_tasks.models.embeddings import resolve_model_path
-
-    path = Path(resolve_model_path(ref)).expanduser()
-    digest = hashlib.sha256(str(path.resolve() if path.exists() else ref).encode())
-    if path.is_dir():
-        for file in sorted(path.rglob("*")):
-            if file.is_file():
-                stat = file.stat()
-                digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.name or ref)[-40:]
-    return f"{safe}-{digest.hexdigest()[:12]}"
-
-
 def load_inference_encoder(settings: Settings, ref: str | None = None, *,
                            missing: Literal["error", "export", "torch"] = "error",
                            threads: int | None = None) -> Any:
@@ -541,7 +526,7 @@ def load_inference_encoder(settings: Settings, ref: str | None = None, *,
                             f"run `near2 backend export --model {ref}` after registering it, "
                             "or set model.backend: torch")
         return load_artifact(directory, threads, settings.model.precision)
-    target = backend_cache_dir(settings) / f"{_local_model_key(ref)}-{spec.variant}"
+    target = backend_cache_dir(settings) / f"{local_model_key(ref)}-{spec.variant}"
     if not (target / META_FILE).is_file():
         if missing != "export":
             return _missing(settings, ref, missing,
