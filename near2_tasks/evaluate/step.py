@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 def evaluate(ctx: StepContext, validation: Result, examples: Result, trained: Result) -> Result:
     """Evaluate the challenger, the champion (if any) and the base model per dimension on the held-out
     test queries; the challenger's report (with the others as references) goes to its MLflow run."""
-    from near2_tasks.evaluate.evaluation import log_evaluation, write_report
+    from near2_tasks.evaluate.evaluation import log_evaluation
+    from near2_tasks.evaluate.report import write_report
     from near2_tasks.promote.gates import evaluate_with_references, reference_role
 
     settings = ctx.settings

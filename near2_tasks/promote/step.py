@@ -20,7 +20,7 @@ def gate(ctx: StepContext, trained: Result, evaluation: Result) -> Result:
     DAG skips everything after this step, so neither the champion nor the alias moves.
     """
     from near2_tasks.promote import gates
-    from near2_tasks.evaluate.evaluation import EvaluationReport
+    from near2_tasks.evaluate.report import EvaluationReport
 
     settings = ctx.settings
     version = str(trained["model_version"])
