@@ -96,7 +96,7 @@ def parse_args() -> argparse.Namespace:
 # ----- data ---------------------------------------------------------------------------------------------
 def model_and_vectors(args, titles: list[str]) -> tuple[Any, str, str, np.ndarray]:
     """The model, its reference, a label, and the catalog's vectors (the team's embedding cache)."""
-    from near2_tasks.evaluate.evaluation import resolve_model
+    from near2_tasks.models.refs import resolve_model
 
     trained = args.trained_model
     if args.model == "trained" and trained.exists():

@@ -41,7 +41,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from near2_tasks.models.backends import BackendSpec, cpu_threads, export_artifact, load_artifact  # noqa: E402
+from near2_tasks.models.backend_export import export_artifact  # noqa: E402
+from near2_tasks.models.backend_runtime import cpu_threads, load_artifact  # noqa: E402
+from near2_tasks.models.backends import BackendSpec  # noqa: E402
 from near2_tasks.config import load_settings  # noqa: E402
 from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
@@ -215,7 +217,7 @@ def ndcg_guard(model, model_ref: str, runners: dict[str, Callable], configs: lis
                                     **scale_of(settings))
         return {dim: scores.dims[dim]["ndcg@10"] for dim in DIMS}
 
-    from near2_tasks.evaluate.evaluation import resolve_model
+    from near2_tasks.models.refs import resolve_model
 
     SHARED_CACHE.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -96,7 +96,7 @@ def plain_recipe(products, train_judgments, output: Path, seed: int = 42) -> dic
 
 def near2_recipe(settings, accepted, splits, output: Path) -> dict:
     """What `near2 train` runs (cli/train.py), with the row's settings."""
-    from near2_tasks.evaluate.evaluation import resolve_model
+    from near2_tasks.models.refs import resolve_model
     from near2_tasks.train.examples import ir_eval_data, mine_examples
     from near2_tasks.train.trainer import train_model
 

@@ -45,7 +45,8 @@ def main() -> None:
     from near2_tasks.serving import elasticsearch_local
     from near2_tasks.config import load_settings
     from near2_tasks.models.embeddings import encode, encode_cached, load_encoder
-    from near2_tasks.evaluate.evaluation import prepare_data, resolve_model
+    from near2_tasks.evaluate.evaluation import prepare_data
+    from near2_tasks.models.refs import resolve_model
     from near2_tasks.evaluate.retrieval import overlap_at, rank_whole_catalog
     from near2_tasks.train.examples import configured_splits
     from near2_tasks.serving.publish import build_verify_swap

@@ -267,7 +267,7 @@ def run(args, settings, dims: list[int], options: list[str]) -> dict:
         if trained and trained.exists():
             log.info("trained model found at %s: encoding the catalog with it", trained)
             trained_model = load_encoder(str(trained), device="cpu")
-            from near2_tasks.evaluate.evaluation import resolve_model
+            from near2_tasks.models.refs import resolve_model
 
             key = resolve_model(settings, str(trained)).cache_key  # the evaluation's key: reuse its vectors
             trained_vectors = encode_cached(trained_model, key, titles, args.cache_dir, show_progress=True)

@@ -94,7 +94,8 @@ def main() -> None:
     logging.getLogger("near2_tasks").setLevel(logging.INFO)  # training progress lines with the ETA
 
     from near2_tasks.config import load_settings
-    from near2_tasks.evaluate.evaluation import evaluate_model, resolve_model
+    from near2_tasks.evaluate.evaluation import evaluate_model
+    from near2_tasks.models.refs import resolve_model
     from near2_tasks.train.examples import configured_splits, ir_eval_data, mine_examples
     from near2_tasks.train.trainer import train_model
     from near2_tasks.data.validate import validate_dataset

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from near2_tasks.models import backends
-from near2_tasks.models.backends import BackendSpec, export_artifact, load_artifact, load_inference_encoder
+from near2_tasks.models.backend_export import export_artifact
+from near2_tasks.models.backend_runtime import load_artifact
+from near2_tasks.models.backends import BackendSpec, load_inference_encoder
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder, model_dimension
 from near2_tasks.errors import Near2Error
@@ -204,7 +206,8 @@ def test_evaluation_and_serving_encode_with_the_configured_backend(tiny_settings
     from fp32; the search service's encoder is the exported one, and falls back to fp32 torch (never
     exporting) for a model without the artefact."""
     from near2_tasks.serving import search
-    from near2_tasks.evaluate.evaluation import embedding_cache_dir, evaluate_model
+    from near2_tasks.evaluate.evaluation import evaluate_model
+    from near2_tasks.models.refs import embedding_cache_dir
     from near2_tasks.models.registry import client as mlflow_client
 
     data = generate_catalog(n_products=200, n_queries=40, seed=3)
@@ -254,4 +257,4 @@ def test_openvino_reports_nothing_to_telemetry_once_near2_imports_it(tmp_path):
     # the control, on a home that opted out (so it sends nothing): on its own OpenVINO uses its real telemetry
     assert not stub_in_use("import openvino\n", opted_out)
     # near2 on a home that never answered, where OpenVINO alone would report: the no-op stub
-    assert stub_in_use("from near2_tasks.models.backends import _require\n_require('openvino', 'openvino')\n", fresh)
+    assert stub_in_use("from near2_tasks.models.backend_runtime import require_runtime\nrequire_runtime('openvino', 'openvino')\n", fresh)

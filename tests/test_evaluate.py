@@ -14,7 +14,8 @@ import pytrec_eval
 from near2_tasks.conventions import REPORT_METRICS, metric_key
 from near2_tasks.data.synthetic import generate_catalog, write_catalog
 from near2_tasks.errors import Near2Error
-from near2_tasks.evaluate.evaluation import EvaluationReport, evaluate_model, log_evaluation, write_report
+from near2_tasks.evaluate.evaluation import evaluate_model, log_evaluation
+from near2_tasks.evaluate.report import EvaluationReport, write_report
 from tests.tiny_model import TINY_DIMS
 
 TREC = {"ndcg@10": "ndcg_cut_10", "precision@10": "P_10", "recall@10": "recall_10", "recall@100": "recall_100",

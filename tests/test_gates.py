@@ -11,7 +11,7 @@ from near2_tasks.config import load_settings
 from near2_tasks.promote.settings import GateRules, GateSettings, MetricGate
 from near2_tasks.conventions import CHAMPION, TAG_GATE, gate_tag
 from near2_tasks.errors import Near2Error
-from near2_tasks.evaluate.evaluation import EvaluationReport
+from near2_tasks.evaluate.report import EvaluationReport
 from near2_tasks.promote.gates import SUMMARY_MARKER, decide, slice_gate_tag
 from near2_tasks.promote.step import gate_version
 

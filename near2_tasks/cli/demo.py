@@ -128,7 +128,7 @@ def _fmt(value: float | None) -> str:
 
 
 def summary_lines(settings, run_dir: Path, outcome: dict[str, Any]) -> list[str]:
-    from near2_tasks.evaluate.evaluation import EvaluationReport
+    from near2_tasks.evaluate.report import EvaluationReport
     from near2_tasks.run import read_step
 
     lines: list[str] = []

@@ -91,7 +91,8 @@ def evaluate(ctx: click.Context, model_ref: str, catalog: str, judgments: str, f
              dims: list[int] | None, k: int | None, output: str, references: dict[str, Path],
              to_mlflow: bool) -> None:
     """Evaluate MODEL per dimension: exact cosine retrieval over the whole catalog, NDCG/MRR/P/R/MAP."""
-    from near2_tasks.evaluate.evaluation import EvaluationReport, evaluate_model, log_evaluation, render_markdown, write_report
+    from near2_tasks.evaluate.evaluation import evaluate_model, log_evaluation
+    from near2_tasks.evaluate.report import EvaluationReport, render_markdown, write_report
 
     began = time.monotonic()
     show_progress()

@@ -9,355 +9,39 @@ Embeddings are computed once per model at the full dimension and cached on disk 
 catalog texts) by :func:`near2_tasks.models.embeddings.encode_cached`, so re-evaluating the champion next to each
 challenger costs only the matrix products.
 
-Outputs: :class:`EvaluationReport` (``report.json``), a Markdown table and a PNG of NDCG@10 against
-dimension (this model next to its references: champion, base), and MLflow metrics named
-``eval_ndcg_at_10_dim_64`` (``eval_<slice>_ndcg_at_10_dim_64`` per slice).
+Outputs: an :class:`~near2_tasks.evaluate.report.EvaluationReport` (its JSON, Markdown and plot are in
+:mod:`near2_tasks.evaluate.report`), and MLflow metrics named ``eval_ndcg_at_10_dim_64``
+(``eval_<slice>_ndcg_at_10_dim_64`` per slice). Which model a reference names, and the key of its cached
+embeddings, is :func:`near2_tasks.models.refs.resolve_model`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from near2_tasks.models.backends import load_inference_encoder
 from near2_tasks.conventions import metric_key
 from near2_tasks.data.text import product_texts
-from near2_tasks.models.embeddings import (
-    MINILM_ALIASES,
-    check_dims,
-    encode_cached,
-    model_dimension,
-    texts_fingerprint,
-)
 from near2_tasks.errors import Near2Error
 from near2_tasks.evaluate.metrics import Qrels
+from near2_tasks.evaluate.report import EvaluationReport, ReportFiles, format_value
 from near2_tasks.evaluate.retrieval import ExactRetriever, evaluate_retriever, scale_of
-from near2_tasks.evaluate.slices import BUILTIN_SLICES
+from near2_tasks.models.backends import load_inference_encoder
+from near2_tasks.models.embeddings import check_dims, encode_cached, model_dimension, texts_fingerprint
+from near2_tasks.models.refs import embedding_cache_dir, resolve_model
 
 if TYPE_CHECKING:
     from near2_tasks.config import Settings
 
 log = logging.getLogger(__name__)
-
-#: Cache key of the packaged base model's embeddings, shared by every stage (and every developer).
-BASE_MODEL_CACHE_KEY = "minilm-base"
-#: The metric plotted against dimension and compared in the Markdown summary.
-HEADLINE_METRIC = "ndcg@10"
-
-MetricValues = dict[str, float | None]
-
-
-# ----- the report ---------------------------------------------------------------------------------------
-@dataclass
-class EvaluationReport:
-    """Metrics of one model per dimension, overall and per query slice, on one set of judgments.
-
-    A metric is ``None`` when no query counts for it (e.g. a slice where no query has a relevant
-    product); an empty slice has no dimensions at all (``slices["long"] == {}``) and ``slice_sizes``
-    says 0. Nothing is ever NaN, so the JSON stays valid.
-    """
-
-    model: str
-    dims: dict[int, MetricValues]
-    slices: dict[str, dict[int, MetricValues]]
-    slice_sizes: dict[str, int]
-    n_queries: int
-    k: int
-    metrics: list[str]
-    model_key: str = ""
-    registered_model: str | None = None
-    model_version: str | None = None
-    run_id: str | None = None
-    label: str | None = None
-    dataset: dict[str, Any] = field(default_factory=dict)
-    references: dict[str, EvaluationReport] = field(default_factory=dict)
-    wall_time_s: float | None = None
-
-    @property
-    def display_name(self) -> str:
-        if self.label:
-            return self.label
-        if self.registered_model and self.model_version:
-            return f"{self.registered_model} v{self.model_version}"
-        return self.model
-
-    def value(self, metric: str, dim: int, slice_name: str | None = None) -> float | None:
-        """One number; Near2Error when the report does not hold that metric, dimension or slice."""
-        if slice_name is None:
-            table = self.dims
-        elif slice_name in self.slices:
-            table = self.slices[slice_name]
-            if not table:
-                return None  # empty slice
-        else:
-            raise Near2Error(f"the report of {self.display_name} has no slice {slice_name!r}",
-                             hint=f"slices in it: {sorted(self.slices)}")
-        if dim not in table:
-            raise Near2Error(f"the report of {self.display_name} has no dimension {dim}",
-                             hint=f"dimensions in it: {sorted(table, reverse=True)}")
-        if metric not in table[dim]:
-            raise Near2Error(f"the report of {self.display_name} has no metric {metric!r}",
-                             hint=f"metrics in it: {self.metrics} (evaluate with the cut-off the gate uses)")
-        return table[dim][metric]
-
-    # ----- JSON --------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        def by_dim(table: dict[int, MetricValues]) -> dict[str, MetricValues]:
-            return {str(dim): dict(values) for dim, values in table.items()}
-
-        return {
-            "model": self.model,
-            "label": self.label,
-            "model_key": self.model_key,
-            "registered_model": self.registered_model,
-            "model_version": self.model_version,
-            "run_id": self.run_id,
-            "k": self.k,
-            "metrics": list(self.metrics),
-            "n_queries": self.n_queries,
-            "dims": by_dim(self.dims),
-            "slices": {name: by_dim(table) for name, table in self.slices.items()},
-            "slice_sizes": dict(self.slice_sizes),
-            "dataset": dict(self.dataset),
-            "references": {label: ref.to_dict() for label, ref in self.references.items()},
-            "wall_time_s": self.wall_time_s,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationReport:
-        def by_dim(table: Mapping[str, Any]) -> dict[int, MetricValues]:
-            return {int(dim): dict(values) for dim, values in table.items()}
-
-        try:
-            return cls(
-                model=data["model"], dims=by_dim(data["dims"]),
-                slices={name: by_dim(table) for name, table in data.get("slices", {}).items()},
-                slice_sizes=dict(data.get("slice_sizes", {})), n_queries=int(data["n_queries"]),
-                k=int(data.get("k", 10)), metrics=list(data.get("metrics", [])),
-                model_key=data.get("model_key", ""), registered_model=data.get("registered_model"),
-                model_version=data.get("model_version"), run_id=data.get("run_id"), label=data.get("label"),
-                dataset=dict(data.get("dataset", {})),
-                references={label: cls.from_dict(ref) for label, ref in data.get("references", {}).items()},
-                wall_time_s=data.get("wall_time_s"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise Near2Error(f"not an evaluation report: {exc!r} is missing or malformed",
-                             hint="pass a report.json written by `near2 evaluate`") from exc
-
-    def write_json(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def read_json(cls, path: Path) -> EvaluationReport:
-        path = Path(path)
-        if not path.is_file():
-            raise Near2Error(f"evaluation report {path} does not exist", hint="run `near2 evaluate` first")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise Near2Error(f"evaluation report {path} is not valid JSON: {exc}") from exc
-
-
-# ----- Markdown and plot ------------------------------------------------------------------------------
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
-
-
-def _metric_table(table: dict[int, MetricValues], metrics: Sequence[str]) -> list[str]:
-    lines = ["| dim | " + " | ".join(metrics) + " |", "|---:|" + "---:|" * len(metrics)]
-    for dim in sorted(table, reverse=True):
-        lines.append(f"| {dim} | " + " | ".join(_fmt(table[dim].get(m)) for m in metrics) + " |")
-    return lines
-
-
-def render_markdown(report: EvaluationReport) -> str:
-    """The report as Markdown: overall table, the headline metric next to references, one table per slice."""
-    data = report.dataset
-    lines = [
-        f"# Evaluation of {report.display_name}",
-        "",
-        f"Model `{report.model}`; {report.n_queries} judged queries, exact cosine over "
-        f"{data.get('n_products', '?')} products; relevance floor {data.get('relevance_floor', '?')}, "
-        f"relevant at >= {data.get('relevant_threshold', '?')}.",
-        "",
-        "## All queries",
-        "",
-        *_metric_table(report.dims, report.metrics),
-    ]
-    if report.references and HEADLINE_METRIC in report.metrics:
-        labels = list(report.references)
-        names = [report.references[label].display_name for label in labels]
-        lines += ["", f"## {HEADLINE_METRIC} against the references", "",
-                  "| dim | " + " | ".join([report.display_name, *names]) + " |",
-                  "|---:|" + "---:|" * (len(labels) + 1)]
-        for dim in sorted(report.dims, reverse=True):
-            ours = report.dims[dim].get(HEADLINE_METRIC)
-            cells = [_fmt(ours)]
-            for label in labels:
-                theirs = report.references[label].dims.get(dim, {}).get(HEADLINE_METRIC)
-                delta = "" if ours is None or theirs is None else f" ({ours - theirs:+.4f})"
-                cells.append(_fmt(theirs) + delta)
-            lines.append(f"| {dim} | " + " | ".join(cells) + " |")
-        lines += ["", "In brackets: this model minus the reference."]
-    for name, table in report.slices.items():
-        legend = BUILTIN_SLICES.get(name, "config slice")
-        size = report.slice_sizes.get(name, 0)
-        lines += ["", f"## Slice `{name}` ({legend}): {size} queries", ""]
-        lines += _metric_table(table, report.metrics) if table else ["Empty: no query falls in this slice."]
-    return "\n".join(lines) + "\n"
-
-
-def slice_table(report: EvaluationReport, reference: str | None = None, metric: str = HEADLINE_METRIC) -> list[str]:
-    """Markdown lines: ``metric`` per query slice (rows: all queries, then each slice) and dimension
-    (columns, largest first), with the change against ``reference`` (a label in ``report.references``)."""
-    dims = sorted(report.dims, reverse=True)
-    theirs = report.references.get(reference) if reference else None
-    rows: list[tuple[str, int, dict[int, MetricValues], dict[int, MetricValues]]] = [
-        ("all queries", report.n_queries, report.dims, theirs.dims if theirs else {})]
-    rows += [(f"`{name}`", report.slice_sizes.get(name, 0), table, theirs.slices.get(name, {}) if theirs else {})
-             for name, table in report.slices.items()]
-    lines = ["| slice | queries | " + " | ".join(f"{d}-d" for d in dims) + " |", "|---|---:|" + "---:|" * len(dims)]
-    for name, size, table, reference_table in rows:
-        cells = []
-        for dim in dims:
-            ours = table.get(dim, {}).get(metric)
-            other = reference_table.get(dim, {}).get(metric)
-            delta = "" if ours is None or other is None else f" ({ours - other:+.4f})"
-            cells.append(_fmt(ours) + delta)
-        lines.append(f"| {name} | {size} | " + " | ".join(cells) + " |")
-    if theirs is not None:
-        lines += ["", f"In brackets: this model minus the {theirs.display_name}."]
-    return lines
-
-
-def plot_by_dimension(reports: Mapping[str, EvaluationReport], path: Path, metric: str = HEADLINE_METRIC) -> Path:
-    """One chart, one line per model: ``metric`` against dimension (log2 axis, largest dimension left)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    all_dims: set[int] = set()
-    for label, report in reports.items():
-        points = [(dim, values.get(metric)) for dim, values in sorted(report.dims.items())]
-        points = [(dim, value) for dim, value in points if value is not None]
-        if points:
-            all_dims.update(dim for dim, _ in points)
-            axes.plot(*zip(*points), marker="o", label=label)
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(sorted(all_dims), [str(d) for d in sorted(all_dims)])
-    axes.invert_xaxis()
-    axes.set_xlabel("embedding dimension")
-    axes.set_ylabel(metric)
-    axes.set_title(f"{metric} by nested dimension")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
-
-
-@dataclass(frozen=True)
-class ReportFiles:
-    json: Path
-    markdown: Path
-    plot: Path
-
-    def all(self) -> list[Path]:
-        return [self.json, self.markdown, self.plot]
-
-
-def write_report(report: EvaluationReport, output: Path) -> ReportFiles:
-    """``output`` (report.json), plus ``<stem>.md`` and ``<stem>_ndcg_by_dim.png`` beside it."""
-    output = Path(output)
-    markdown = output.with_suffix(".md")
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render_markdown(report))
-    curves = {report.display_name: report, **{ref.display_name: ref for ref in report.references.values()}}
-    plot = plot_by_dimension(curves, output.with_name(f"{output.stem}_ndcg_by_dim.png"))
-    return ReportFiles(json=report.write_json(output), markdown=markdown, plot=plot)
-
-
-# ----- which model, and the key of its cached embeddings -------------------------------------------------
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model reference pinned down: what to load, and a cache key that changes when the weights do."""
-
-    ref: str
-    load_ref: str
-    cache_key: str
-    registered_model: str | None = None
-    version: str | None = None
-    run_id: str | None = None
-
-
-def _directory_fingerprint(directory: Path) -> str:
-    digest = hashlib.sha256(str(directory.resolve()).encode())
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:12]
-
-
-def _resolve_models_uri(settings: Settings, uri: str) -> ResolvedModel:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> that exact registered version;
-    ``models:/m-<id>`` (an MLflow 3 logged model) is taken as is."""
-    from near2_tasks.conventions import parse_model_uri
-    from near2_tasks.models.registry import configure_mlflow, resolve_model_uri
-
-    parsed = parse_model_uri(uri)
-    if parsed.selector is None:  # a logged model id: immutable, so the id is its own cache key
-        return ResolvedModel(ref=uri, load_ref=uri, cache_key=f"logged-{parsed.name}")
-    configure_mlflow(settings)
-    version = resolve_model_uri(settings, parsed)
-    return ResolvedModel(
-        ref=uri, load_ref=f"models:/{version.name}/{version.version}",
-        cache_key=f"{version.name}-v{version.version}", registered_model=version.name,
-        version=str(version.version), run_id=version.run_id,
-    )
-
-
-def resolve_model(settings: Settings, model_ref: str) -> ResolvedModel:
-    """Pin ``model_ref`` down: an alias is resolved to its version now, so a moving alias cannot race us."""
-    if model_ref.startswith("models:/"):
-        return _resolve_models_uri(settings, model_ref)
-    if model_ref.startswith("runs:/"):
-        run_id, _, artifact = model_ref[len("runs:/"):].partition("/")
-        return ResolvedModel(ref=model_ref, load_ref=model_ref, cache_key=f"run-{run_id}-{artifact or 'model'}",
-                             run_id=run_id)
-    if model_ref in MINILM_ALIASES:
-        return ResolvedModel(ref=model_ref, load_ref=model_ref, cache_key=BASE_MODEL_CACHE_KEY)
-    local = Path(model_ref).expanduser()
-    if local.is_dir():
-        return ResolvedModel(ref=model_ref, load_ref=str(local),
-                             cache_key=f"dir-{local.resolve().name}-{_directory_fingerprint(local)}")
-    if local.exists() or model_ref.startswith(("/", ".", "~")):
-        raise Near2Error(f"model {model_ref!r} not found: {local} is not a model directory",
-                         hint="give a directory saved by SentenceTransformer.save, a models:/ or runs:/ URI, "
-                              "or a hub id")
-    return ResolvedModel(ref=model_ref, load_ref=model_ref, cache_key=f"hub-{model_ref}")
-
-
-def embedding_cache_dir(settings: Settings) -> Path:
-    return settings.evaluation.cache_dir or settings.home / "cache" / "embeddings"
 
 
 # ----- data --------------------------------------------------------------------------------------------
@@ -471,7 +155,7 @@ def evaluate_model(settings: Settings, model_ref: str, products: pd.DataFrame, j
     scores = evaluate_retriever(ExactRetriever(catalog, settings.evaluation.query_batch_size), data, dims,
                                 query_vectors=queries, k=k, **scale_of(settings))
     for dim in dims:
-        log.info("dim %d: %s", dim, ", ".join(f"{n}={_fmt(v)}" for n, v in scores.dims[dim].items()))
+        log.info("dim %d: %s", dim, ", ".join(f"{n}={format_value(v)}" for n, v in scores.dims[dim].items()))
     names, overall, per_slice = scores.metrics, scores.dims, scores.slices
 
     n_ideal = int((data.qrels.ideal_dcg(floor, k) > 0).sum())

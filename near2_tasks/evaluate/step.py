@@ -30,7 +30,8 @@ def evaluate_version(ctx: StepContext, products: pd.DataFrame, judgments: pd.Dat
     ``model_uri``, ``run_id``) and its references at the dimensions it was trained for (its ``dims`` tag),
     the report to ``output_dir`` (default ``<run dir>/evaluation``). ``near2 gate`` calls this on the test
     split of the judgments it validated, the DAG through :func:`evaluate`."""
-    from near2_tasks.evaluate.evaluation import log_evaluation, write_report
+    from near2_tasks.evaluate.evaluation import log_evaluation
+    from near2_tasks.evaluate.report import write_report
     from near2_tasks.models.registry import get_version
     from near2_tasks.promote.gates import evaluate_with_references, reference_role, version_dims
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from near2_tasks.conventions import TAG_GATE, gate_tag, mlflow_name
 from near2_tasks.errors import Near2Error
-from near2_tasks.evaluate.evaluation import EvaluationReport
+from near2_tasks.evaluate.report import EvaluationReport
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -234,7 +234,7 @@ def reviewer_details(settings: Settings, report: EvaluationReport, reference: st
                      run_id: str | None) -> str:
     """What a reviewer reads under the gate table: NDCG@10 per query slice and dimension, and a link to
     the NDCG-by-dimension plot among the run's artifacts (``evaluation/report_ndcg_by_dim.png``)."""
-    from near2_tasks.evaluate.evaluation import HEADLINE_METRIC, slice_table
+    from near2_tasks.evaluate.report import HEADLINE_METRIC, slice_table
 
     lines = [f"## {HEADLINE_METRIC} by query slice and dimension", "", *slice_table(report, reference)]
     if run_id:

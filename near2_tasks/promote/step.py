@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from near2_tasks.config import Settings
-    from near2_tasks.evaluate.evaluation import EvaluationReport
+    from near2_tasks.evaluate.report import EvaluationReport
     from near2_tasks.promote.gates import GateDecision
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def gate(ctx: StepContext, trained: Result, evaluation: Result) -> Result:
 
 def _gate(ctx: StepContext, trained: Result, evaluation: Result) -> tuple[GateDecision, Result]:
     from near2_tasks.promote import gates
-    from near2_tasks.evaluate.evaluation import EvaluationReport
+    from near2_tasks.evaluate.report import EvaluationReport
 
     settings = ctx.settings
     version = str(trained["model_version"])
@@ -81,7 +81,7 @@ def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataF
     ``<home>/reports/v<version>``) and to its MLflow run; the step records to ``run``'s directory (default
     ``<home>/runs/near2_gate/v<version>``).
     """
-    from near2_tasks.evaluate.evaluation import EvaluationReport
+    from near2_tasks.evaluate.report import EvaluationReport
     from near2_tasks.evaluate.step import evaluate_version
     from near2_tasks.models.registry import configure_mlflow, get_version, model_uri
 

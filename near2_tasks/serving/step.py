@@ -55,7 +55,7 @@ def create_index(ctx: StepContext, validation: Result, model: Result, shards: in
     :func:`encode_shard` steps load it; the DAG passes the number of its mapped tasks."""
     from near2_tasks.serving import index as idx
     from near2_tasks.models.embeddings import check_dims, encode_cached, model_dimension
-    from near2_tasks.evaluate.evaluation import embedding_cache_dir, resolve_model
+    from near2_tasks.models.refs import embedding_cache_dir, resolve_model
 
     settings = ctx.settings
     shards = int(shards or settings.airflow.encode_shards)
@@ -96,7 +96,7 @@ def encode_shard(ctx: StepContext, validation: Result, created: Result, shard: i
     from near2_tasks.serving import index as idx
     from near2_tasks.models.embeddings import cached_encoding, encode_cached
     from near2_tasks.serving.es_client import make_client
-    from near2_tasks.evaluate.evaluation import embedding_cache_dir, resolve_model
+    from near2_tasks.models.refs import embedding_cache_dir, resolve_model
 
     settings = ctx.settings
     name, shards, shard = created["index"], int(created["shards"]), int(shard)

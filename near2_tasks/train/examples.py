@@ -154,8 +154,9 @@ def _resolve_model(model: Any, model_key: str | None, settings: Settings) -> tup
         return model, model_key
     from near2_tasks.models.backends import load_inference_encoder
     from near2_tasks.models.embeddings import MINILM_ALIASES
+    from near2_tasks.models.refs import BASE_MODEL_CACHE_KEY
 
-    key = model_key or ("minilm-base" if model in MINILM_ALIASES else None)
+    key = model_key or (BASE_MODEL_CACHE_KEY if model in MINILM_ALIASES else None)
     return load_inference_encoder(settings, model, missing="export"), key
 
 

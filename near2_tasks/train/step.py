@@ -26,7 +26,7 @@ def mine_examples(ctx: StepContext, validation: Result) -> Result:
     key the evaluation uses, so the catalog is encoded by it once per run (once ever for the default model).
     """
     from near2_tasks.train import examples as ex
-    from near2_tasks.evaluate.evaluation import resolve_model
+    from near2_tasks.models.refs import resolve_model
 
     settings = ctx.settings
     products, judgments = accepted(validation)
