@@ -91,6 +91,15 @@ def _remember_accepted(state_path: Path, catalog_rows: int, versions: dict[str, 
         "report": str(report_path)}, indent=2))
 
 
+def _fresh_report_dir(report_dir: Path) -> tuple[Path, Path, Path, Path]:
+    """``report_dir`` without an earlier run's outputs; its report, accepted, quarantine and data docs paths."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    accepted_dir, quarantine_dir, docs_dir = report_dir / "accepted", report_dir / "quarantine", report_dir / "data_docs"
+    for stale in (accepted_dir, quarantine_dir, docs_dir):  # a re-run converges to a clean run's output
+        shutil.rmtree(stale, ignore_errors=True)
+    return report_dir / "report.json", accepted_dir, quarantine_dir, docs_dir
+
+
 def _resolve_inputs(settings: Settings, catalog_path: Path | None, judgments_path: Path | None
                     ) -> tuple[Path, Path | None]:
     if catalog_path is None and settings.dataset.catalog_path is not None:
@@ -195,11 +204,7 @@ def validate_dataset(settings: Settings, catalog_path: str | Path | None, judgme
 
     began = time.monotonic()
     report_dir = Path(report_dir) if report_dir is not None else settings.home / "validation" / settings.dataset.name
-    report_dir.mkdir(parents=True, exist_ok=True)
-    report_path = report_dir / "report.json"
-    accepted_dir, quarantine_dir, docs_dir = report_dir / "accepted", report_dir / "quarantine", report_dir / "data_docs"
-    for stale in (accepted_dir, quarantine_dir, docs_dir):  # a re-run converges to a clean run's output
-        shutil.rmtree(stale, ignore_errors=True)
+    report_path, accepted_dir, quarantine_dir, docs_dir = _fresh_report_dir(report_dir)
     catalog_path, judgments_path = _resolve_inputs(
         settings, Path(catalog_path) if catalog_path is not None else None,
         Path(judgments_path) if judgments_path is not None else None)
