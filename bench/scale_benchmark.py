@@ -94,7 +94,7 @@ def settings_for(args, option: str | None = None):
 # ----- vectors ---------------------------------------------------------------------------------------
 
 def real_data():
-    from near2_tasks.data.validate import load_accepted
+    from near2_tasks.data.outputs import load_accepted
 
     accepted = load_accepted(VALIDATION)
     catalog = np.load(CATALOG_CACHE)

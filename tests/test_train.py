@@ -415,7 +415,8 @@ def test_mnrl_mini_batch_size_switches_to_the_cached_loss(tmp_path, tiny_model_d
 
 def test_run_names_are_readable_and_distinct(trained, data, tmp_path):
     from near2_tasks.models import registry
-    from near2_tasks.train.trainer import run_name, train_model
+    from near2_tasks.train.tracking import run_name
+    from near2_tasks.train.trainer import train_model
 
     assert run_name("0123456789abcdef", "manual__2026", now=0) == "train-0123456789ab-19700101T000000.000Z-manual__2026"
     settings, first = trained

@@ -12,7 +12,8 @@ import pytest
 from near2_tasks.cli import main
 from near2_tasks.config import load_settings
 from near2_tasks.errors import ValidationFailed
-from near2_tasks.data.validate import load_accepted, validate_dataset
+from near2_tasks.data.outputs import load_accepted
+from near2_tasks.data.validate import validate_dataset
 
 DATA = Path(__file__).parent / "data"
 

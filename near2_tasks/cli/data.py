@@ -56,7 +56,7 @@ def validate(ctx: click.Context, catalog: str | None, judgments: str | None, fmt
 def examples(ctx: click.Context, report_dir: str, output: str, model: str | None) -> None:
     """Split accepted judgments by query and mine MMSE-style training examples."""
     from near2_tasks.train.examples import configured_splits, mine_examples, write_examples
-    from near2_tasks.data.validate import load_accepted
+    from near2_tasks.data.outputs import load_accepted
 
     settings = settings_from(ctx)
     began = time.monotonic()

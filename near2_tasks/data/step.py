@@ -36,7 +36,7 @@ def validate(ctx: StepContext) -> Result:
 
 def accepted(validation: Result) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The accepted products (with the ``text`` every stage embeds) and judgments of the validate step."""
-    from near2_tasks.data.validate import load_accepted
+    from near2_tasks.data.outputs import load_accepted
 
     accepted = load_accepted(Path(validation["report_dir"]))
     return accepted.products, accepted.judgments

@@ -174,6 +174,105 @@ def _sample_unjudged(rng: random.Random, product_ids: list[str], judged: set[str
     return picked
 
 
+def _mined_negatives(ranked: np.ndarray, product_ids: list[str], graded: dict[str, float], hard_max: float,
+                     ex: Any) -> list[tuple[str, str]]:
+    """A query's model-mined negatives from its ``ranked`` products: judged-low ones, optionally unjudged ones."""
+    found: list[tuple[str, str]] = []
+    skipped = 0
+    for index in ranked:
+        pid = product_ids[index]
+        if pid in graded:
+            if graded[pid] < hard_max:
+                found.append((pid, "mined_negative"))
+        elif ex.mined_unjudged_as_negatives:
+            if skipped < ex.mined_skip_top:
+                skipped += 1
+            else:
+                found.append((pid, "mined_unjudged_negative"))
+        if len(found) == ex.mined_negatives_per_query:
+            break
+    return found
+
+
+def _mine_with_model(model: Any, model_key: str | None, product_vectors: np.ndarray | None, settings: Settings,
+                     queries: pd.DataFrame, grades: dict[str, dict[str, float]], product_ids: list[str],
+                     text_of: dict[str, str], hard_max: float) -> dict[str, list[tuple[str, str]]]:
+    """Each query's model-mined negatives (query id -> (product id, kind)), from the model's top products."""
+    ex = settings.examples
+    encoder, key = _resolve_model(model, model_key, settings)
+    texts = [text_of[pid] for pid in product_ids]
+    vectors = product_vectors
+    if vectors is None and key:
+        from near2_tasks.models.embeddings import encode_cached
+
+        cache = ex.embedding_cache_dir or settings.home / "cache" / "embeddings"
+        vectors = encode_cached(encoder, key, texts, cache, batch_size=settings.model.encode_batch_size)
+    top = model_top_k(encoder, queries["query"].tolist(), texts, ex.mined_top_k,
+                      settings.model.encode_batch_size, vectors)
+    return {qid: _mined_negatives(top[row], product_ids, grades[qid], hard_max, ex)
+            for row, qid in enumerate(queries.index)}
+
+
+class _ExampleRows:
+    """The triplets and pairs being built, their provenance, and the counts of the examples report."""
+
+    def __init__(self, text_of: dict[str, str], ex: Any, missing_products: int) -> None:
+        self.text_of, self.ex = text_of, ex
+        self.counts = {k: 0 for k in ("queries", "queries_without_positive", "strong_positives", "weak_positives",
+                                      "hard_negatives", "mined_negatives", "mined_unjudged_negatives",
+                                      "random_negatives", "positives_without_negative")}
+        self.counts["judgments_without_product"] = missing_products
+        self.triplets: list[tuple[str, str, str]] = []
+        self.triplet_sources: list[tuple[str, str, str, str, str]] = []
+        self.pairs: list[tuple[str, str, int]] = []
+        self.pair_sources: list[tuple[str, str, str]] = []
+
+    def add_query(self, qid: str, query: str, strong: list[str], weak: list[str],
+                  negatives: list[tuple[str, str]]) -> None:
+        """One query's triplets (each anchor with its next negatives, round-robin) and labelled pairs."""
+        counts, text_of = self.counts, self.text_of
+        counts["queries"] += 1
+        counts["strong_positives"] += len(strong)
+        counts["weak_positives"] += len(weak)
+        for _, kind in negatives:
+            counts[kind + "s"] += 1
+        if not strong and not weak:
+            counts["queries_without_positive"] += 1
+        anchors = [(pid, "strong_positive") for pid in strong]
+        if self.ex.weak_positives_in_triplets:
+            anchors += [(pid, "weak_positive") for pid in weak]
+        for position, (pid, kind) in enumerate(anchors):
+            if not negatives:
+                counts["positives_without_negative"] += 1
+                continue
+            for j in range(min(self.ex.negatives_per_positive, len(negatives))):
+                neg, neg_kind = negatives[(position + j) % len(negatives)]
+                self.triplets.append((query, text_of[pid], text_of[neg]))
+                self.triplet_sources.append((qid, pid, neg, kind, neg_kind))
+        for pid, kind in [(p, "strong_positive") for p in strong] + [(p, "weak_positive") for p in weak]:
+            self.pairs.append((query, text_of[pid], 1))
+            self.pair_sources.append((qid, pid, kind))
+        for pid, kind in negatives:
+            self.pairs.append((query, text_of[pid], 0))
+            self.pair_sources.append((qid, pid, kind))
+
+    def examples(self) -> TrainingExamples:
+        counts = self.counts
+        triplet_frame = pd.DataFrame(self.triplets, columns=["anchor", "positive", "negative"], dtype=object)
+        pair_frame = pd.DataFrame(self.pairs, columns=["sentence1", "sentence2", "label"])
+        pair_frame["label"] = pair_frame["label"].astype(int)
+        counts["triplets"] = len(triplet_frame)
+        counts["pairs"] = len(pair_frame)
+        counts["pairs_positive"] = int(pair_frame["label"].sum())
+        counts["pairs_negative"] = counts["pairs"] - counts["pairs_positive"]
+        return TrainingExamples(
+            triplet_frame, pair_frame, counts,
+            pd.DataFrame(self.triplet_sources, columns=["query_id", "positive_id", "negative_id", "positive_kind",
+                                                        "negative_kind"]),
+            pd.DataFrame(self.pair_sources, columns=["query_id", "product_id", "kind"]),
+        )
+
+
 def mine_examples(products: pd.DataFrame, train_judgments: pd.DataFrame, settings: Settings,
                   model: SentenceTransformer | str | None = None, model_key: str | None = None,
                   product_vectors: np.ndarray | None = None) -> TrainingExamples:
@@ -193,52 +292,17 @@ def mine_examples(products: pd.DataFrame, train_judgments: pd.DataFrame, setting
     product_ids = products["product_id"].astype(str).tolist()
     text_of = dict(zip(product_ids, products["text"].tolist()))
     judged_rows = train_judgments[train_judgments["product_id"].isin(text_of)]
-    missing_products = len(train_judgments) - len(judged_rows)
 
     queries = judged_rows.groupby("query_id", sort=True).agg(query=("query", "first"))
     grades = {qid: dict(zip(g["product_id"], g["relevance"])) for qid, g in judged_rows.groupby("query_id")}
-
     mined_for: dict[str, list[tuple[str, str]]] = {}
     if model is not None and ex.mined_negatives_per_query > 0 and len(queries):
-        encoder, key = _resolve_model(model, model_key, settings)
-        texts = [text_of[pid] for pid in product_ids]
-        vectors = product_vectors
-        if vectors is None and key:
-            from near2_tasks.models.embeddings import encode_cached
+        mined_for = _mine_with_model(model, model_key, product_vectors, settings, queries, grades, product_ids,
+                                     text_of, hard_max)
 
-            cache = ex.embedding_cache_dir or settings.home / "cache" / "embeddings"
-            vectors = encode_cached(encoder, key, texts, cache, batch_size=settings.model.encode_batch_size)
-        top = model_top_k(encoder, queries["query"].tolist(), texts, ex.mined_top_k,
-                          settings.model.encode_batch_size, vectors)
-        for row, qid in enumerate(queries.index):
-            graded = grades[qid]
-            found: list[tuple[str, str]] = []
-            skipped = 0
-            for index in top[row]:
-                pid = product_ids[index]
-                if pid in graded:
-                    if graded[pid] < hard_max:
-                        found.append((pid, "mined_negative"))
-                elif ex.mined_unjudged_as_negatives:
-                    if skipped < ex.mined_skip_top:
-                        skipped += 1
-                    else:
-                        found.append((pid, "mined_unjudged_negative"))
-                if len(found) == ex.mined_negatives_per_query:
-                    break
-            mined_for[qid] = found
-
-    counts = {k: 0 for k in ("queries", "queries_without_positive", "strong_positives", "weak_positives",
-                             "hard_negatives", "mined_negatives", "mined_unjudged_negatives", "random_negatives",
-                             "positives_without_negative")}
-    counts["judgments_without_product"] = missing_products
-    triplets: list[tuple[str, str, str]] = []
-    triplet_sources: list[tuple[str, str, str, str, str]] = []
-    pairs: list[tuple[str, str, int]] = []
-    pair_sources: list[tuple[str, str, str]] = []
+    rows = _ExampleRows(text_of, ex, len(train_judgments) - len(judged_rows))
     for qid, query in queries["query"].items():
         graded = grades[qid]
-        counts["queries"] += 1
         ordered = sorted(graded.items(), key=lambda item: (-item[1], item[0]))
         strong = [pid for pid, rel in ordered if rel >= strong_min]
         weak = [pid for pid, rel in ordered if settings.dataset.relevant_threshold <= rel < strong_min]
@@ -250,43 +314,8 @@ def mine_examples(products: pd.DataFrame, train_judgments: pd.DataFrame, setting
                      + [(pid, "hard_negative") for pid in hard]
                      + [(pid, kind) for pid, kind in mined if kind == "mined_unjudged_negative"]
                      + [(pid, "random_negative") for pid in randoms])
-        counts["strong_positives"] += len(strong)
-        counts["weak_positives"] += len(weak)
-        for _, kind in negatives:
-            counts[kind + "s"] += 1
-        if not strong and not weak:
-            counts["queries_without_positive"] += 1
-        anchors = [(pid, "strong_positive") for pid in strong]
-        if ex.weak_positives_in_triplets:
-            anchors += [(pid, "weak_positive") for pid in weak]
-        for position, (pid, kind) in enumerate(anchors):
-            if not negatives:
-                counts["positives_without_negative"] += 1
-                continue
-            for j in range(min(ex.negatives_per_positive, len(negatives))):
-                neg, neg_kind = negatives[(position + j) % len(negatives)]
-                triplets.append((query, text_of[pid], text_of[neg]))
-                triplet_sources.append((qid, pid, neg, kind, neg_kind))
-        for pid, kind in [(p, "strong_positive") for p in strong] + [(p, "weak_positive") for p in weak]:
-            pairs.append((query, text_of[pid], 1))
-            pair_sources.append((qid, pid, kind))
-        for pid, kind in negatives:
-            pairs.append((query, text_of[pid], 0))
-            pair_sources.append((qid, pid, kind))
-
-    triplet_frame = pd.DataFrame(triplets, columns=["anchor", "positive", "negative"], dtype=object)
-    pair_frame = pd.DataFrame(pairs, columns=["sentence1", "sentence2", "label"])
-    pair_frame["label"] = pair_frame["label"].astype(int)
-    counts["triplets"] = len(triplet_frame)
-    counts["pairs"] = len(pair_frame)
-    counts["pairs_positive"] = int(pair_frame["label"].sum())
-    counts["pairs_negative"] = counts["pairs"] - counts["pairs_positive"]
-    return TrainingExamples(
-        triplet_frame, pair_frame, counts,
-        pd.DataFrame(triplet_sources, columns=["query_id", "positive_id", "negative_id", "positive_kind",
-                                               "negative_kind"]),
-        pd.DataFrame(pair_sources, columns=["query_id", "product_id", "kind"]),
-    )
+        rows.add_query(qid, query, strong, weak, negatives)
+    return rows.examples()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,33 +20,29 @@ Everything goes into one MLflow run: parameters, per-step losses (total and per 
 validation metrics (``val_ndcg_at_10_dim_64`` …; binary relevance at ``dataset.relevant_threshold``,
 on a sample of the validation split — the graded full-catalog evaluation is the evaluate stage's job),
 system metrics, the data reports, and the model, registered as the new ``challenger``. Only a run that
-trained and logged completely registers a version.
+trained and logged completely registers a version. What is logged, and how, is in
+:mod:`near2_tasks.train.tracking`; this module holds the training arguments (precision included), the trainer
+and its fit loop.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
 import shutil
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
+from near2_tasks.errors import Near2Error
 from near2_tasks.models import registry
-from near2_tasks.conventions import mlflow_name
-from near2_tasks.errors import Near2Error, ServiceUnavailable
+from near2_tasks.train import tracking
 from near2_tasks.train.evaluator import (
     BEST_METRIC, ValidationData, check_validation, nested_evaluator, val_metrics_from, validation_sample,
 )
 from near2_tasks.train.init import check_nested_dims, init_prefixes, load_base_model, product_texts
-from near2_tasks.train.objective import (
-    check_examples, hybrid_losses, matryoshka_weights, retrieval_loss_name, training_datasets,
-)
+from near2_tasks.train.objective import check_examples, hybrid_losses, matryoshka_weights, training_datasets
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformerTrainingArguments
@@ -64,9 +60,6 @@ class TrainResult:
     model_uri: str
     output_dir: Path
     val_metrics: dict[str, float]  # val_<metric>_dim_<d> of the registered checkpoint
-
-
-# ----- input checks ---------------------------------------------------------------------------
 
 
 # ----- the pieces, in the order they are built: model → data → loss → evaluator → trainer ----------
@@ -178,30 +171,6 @@ def _hybrid_trainer_class():
     return HybridObjectiveTrainer
 
 
-def _mlflow_step_logger(dims: list[int]):
-    """A callback that sends the trainer's logs to the active MLflow run under the project's names."""
-    import mlflow
-    from transformers import TrainerCallback
-
-    class MLflowStepLogger(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-            logs = logs or {}
-            metrics = val_metrics_from(logs, dims)
-            if BEST_METRIC in logs:
-                metrics["val_mean_ndcg_at_10"] = float(logs[BEST_METRIC])
-            for key, value in logs.items():
-                # eval_* are mapped above; the end-of-training train_loss is a mean that would add a
-                # misleading last point to the per-step train_loss chart
-                if key.startswith("eval_") or key == "train_loss" or not isinstance(value, (int, float)):
-                    continue
-                name = mlflow_name(key)
-                metrics[f"train_{name}" if name.startswith("loss") else name] = float(value)
-            if metrics:
-                mlflow.log_metrics(metrics, step=state.global_step)
-
-    return MLflowStepLogger()
-
-
 def _progress_logger():
     """One log line per logging step with the ETA: readable in Airflow task logs, where bars are not."""
     from transformers import TrainerCallback
@@ -226,75 +195,6 @@ def _progress_logger():
 
 def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-# ----- the run --------------------------------------------------------------------------------
-def system_info(device: str) -> dict[str, str]:
-    import sentence_transformers
-    import torch
-    import transformers
-
-    info = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": str(os.cpu_count()),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-        "device": device,
-        "torch_threads": str(torch.get_num_threads()),
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def run_params(settings: Settings, examples: Any, validation: ValidationData, dataset_version: str,
-               device: str, args: SentenceTransformerTrainingArguments, git_commit: str) -> dict[str, Any]:
-    cfg = settings.training
-    return {
-        "base_model": settings.model.base_model,
-        "dims": ",".join(map(str, settings.model.dims)),
-        "matryoshka_weights": ",".join(f"{w:g}" for w in matryoshka_weights(settings)),
-        "losses": f"retrieval=MatryoshkaLoss({retrieval_loss_name(cfg)}), "
-                  "ranking=MatryoshkaLoss(OnlineContrastiveLoss)",
-        "mnrl_mini_batch_size": cfg.mnrl_mini_batch_size,
-        "prefix_init": cfg.prefix_init,
-        "max_seq_length": cfg.max_seq_length,
-        "retrieval_weight": cfg.retrieval_weight,
-        "ranking_weight": cfg.ranking_weight,
-        "mnrl_scale": cfg.mnrl_scale,
-        "contrastive_margin": cfg.contrastive_margin,
-        "batch_size": args.per_device_train_batch_size,
-        "batch_sampler": "no_duplicates",
-        "multi_dataset_sampler": cfg.multi_dataset_sampler,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "learning_rate": cfg.learning_rate,
-        "warmup_ratio": cfg.warmup_ratio,
-        "weight_decay": cfg.weight_decay,
-        "epochs": args.num_train_epochs,
-        "max_steps": args.max_steps,
-        "eval_steps": args.eval_steps,
-        "seed": cfg.seed,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        "device": device,
-        "dataset_version": dataset_version,
-        "train_triplets": len(examples.triplets) if getattr(examples, "triplets", None) is not None else 0,
-        "train_pairs": len(examples.pairs) if getattr(examples, "pairs", None) is not None else 0,
-        "val_queries": len(validation.queries),
-        "val_corpus": len(validation.corpus),
-        "git_commit": git_commit,
-    }
-
-
-def run_name(dataset_version: str, run_key: str | None = None, now: float | None = None) -> str:
-    """``train-<dataset version>-<UTC time, ms>[-<run key>]``: distinct and readable in the experiment list
-    (MLflow's own random names repeat, because training seeds the random generators first)."""
-    import datetime as dt
-
-    stamp = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.timezone.utc)
-    name = f"train-{dataset_version[:12]}-{stamp.strftime('%Y%m%dT%H%M%S')}.{stamp.microsecond // 1000:03d}Z"
-    return f"{name}-{run_key}" if run_key else name
 
 
 def _train(trainer) -> None:
@@ -341,20 +241,29 @@ def _already_registered(settings: Settings, run_key: str, output_dir: Path) -> T
     return TrainResult(version.run_id, str(version.version), uri, output_dir, metrics)
 
 
-@contextmanager
-def _tracking_server_errors(settings: Settings) -> Iterator[None]:
-    """An MLflow failure inside the run (the server died mid-training, after MLflow's own HTTP retries)
-    becomes one clear :class:`ServiceUnavailable`; the registry has no version of this run by then, or one
-    without the ``challenger`` alias and run-key tag, which a re-run replaces."""
-    from mlflow.exceptions import MlflowException
+def _check_inputs(settings: Settings, examples: Any, validation_data: Any, output_dir: Path) -> ValidationData:
+    """Everything checkable before the model loads; the checked validation data."""
+    check_nested_dims(settings.model.dims)
+    matryoshka_weights(settings)
+    check_examples(examples, settings.training)
+    validation = check_validation(validation_data)
+    if output_dir.is_file():
+        raise Near2Error(f"output directory {output_dir} is an existing file", hint="give a directory path")
+    return validation
 
-    try:
-        yield
-    except MlflowException as exc:
-        raise ServiceUnavailable(
-            f"MLflow at {settings.tracking_uri} failed during training: {str(exc).splitlines()[0][:300]}",
-            hint="check that the tracking server is up, then re-run the task (nothing was promoted)",
-        ) from exc
+
+def _fit(trainer, model, evaluator, dims: list[int]) -> dict[str, float]:
+    """Train; log the best step (and the final validation when no checkpoint was kept); its val metrics."""
+    import mlflow
+
+    _train(trainer)
+    val_metrics = _kept_checkpoint_metrics(trainer.state, dims)
+    if not val_metrics:
+        val_metrics = val_metrics_from(evaluator(model), dims, prefix="")
+        mlflow.log_metrics(val_metrics, step=trainer.state.global_step)
+    mlflow.log_metric("best_step", int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
+                      if trainer.state.best_model_checkpoint else trainer.state.global_step)
+    return val_metrics
 
 
 def train_model(
@@ -375,19 +284,13 @@ def train_model(
     ``reports`` (e.g. the validation report) are stored as JSON artifacts of the run. With a ``run_key``
     that already produced a registered version, nothing is retrained: that version is returned.
     """
-    import mlflow
     import transformers
 
     from near2_tasks.models.embeddings import pick_device
 
-    cfg = settings.training
+    cfg, dims = settings.training, settings.model.dims
     output_dir = Path(output_dir).expanduser().resolve()
-    check_nested_dims(settings.model.dims)
-    matryoshka_weights(settings)
-    check_examples(examples, cfg)
-    validation = check_validation(validation_data)
-    if output_dir.is_file():
-        raise Near2Error(f"output directory {output_dir} is an existing file", hint="give a directory path")
+    validation = _check_inputs(settings, examples, validation_data, output_dir)
 
     transformers.set_seed(cfg.seed)
     device = pick_device(settings.model.device)
@@ -399,47 +302,24 @@ def train_model(
     datasets = training_datasets(examples, cfg)
     losses = hybrid_losses(model, settings)
     validation = validation_sample(validation, cfg.val_max_queries, cfg.val_corpus_size, cfg.seed)
-    evaluator = nested_evaluator(validation, settings.model.dims, cfg.eval_batch_size)
+    evaluator = nested_evaluator(validation, dims, cfg.eval_batch_size)
 
     git_commit = registry.current_git_commit()
-    tags = {"dataset_version": dataset_version, "git_commit": git_commit}
-    if run_key:
-        tags[registry.TAG_RUN_KEY] = run_key
-    checkpoints = settings.home / "checkpoints"
-    with _tracking_server_errors(settings), \
-            mlflow.start_run(experiment_id=experiment_id, run_name=run_name(dataset_version, run_key), tags=tags,
-                             log_system_metrics=True) as run:
-        checkpoints = checkpoints / run.info.run_id
+    with tracking.training_run(settings, experiment_id, dataset_version, run_key, git_commit) as run:
+        checkpoints = settings.home / "checkpoints" / run.info.run_id
         try:
             # inside the run: a re-run of a registered run key skips it, a failure is logged
             init_prefixes(model, cfg, product_texts(examples))
             args = training_arguments(settings, checkpoints, device, epochs, max_steps)
-            mlflow.log_params(run_params(settings, examples, validation, dataset_version, device, args, git_commit))
-            mlflow.log_dict(system_info(device), "system_info.json")
-            if getattr(examples, "counts", None) is not None:
-                mlflow.log_dict(json.loads(json.dumps(examples.counts, default=str)), "reports/training_examples.json")
-            for name, report in (reports or {}).items():
-                mlflow.log_dict(json.loads(json.dumps(report, default=str)), f"reports/{name}.json")
-
+            tracking.log_run_inputs(settings, examples, validation, dataset_version, device, args, git_commit, reports)
             trainer = _hybrid_trainer_class()(
                 model=model, args=args, train_dataset=datasets, loss=losses, evaluator=evaluator,
-                callbacks=[_mlflow_step_logger(settings.model.dims), _progress_logger()],
+                callbacks=[tracking.mlflow_step_logger(dims), _progress_logger()],
             )
-            _train(trainer)
-            val_metrics = _kept_checkpoint_metrics(trainer.state, settings.model.dims)
-            if not val_metrics:
-                val_metrics = val_metrics_from(evaluator(model), settings.model.dims, prefix="")
-                mlflow.log_metrics(val_metrics, step=trainer.state.global_step)
-            mlflow.log_metric("best_step", int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
-                              if trainer.state.best_model_checkpoint else trainer.state.global_step)
-
+            val_metrics = _fit(trainer, model, evaluator, dims)
             model.save(str(output_dir))
-            info = registry.log_model(model, settings.model.dims[0],
-                                      metadata={"dims": settings.model.dims, "dataset_version": dataset_version})
-            version = registry.register_model(settings, info.model_uri, run.info.run_id, dataset_version,
-                                              settings.model.dims, run_key=run_key, git_commit=git_commit,
-                                              model_id=info.model_id)
-            mlflow.set_tag("model_version", version.version)
+            version = tracking.register_trained_model(model, settings, run.info.run_id, dataset_version, run_key,
+                                                      git_commit)
         finally:
             shutil.rmtree(checkpoints, ignore_errors=True)
     uri = registry.model_uri(settings, version.version)
