@@ -38,7 +38,9 @@ from pydantic import BaseModel, Field
 from near2_tasks.config import Settings, load_settings
 from near2_tasks.errors import Near2Error, ServiceUnavailable
 from near2_tasks.serving.hybrid import FUSIONS, weight_for
-from near2_tasks.serving.search import MODES, BadSearchRequest, NoServingIndex, Searcher
+from near2_tasks.serving.request import MODES, BadSearchRequest, pick_dims
+from near2_tasks.serving.search import Searcher
+from near2_tasks.serving.served_index import NoServingIndex
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +350,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                          model_version=index.model_version, dims=index.dims, fields=fields, modes=list(MODES),
                          default_mode=settings.serving.mode, fusions=list(FUSIONS),
                          default_fusion=settings.serving.hybrid_fusion, lexical_fields=list(index.lexical_fields),
-                         default_dim=app.state.searcher.pick_dims(index, None, "knn")[0])
+                         default_dim=pick_dims(app.state.searcher.settings, index, None, "knn")[0])
 
     @app.get("/", include_in_schema=False)
     def storefront_page() -> FileResponse:
