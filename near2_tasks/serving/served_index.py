@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class NoServingIndex(Near2Error):
-    """The alias does not exist yet: nothing is served."""
-
-    exit_code = 3
+def vector_bytes(index_type: str, dim: int) -> float:
+    """Bytes per vector of a ``dense_vector`` field searched with ``index_type``, by Elasticsearch's sizing
+    formula: float 4·d, int8 d+4, int4 d/2+4, bbq d/8+14 (the quantized copy search reads; the HNSW graph,
+    about 4·m bytes more, is not counted). 1-bit codes (``near2_tasks.serving.compact``) cost d/8."""
+    kind = index_type.split("_")[0]
+    return {"int8": dim + 4, "int4": dim / 2 + 4, "bbq": dim / 8 + 14, "bits": dim / 8}.get(kind, 4 * dim)
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,10 @@ class ServingIndex:
                    hybrid_weights=weights)
 
 
-def vector_bytes(index_type: str, dim: int) -> float:
-    """Bytes per vector of a ``dense_vector`` field searched with ``index_type``, by Elasticsearch's sizing
-    formula: float 4·d, int8 d+4, int4 d/2+4, bbq d/8+14 (the quantized copy search reads; the HNSW graph,
-    about 4·m bytes more, is not counted). 1-bit codes (``near2_tasks.serving.compact``) cost d/8."""
-    kind = index_type.split("_")[0]
-    return {"int8": dim + 4, "int4": dim / 2 + 4, "bbq": dim / 8 + 14, "bits": dim / 8}.get(kind, 4 * dim)
+class NoServingIndex(Near2Error):
+    """The alias does not exist yet: nothing is served."""
+
+    exit_code = 3
 
 
 def alias_target(settings: Settings, client: Elasticsearch) -> str:
