@@ -34,6 +34,7 @@ def main() -> None:
     from near2_tasks.models.embeddings import encode
     from near2_tasks.evaluate.evaluation import prepare_data
     from near2_tasks.train.examples import configured_splits
+    from near2_tasks.serving.request import pick_dims
     from near2_tasks.serving.search import Searcher
 
     from bench_retrieval import score
@@ -55,7 +56,7 @@ def main() -> None:
     data = prepare_data(products.assign(text=products["title"].astype(str)), test, settings.dataset.text_template)
     queries = encode(searcher.encoder(served), data.query_texts)
 
-    full, shortlist_dim = searcher.pick_dims(served, None, "funnel")  # exactly the service's choice
+    full, shortlist_dim = pick_dims(settings, served, None, "funnel")  # exactly the service's choice
     modes = {f"knn {d}": (d, None) for d in served.dims}
     modes[f"funnel {settings.serving.funnel_shortlist_size} @ {shortlist_dim}"
           f"{' bits' if shortlist_dim in served.binary_centres else ''} -> {full}"] = (full, shortlist_dim)

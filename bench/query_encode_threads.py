@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from near2_tasks.models.settings import PACKAGED_MINILM  # noqa: E402
 from near2_tasks.models.embeddings import encode, load_encoder  # noqa: E402
-from near2_tasks.serving.search import torch_threads  # noqa: E402
+from near2_tasks.serving.query_encoder import torch_threads  # noqa: E402
 
 
 def main() -> None:

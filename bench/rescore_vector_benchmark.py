@@ -50,7 +50,9 @@ def main() -> None:
     from near2_tasks.evaluate.retrieval import overlap_at, rank_whole_catalog
     from near2_tasks.train.examples import configured_splits
     from near2_tasks.serving.publish import build_verify_swap
-    from near2_tasks.serving.search import Searcher, knn_body, rescore_body, vector_bytes
+    from near2_tasks.serving.query_bodies import knn_body, rescore_body
+    from near2_tasks.serving.search import Searcher
+    from near2_tasks.serving.served_index import vector_bytes
 
     from bench_retrieval import score
 

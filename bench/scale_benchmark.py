@@ -319,7 +319,8 @@ def exact_top(args, size: int, vectors, queries: np.ndarray, dim: int) -> np.nda
 
 def stage_measure(args, size: int, option: str) -> None:
     from near2_tasks import conventions
-    from near2_tasks.serving.search import Searcher, knn_body
+    from near2_tasks.serving.query_bodies import knn_body
+    from near2_tasks.serving.search import Searcher
 
     results = load_results()
     build = results["builds"][f"{size}:{option}"]

@@ -54,7 +54,9 @@ from near2_tasks.evaluate.retrieval import (  # noqa: E402
     ExactRetriever, evaluate_retriever, overlap_at, rank_whole_catalog, rows_of, scale_of)
 from near2_tasks.models.embeddings import encode, encode_cached, load_encoder  # noqa: E402
 from near2_tasks.serving.build import build_index  # noqa: E402
-from near2_tasks.serving.search import Searcher, ServingIndex, torch_threads  # noqa: E402
+from near2_tasks.serving.query_encoder import torch_threads  # noqa: E402
+from near2_tasks.serving.search import Searcher  # noqa: E402
+from near2_tasks.serving.served_index import ServingIndex  # noqa: E402
 
 log = logging.getLogger("serving_benchmark")
 

@@ -205,7 +205,7 @@ def test_evaluation_and_serving_encode_with_the_configured_backend(tiny_settings
     """model.backend reaches the pipeline: evaluation exports once and caches the backend's vectors apart
     from fp32; the search service's encoder is the exported one, and falls back to fp32 torch (never
     exporting) for a model without the artefact."""
-    from near2_tasks.serving import search
+    from near2_tasks.serving.query_encoder import encoder_for
     from near2_tasks.evaluate.evaluation import evaluate_model
     from near2_tasks.models.refs import embedding_cache_dir
     from near2_tasks.models.registry import client as mlflow_client
@@ -222,10 +222,10 @@ def test_evaluation_and_serving_encode_with_the_configured_backend(tiny_settings
     for dim in onnx.model.dims:  # fp32 export: the same rankings up to float noise
         assert onnx_report.dims[dim]["ndcg@10"] == pytest.approx(fp32_report.dims[dim]["ndcg@10"], abs=0.02)
 
-    served = search.encoder_for(onnx, onnx.model.base_model)
+    served = encoder_for(onnx, onnx.model.base_model)
     assert getattr(served, "variant", None) == "onnx"
     version = _register_tiny_model(onnx, tiny_model)
-    fallback = search.encoder_for(onnx, f"models:/{onnx.mlflow.registered_model}/{version}")
+    fallback = encoder_for(onnx, f"models:/{onnx.mlflow.registered_model}/{version}")
     assert not hasattr(fallback, "encode_normalized")  # fp32 torch, and nothing was exported for it
     tags = mlflow_client(onnx).get_model_version(onnx.mlflow.registered_model, version).tags
     assert "backend.onnx" not in tags

@@ -19,7 +19,8 @@ from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.serving.hybrid import METHODS, fuse, lexical_fields, linear, minmax, rrf
 from near2_tasks.serving.hybrid_tuning import best_weight, evaluate_index, tune_weights, weight_tuning
 from near2_tasks.serving.publish import build_verify_swap
-from near2_tasks.serving.search import BadSearchRequest, Searcher
+from near2_tasks.serving.request import BadSearchRequest
+from near2_tasks.serving.search import Searcher
 from near2_tasks.serving.service import create_app
 from tests.serving_support import module_settings, serving_settings, titled_catalog, with_sections
 from tests.tiny_model import TINY_DIMS
@@ -183,7 +184,7 @@ def test_filters_apply_to_both_sides(served):
     matching = products[products.title.str.lower().str.split().apply(lambda ws: word in ws)]
     category = matching.category.value_counts().index[0]
     from near2_tasks.models.embeddings import encode
-    from near2_tasks.serving.search import SearchFilters
+    from near2_tasks.serving.request import SearchFilters
 
     vector = encode(searcher.encoder(served_index), [word])[0]
     unfiltered = searcher.hybrid_sides(served_index, word, vector, 50, 32, None, [], 100)

@@ -18,7 +18,9 @@ from near2_tasks.models.settings import PACKAGED_MINILM
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.errors import Near2Error, ServiceUnavailable
 from near2_tasks.serving.publish import build_verify_swap
-from near2_tasks.serving.search import BadSearchRequest, NoServingIndex, Searcher, search
+from near2_tasks.serving.request import BadSearchRequest
+from near2_tasks.serving.search import Searcher, search
+from near2_tasks.serving.served_index import NoServingIndex
 from tests.serving_support import module_settings, serving_settings, titled_catalog, with_sections
 from tests.tiny_model import TINY_DIMS
 

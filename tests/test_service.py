@@ -201,7 +201,7 @@ def test_served_lists_dims_bytes_and_modes_and_the_page_is_locked_down(api, serv
 
 
 def test_vector_bytes_follow_the_index_type():
-    from near2_tasks.serving.search import vector_bytes
+    from near2_tasks.serving.served_index import vector_bytes
 
     assert [vector_bytes(kind, 384) for kind in ("hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "bits")] == [
         1536, 388, 196, 62, 1536, 48]

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from near2_tasks import conventions
 
 if TYPE_CHECKING:
-    from near2_tasks.serving.search import ServingIndex
+    from near2_tasks.serving.served_index import ServingIndex
 
 log = logging.getLogger(__name__)
 

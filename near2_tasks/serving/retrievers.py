@@ -21,7 +21,8 @@ from near2_tasks.serving.hybrid import fuse, lexical_fields, weight_for
 
 if TYPE_CHECKING:
     from near2_tasks.evaluate.evaluation import EvaluationData
-    from near2_tasks.serving.search import Searcher, ServingIndex
+    from near2_tasks.serving.search import Searcher
+    from near2_tasks.serving.served_index import ServingIndex
 
 Mode = Literal["knn", "funnel", "bm25", "hybrid_rrf", "hybrid_linear"]
 MODES: tuple[Mode, ...] = ("knn", "funnel", "bm25", "hybrid_rrf", "hybrid_linear")

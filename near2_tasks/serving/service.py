@@ -33,12 +33,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
 
 from near2_tasks.config import Settings, load_settings
 from near2_tasks.errors import Near2Error, ServiceUnavailable
+from near2_tasks.serving.api_models import ErrorOut, HealthOut, SearchOut, ServedFieldOut, ServedOut
 from near2_tasks.serving.hybrid import FUSIONS, weight_for
-from near2_tasks.serving.search import MODES, BadSearchRequest, NoServingIndex, Searcher
+from near2_tasks.serving.request import MODES, BadSearchRequest, pick_dims
+from near2_tasks.serving.search import Searcher
+from near2_tasks.serving.served_index import NoServingIndex, ServingIndex
 
 log = logging.getLogger(__name__)
 
@@ -50,86 +52,6 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self
 
 SEARCH_PARAMS = frozenset({"q", "k", "dim", "mode", "fusion", "category", "brand", "price_min", "price_max",
                            "num_candidates"})
-
-
-class HitOut(BaseModel):
-    product_id: str
-    title: str
-    score: float = Field(description="Elasticsearch kNN score (dot_product: (1 + cosine) / 2); in hybrid mode "
-                                     "the fused score (RRF, or the linear combination of normalised scores).")
-    category: str | None = None
-    brand: str | None = None
-    price: float | None = None
-
-
-class HybridOut(BaseModel):
-    fusion: Literal["rrf", "linear"]
-    candidates: int = Field(description="Top-N taken from each side before fusion.")
-    requests: int = Field(description="Elasticsearch round trips (1: one _msearch; 2 with a funnel dense side).")
-    dense_hits: int
-    lexical_hits: int
-    dense_ranks: list[int | None] = Field(description="Each result's rank on the dense side (null: absent).")
-    lexical_ranks: list[int | None] = Field(description="Each result's rank on the BM25 side (null: absent).")
-    rrf_k: float | None = None
-    weight: float | None = Field(None, description="Linear weight of the dense side at this dim.")
-    weight_source: Literal["index", "settings"] | None = Field(
-        None, description="index: tuned on the validation split, stored in _meta.hybrid_weights; settings: the default.")
-
-
-class SearchOut(BaseModel):
-    query: str
-    k: int
-    dim: int = Field(description="Dimension of the final scores (the rescore dimension in funnel mode).")
-    mode: Literal["knn", "funnel", "hybrid"]
-    index: str = Field(description="The concrete index behind the alias that answered.")
-    model_name: str | None
-    model_version: str | None = Field(description="The model that encoded the query and the documents.")
-    hits: list[HitOut]
-    timings_ms: dict[str, float] = Field(description="model_load, encode, search (wall), es_took, total.")
-    filters: dict[str, Any]
-    shortlist_dim: int | None = None
-    shortlist_size: int | None = None
-    hybrid: HybridOut | None = None
-
-
-class ServedFieldOut(BaseModel):
-    dim: int
-    index_type: str = Field(description="index_options.type of embedding_<dim> (hnsw, bbq_hnsw, ...).")
-    bytes_per_product: float = Field(description="Vector bytes a search reads per product (ES sizing formula, "
-                                                 "HNSW graph not counted).")
-    bit_code_bytes: float | None = Field(None, description="d/8 when the index also holds 1-bit codes of dim.")
-    hybrid_weight: float = Field(description="Linear-fusion weight of the dense side at dim (hybrid mode).")
-    hybrid_weight_source: Literal["index", "settings"]
-
-
-class ServedOut(BaseModel):
-    alias: str
-    index: str
-    model_name: str | None
-    model_version: str | None
-    dims: list[int]
-    fields: list[ServedFieldOut]
-    modes: list[str] = Field(description="Search modes the service accepts.")
-    default_mode: str
-    fusions: list[str] = Field(description="Fusions of mode=hybrid.")
-    default_fusion: str
-    lexical_fields: list[str] = Field(description="Text fields of the index's BM25 side.")
-    default_dim: int = Field(description="The dim a knn search uses when none is given.")
-
-
-class ErrorOut(BaseModel):
-    error: str
-    hint: str | None = None
-
-
-class HealthOut(BaseModel):
-    status: Literal["ok", "unavailable"]
-    alias: str
-    index: str | None = None
-    model_name: str | None = None
-    model_version: str | None = None
-    dims: list[int] = []
-    error: str | None = None
 
 
 def _error(status: int, message: str, hint: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -234,31 +156,53 @@ class RequestSizeLimit:
         await self.app(scope, receive, send)
 
 
+#: the error responses the OpenAPI schema documents for ``/search``
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": text} for code, text in (
+        (400, "Bad search request (unserved dim, empty query, unknown parameter, ...)"),
+        (413, "Request body too large"), (414, "Request URL too long"), (431, "Request headers too large"),
+        (422, "Parameter of the wrong type or out of bounds"), (503, "Search backend unavailable"))}
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """Load the serving model before the first shopper waits for it; a cluster that is not up yet is not
+    fatal: /health says so and the first query retries."""
+    try:
+        searcher = app.state.searcher
+        await run_in_threadpool(lambda: searcher.encoder(searcher.serving_index()))
+    except Near2Error as exc:
+        log.warning("could not preload the serving model: %s", exc)
+    yield
+
+
 def create_app(settings: Settings | None = None, searcher: Searcher | None = None) -> FastAPI:
     """The FastAPI app; ``settings`` default to ``load_settings()`` (NEAR2_CONFIG, env vars)."""
     settings = settings or load_settings()
-    limits = settings.serving
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        # load the serving model before the first shopper waits for it; a cluster that is not up yet
-        # is not fatal: /health says so and the first query retries
-        try:
-            searcher = app.state.searcher
-            await run_in_threadpool(lambda: searcher.encoder(searcher.serving_index()))
-        except Near2Error as exc:
-            log.warning("could not preload the serving model: %s", exc)
-        yield
-
     app = FastAPI(
-        lifespan=lifespan,
+        lifespan=_lifespan,
         title="near2 storefront search",
         description="Semantic product search over nested (Matryoshka) embeddings in Elasticsearch. "
                     "Queries are encoded by the model that built the index behind the alias.",
         version="1",
     )
-    app.add_middleware(RequestSizeLimit, max_bytes=limits.max_request_bytes)
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.serving.max_request_bytes)
     app.add_middleware(ServerTiming)
     app.state.searcher = searcher or Searcher(settings)
+    _add_error_handlers(app, settings.serving.retry_after_s)
+    _add_search_route(app, settings)
+    _add_status_routes(app, settings)
+
+    @app.get("/", include_in_schema=False)
+    def storefront_page() -> FileResponse:
+        return FileResponse(STATIC / "storefront.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    """422 for wrong types and bounds, 400 for what the search rejects, 503 for backend failures, 500 else."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -272,20 +216,30 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
 
     @app.exception_handler(Near2Error)
     async def _near2_error(request: Request, exc: Near2Error) -> JSONResponse:
-        return _backend_error(exc, limits.retry_after_s)
+        return _backend_error(exc, retry_after_s)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error while serving %s", request.url.path)
         return _error(500, "internal error")
 
-    error_responses: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorOut, "description": text} for code, text in (
-            (400, "Bad search request (unserved dim, empty query, unknown parameter, ...)"),
-            (413, "Request body too large"), (414, "Request URL too long"), (431, "Request headers too large"),
-            (422, "Parameter of the wrong type or out of bounds"), (503, "Search backend unavailable"))}
 
-    @app.get("/search", response_model=SearchOut, responses=error_responses, summary="Search products")
+def _check_search_params(request: Request) -> None:
+    """Unknown or repeated query parameters are a bad request (FastAPI would silently ignore or take one)."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = sorted(set(names) - SEARCH_PARAMS)
+    if unknown:
+        raise BadSearchRequest(f"unknown parameter(s) {unknown}", hint=f"parameters are {sorted(SEARCH_PARAMS)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise BadSearchRequest(f"parameter(s) {repeated} given more than once")
+
+
+def _add_search_route(app: FastAPI, settings: Settings) -> None:
+    """``GET /search``, its parameters' bounds from ``serving`` settings."""
+    limits = settings.serving
+
+    @app.get("/search", response_model=SearchOut, responses=ERROR_RESPONSES, summary="Search products")
     def search_products(
         request: Request,
         response_headers: Response,
@@ -305,18 +259,16 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
         num_candidates: int | None = Query(None, ge=1, le=limits.max_num_candidates,
                                            description="kNN candidates per shard (default from config)."),
     ) -> dict[str, Any]:
-        names = [name for name, _ in request.query_params.multi_items()]
-        unknown = sorted(set(names) - SEARCH_PARAMS)
-        if unknown:
-            raise BadSearchRequest(f"unknown parameter(s) {unknown}", hint=f"parameters are {sorted(SEARCH_PARAMS)}")
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise BadSearchRequest(f"parameter(s) {repeated} given more than once")
+        _check_search_params(request)
         filters = {"category": category, "brand": brand, "price_min": price_min, "price_max": price_max}
         response = app.state.searcher.search(q, k=k, dim=dim, mode=mode, filters=filters,
                                              num_candidates=num_candidates, fusion=fusion)
         response_headers.headers["Server-Timing"] = server_timing(response.timings_ms, response.query_cached)
         return response.to_dict(include_model_uri=False)
+
+
+def _add_status_routes(app: FastAPI, settings: Settings) -> None:
+    """``GET /health`` (readiness) and ``GET /served`` (what is served)."""
 
     @app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}}, summary="Readiness")
     def health() -> Any:
@@ -329,33 +281,32 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                 else "the search backend is unavailable"
             return JSONResponse(status_code=503, content=HealthOut(
                 status="unavailable", alias=alias, error=reason).model_dump(),
-                headers={"Retry-After": str(limits.retry_after_s)})
+                headers={"Retry-After": str(settings.serving.retry_after_s)})
         return HealthOut(status="ok", alias=alias, index=served.name, model_name=served.model_name,
                          model_version=served.model_version, dims=served.dims)
 
     @app.get("/served", response_model=ServedOut, responses={503: {"model": ErrorOut}},
              summary="What is served: index, model, dims with their bytes per product, modes")
     def served() -> Any:
-        index = app.state.searcher.serving_index()
-        fields = []
-        for d in index.dims:
-            weight, source = weight_for(index, d, settings.serving.hybrid_weight)
-            fields.append(ServedFieldOut(dim=d, index_type=index.index_types.get(d, "hnsw"),
-                                         bytes_per_product=index.bytes_per_product(d),
-                                         bit_code_bytes=d / 8 if d in index.binary_centres else None,
-                                         hybrid_weight=weight, hybrid_weight_source=source))
-        return ServedOut(alias=index.alias, index=index.name, model_name=index.model_name,
-                         model_version=index.model_version, dims=index.dims, fields=fields, modes=list(MODES),
-                         default_mode=settings.serving.mode, fusions=list(FUSIONS),
-                         default_fusion=settings.serving.hybrid_fusion, lexical_fields=list(index.lexical_fields),
-                         default_dim=app.state.searcher.pick_dims(index, None, "knn")[0])
+        searcher = app.state.searcher
+        index = searcher.serving_index()
+        return _served_out(settings, index, default_dim=pick_dims(searcher.settings, index, None, "knn")[0])
 
-    @app.get("/", include_in_schema=False)
-    def storefront_page() -> FileResponse:
-        return FileResponse(STATIC / "storefront.html", headers=PAGE_HEADERS)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
+def _served_out(settings: Settings, index: ServingIndex, default_dim: int) -> ServedOut:
+    """The ``/served`` answer for ``index``: its model, and per dim its index type, bytes and hybrid weight."""
+    fields = []
+    for d in index.dims:
+        weight, source = weight_for(index, d, settings.serving.hybrid_weight)
+        fields.append(ServedFieldOut(dim=d, index_type=index.index_types.get(d, "hnsw"),
+                                     bytes_per_product=index.bytes_per_product(d),
+                                     bit_code_bytes=d / 8 if d in index.binary_centres else None,
+                                     hybrid_weight=weight, hybrid_weight_source=source))
+    return ServedOut(alias=index.alias, index=index.name, model_name=index.model_name,
+                     model_version=index.model_version, dims=index.dims, fields=fields, modes=list(MODES),
+                     default_mode=settings.serving.mode, fusions=list(FUSIONS),
+                     default_fusion=settings.serving.hybrid_fusion, lexical_fields=list(index.lexical_fields),
+                     default_dim=default_dim)
 
 
 def app_from_settings() -> FastAPI:
