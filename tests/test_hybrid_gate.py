@@ -10,8 +10,9 @@ import pytest
 
 from near2_tasks.conventions import TAG_GATE, gate_tag
 from near2_tasks.errors import Near2Error
-from near2_tasks.evaluate.evaluation import EvaluationReport, mlflow_metrics, prepare_data, render_markdown
+from near2_tasks.evaluate.evaluation import mlflow_metrics, prepare_data
 from near2_tasks.evaluate.hybrid import HybridExactRetriever, LexicalSide, ensure_lexical_index
+from near2_tasks.evaluate.report import EvaluationReport, render_markdown
 from near2_tasks.evaluate.retrieval import evaluate_retriever, scale_of
 from near2_tasks.promote.gates import decide
 from near2_tasks.promote.settings import GateRules, GateSettings, HybridGate, MetricGate
