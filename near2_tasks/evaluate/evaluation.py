@@ -40,6 +40,7 @@ from near2_tasks.models.refs import embedding_cache_dir, resolve_model
 
 if TYPE_CHECKING:
     from near2_tasks.config import Settings
+    from near2_tasks.evaluate.hybrid import HybridEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,14 @@ def prepare_data(products: pd.DataFrame, judgments: pd.DataFrame, text_template:
 # ----- the entry point -----------------------------------------------------------------------------------
 def evaluate_model(settings: Settings, model_ref: str, products: pd.DataFrame, judgments: pd.DataFrame,
                    dims: Sequence[int] | None = None, k: int = 10,
-                   reference_reports: Mapping[str, EvaluationReport] | None = None) -> EvaluationReport:
+                   reference_reports: Mapping[str, EvaluationReport] | None = None,
+                   hybrid: HybridEvaluation | None = None) -> EvaluationReport:
     """Evaluate one model at every dimension in ``dims`` (default: ``settings.model.dims``).
 
     ``model_ref``: a local directory, ``models:/...`` / ``runs:/...`` URI, the packaged base model or a
     hub id. ``reference_reports`` (e.g. ``{"champion": ..., "base": ...}``) are carried into the
-    report for the Markdown comparison and the plot; they are not recomputed.
+    report for the Markdown comparison and the plot; they are not recomputed. ``hybrid``: also measure
+    hybrid-RRF with these vectors into ``report.hybrid`` (gates.hybrid).
     """
     began = time.monotonic()
     if k <= 0:
@@ -160,7 +163,7 @@ def evaluate_model(settings: Settings, model_ref: str, products: pd.DataFrame, j
 
     n_ideal = int((data.qrels.ideal_dcg(floor, k) > 0).sum())
     n_relevant = int((data.qrels.count_relevant(threshold) > 0).sum())
-    return EvaluationReport(
+    report = EvaluationReport(
         model=model_ref, dims=overall, slices=per_slice,
         slice_sizes=scores.slice_sizes,
         n_queries=len(data.query_texts), k=k, metrics=names, model_key=resolved.cache_key,
@@ -176,6 +179,9 @@ def evaluate_model(settings: Settings, model_ref: str, products: pd.DataFrame, j
         references=dict(reference_reports or {}),
         wall_time_s=round(time.monotonic() - began, 2),
     )
+    if hybrid is not None:
+        report.hybrid = hybrid.evaluate(report, data, catalog, queries)
+    return report
 
 
 # ----- MLflow --------------------------------------------------------------------------------------------
@@ -187,6 +193,8 @@ def mlflow_metrics(report: EvaluationReport) -> dict[str, float]:
     for slice_name, table in report.slices.items():
         for dim, metrics in table.items():
             values.update({metric_key(f"eval_{slice_name}", m, dim): v for m, v in metrics.items() if v is not None})
+    if report.hybrid is not None:  # hybrid_ndcg_at_10_dim_64, hybrid_short_ndcg_at_10_dim_64
+        values.update({"hybrid" + key[len("eval"):]: v for key, v in mlflow_metrics(report.hybrid).items()})
     return values
 
 

@@ -47,6 +47,8 @@ class EvaluationReport:
     dataset: dict[str, Any] = field(default_factory=dict)
     references: dict[str, EvaluationReport] = field(default_factory=dict)
     wall_time_s: float | None = None
+    #: hybrid-RRF of this model (gates.hybrid; near2_tasks.evaluate.hybrid), None when not measured
+    hybrid: EvaluationReport | None = None
 
     @property
     def display_name(self) -> str:
@@ -96,6 +98,7 @@ class EvaluationReport:
             "dataset": dict(self.dataset),
             "references": {label: ref.to_dict() for label, ref in self.references.items()},
             "wall_time_s": self.wall_time_s,
+            **({"hybrid": self.hybrid.to_dict()} if self.hybrid is not None else {}),
         }
 
     @classmethod
@@ -114,6 +117,7 @@ class EvaluationReport:
                 dataset=dict(data.get("dataset", {})),
                 references={label: cls.from_dict(ref) for label, ref in data.get("references", {}).items()},
                 wall_time_s=data.get("wall_time_s"),
+                hybrid=cls.from_dict(data["hybrid"]) if data.get("hybrid") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise Near2Error(f"not an evaluation report: {exc!r} is missing or malformed",
@@ -182,6 +186,9 @@ def render_markdown(report: EvaluationReport) -> str:
         size = report.slice_sizes.get(name, 0)
         lines += ["", f"## Slice `{name}` ({legend}): {size} queries", ""]
         lines += _metric_table(table, report.metrics) if table else ["Empty: no query falls in this slice."]
+    if report.hybrid is not None:  # gates.hybrid (near2_tasks.evaluate.hybrid)
+        lines += ["", f"## Hybrid RRF: BM25 on `{report.hybrid.dataset.get('lexical_index')}` + exact search", "",
+                  *_metric_table(report.hybrid.dims, report.metrics)]
     return "\n".join(lines) + "\n"
 
 

@@ -13,13 +13,18 @@ The outcome, :class:`GateDecision`, holds every check with a one-line reason for
 recorded on the model version (:func:`record_decision`): tags ``gate.dim_64.ndcg_at_10`` = pass|fail
 (``gate.slice_short.dim_64.ndcg_at_10`` for slices) and ``gate`` = pass|fail, plus a Markdown summary
 that reviewers read on the version page (its description) and as the run artifact ``gate/summary.md``.
+
+With ``gates.hybrid`` set, the same rule kinds also apply to hybrid-RRF retrieval (BM25 fused with the
+model's exact search, :mod:`near2_tasks.evaluate.hybrid`; the report's ``hybrid``) of the challenger against
+the reference's: those checks have ``retriever = "hybrid"``, tags ``gate.hybrid.dim_64.ndcg_at_10``
+(``gate.hybrid.slice_short.dim_64.ndcg_at_10``) and reasons starting ``hybrid RRF:``, in the same decision.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from near2_tasks.conventions import TAG_GATE, gate_tag, mlflow_name
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
 
     from near2_tasks.config import Settings
 
-    from near2_tasks.promote.settings import GateRules, GateSettings, MetricGate
+    from near2_tasks.promote.settings import GateRules, GateSettings, HybridGate, MetricGate
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +66,19 @@ class GateCheck:
     reference: float | None
     passed: bool | None
     reason: str
+    #: None: the model's exact search (the gate's own rules); "hybrid": hybrid RRF (``gates.hybrid``)
+    retriever: str | None = None
 
     @property
     def scope(self) -> str:
-        return "all queries" if self.slice is None else f"slice {self.slice}"
+        where = "all queries" if self.slice is None else f"slice {self.slice}"
+        return where if self.retriever is None else f"{self.retriever}, {where}"
 
     @property
     def tag(self) -> str:
-        return gate_tag(self.dim, self.metric) if self.slice is None else slice_gate_tag(self.slice, self.dim,
-                                                                                          self.metric)
+        tag = gate_tag(self.dim, self.metric) if self.slice is None else slice_gate_tag(self.slice, self.dim,
+                                                                                         self.metric)
+        return tag if self.retriever is None else tag.replace("gate.", f"gate.{self.retriever}.", 1)
 
 
 @dataclass(frozen=True)
@@ -218,9 +227,25 @@ def decide(challenger: EvaluationReport, reference: EvaluationReport | None, gat
                     theirs = reference.value(metric, dim, slice_name)
                 checks.extend(_checks_for(rule, dim=dim, metric=metric, slice_name=slice_name, value=value,
                                           reference=theirs, reference_label=label, tolerance=gates.tolerance))
+    if gates.hybrid is not None:
+        checks.extend(_hybrid_checks(challenger, reference, gates.hybrid, reference_role, gates.tolerance))
     return GateDecision(
         challenger=challenger.display_name, reference=reference.display_name if reference else None,
         reference_role=reference_role if reference is not None else "none", checks=checks)
+
+
+def _hybrid_checks(challenger: EvaluationReport, reference: EvaluationReport | None, rules: HybridGate,
+                   reference_role: Literal["champion", "base"], tolerance: float) -> list[GateCheck]:
+    """``gates.hybrid`` applied to the reports' hybrid RRF (:func:`decide` on their ``hybrid``), marked hybrid."""
+    from near2_tasks.promote.settings import GateSettings
+
+    for report in (challenger, reference):
+        if report is not None and report.hybrid is None:
+            raise Near2Error(f"gates.hybrid is set, but the report of {report.display_name} has no hybrid metrics",
+                             hint="evaluate with gates.hybrid set (`near2 gate` or the DAG's evaluate step do)")
+    inner = decide(challenger.hybrid, None if reference is None else reference.hybrid,
+                   GateSettings(overall=rules.overall, slices=rules.slices, tolerance=tolerance), reference_role)
+    return [replace(check, retriever="hybrid", reason=f"hybrid RRF: {check.reason}") for check in inner.checks]
 
 
 # ----- recording the decision on the model version ----------------------------------------------------------
@@ -316,16 +341,23 @@ def evaluate_with_references(settings: Settings, challenger_ref: str, version: s
                              judgments: pd.DataFrame, dims: list[int]) -> tuple[EvaluationReport, str | None]:
     """The challenger ``version`` (loaded from ``challenger_ref``) evaluated on ``judgments`` with its
     references in ``report.references``: the champion, when there is one and it is another version, and
-    the base model (``settings.model.base_model``, also for the plot), all at the same dims and k.
+    the base model (``settings.model.base_model``, also for the plot), all at the same dims and k; with
+    ``gates.hybrid`` set, each also with its hybrid RRF (``report.hybrid``).
     Returns (report, the champion's version or None). The DAG's evaluate step and ``near2 gate`` both
     call this; :func:`reference_role` says which reference the gate compares with."""
     from near2_tasks.evaluate.evaluation import evaluate_model
     from near2_tasks.models.registry import model_uri
 
+    hybrid = None
+    if settings.gates.hybrid is not None:  # the lexical index first: Elasticsearch down fails before any encoding
+        from near2_tasks.evaluate.hybrid import HybridEvaluation
+
+        hybrid = HybridEvaluation.of_catalog(settings, products)
+
     def run(ref: str, label: str, references: Mapping[str, EvaluationReport] | None = None) -> EvaluationReport:
         log.info("evaluating %s (%s)", label, ref)
         report = evaluate_model(settings, ref, products, judgments, dims=dims, k=settings.evaluation.k,
-                                reference_reports=references)
+                                reference_reports=references, hybrid=hybrid)
         report.label = label
         return report
 

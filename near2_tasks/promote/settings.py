@@ -47,6 +47,23 @@ class GateRules(Section):
 
 
 
+def _no_ndcg_drop() -> GateRules:
+    return GateRules(metrics={"ndcg@10": MetricGate(max_drop=0.0)})
+
+
+
+class HybridGate(Section):
+    """The rules of the hybrid gate (``gates.hybrid``): the same rule kinds as the model's own gate, applied
+    to hybrid-RRF retrieval (BM25 over a lexical-only index of the evaluated catalog, fused with the model's
+    exact search at each dimension; :mod:`near2_tasks.evaluate.hybrid`) of the challenger against the
+    reference's hybrid-RRF on the same judgments."""
+
+    overall: GateRules = Field(default_factory=_no_ndcg_drop,
+                               description="All queries; default: hybrid NDCG@10 may not drop at any dimension.")
+    slices: dict[str, GateRules] = Field(default_factory=dict, description="Per query slice.")
+
+
+
 class GateSettings(Section):
     """What a challenger must achieve before it may become champion (at every evaluated dimension).
 
@@ -54,9 +71,16 @@ class GateSettings(Section):
     at any dimension ("at least as good as the champion at every dimension we serve").
     """
 
-    overall: GateRules = Field(default_factory=lambda: GateRules(metrics={"ndcg@10": MetricGate(max_drop=0.0)}))
+    overall: GateRules = Field(default_factory=_no_ndcg_drop)
     slices: dict[str, GateRules] = Field(
         default_factory=dict, description="Per query slice (short, long, alphanumeric, config slices).")
+    hybrid: HybridGate | None = Field(
+        None, description="Also gate hybrid retrieval: the evaluation then measures hybrid-RRF (BM25 from a "
+                          "lexical-only Elasticsearch index of the evaluated catalog, `<elasticsearch.alias>-lexical-"
+                          "<fingerprint>`, fused by RRF with the model's exact search; serving.rrf_k, "
+                          "serving.hybrid_candidates per side) per dimension for the challenger and its reference, "
+                          "and these rules apply to it (tags gate.hybrid.dim_<d>.<metric>). `{}`: hybrid NDCG@10 may "
+                          "not drop. None (default): off, Elasticsearch is not needed to evaluate.")
     auto_approve: bool = Field(False, description="Treat a passed gate as approved (no reviewer).")
     tolerance: float = Field(1e-9, ge=0, description="Float noise ignored when comparing with floors and drops.")
 

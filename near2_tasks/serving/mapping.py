@@ -54,9 +54,10 @@ def index_options_mapping(options: VectorFieldOptions) -> dict[str, Any]:
     return index_options
 
 
-def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dict[str, Any]:
-    """Settings (loading mode: no refresh, no replicas) and mappings of a new serving index."""
-    properties: dict[str, Any] = {
+def product_properties() -> dict[str, Any]:
+    """The mapping of the product fields, lexical ones included: a serving index's, and the whole mapping of
+    the lexical-only index the hybrid gate searches (:mod:`near2_tasks.evaluate.hybrid`)."""
+    return {
         "product_id": {"type": "keyword"},
         # lexical fields of hybrid search (conventions.LEXICAL_FIELDS): text with the core analyzer;
         # category and brand stay keywords (exact filters) with a .text subfield for BM25
@@ -68,6 +69,11 @@ def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dic
                   "fields": {"text": {"type": "text", "analyzer": conventions.LEXICAL_ANALYZER}}},
         "price": {"type": "float"},
     }
+
+
+def index_body(settings: Settings, dims: list[int], meta: dict[str, Any]) -> dict[str, Any]:
+    """Settings (loading mode: no refresh, no replicas) and mappings of a new serving index."""
+    properties = product_properties()
     for dim in dims:
         properties[conventions.vector_field(dim)] = vector_mapping(settings, dim)
     coded = compact.coded_dims(settings.elasticsearch.binary_dims, dims)
