@@ -7,7 +7,9 @@ traceback.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+from datetime import datetime, timezone
 
 import click
 
@@ -31,6 +33,47 @@ def settings_from(ctx: click.Context, **overrides):
     from near2_tasks.config import load_settings
 
     return load_settings(ctx.find_root().obj.get("config_file"), **overrides)
+
+
+#: The handler :func:`show_progress` installed, if any (one per process).
+_progress_handler: logging.StreamHandler | None = None
+
+
+def show_progress() -> None:
+    """Print near2's INFO log lines (stages, per-dimension results) on stderr: evaluations take minutes.
+
+    The handler writes to the stderr of the command running now: a second command in the same process
+    (click's ``CliRunner`` gives each invocation its own stderr) must not log to the first one's, closed."""
+    global _progress_handler
+    logger = logging.getLogger("near2_tasks")
+    if _progress_handler is None and not logger.handlers:
+        _progress_handler = logging.StreamHandler()
+        _progress_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(_progress_handler)
+        logger.setLevel(logging.INFO)
+    if _progress_handler is not None:  # not setStream: it flushes the previous stream, which may be closed
+        _progress_handler.stream = sys.stderr
+
+
+def parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        dims = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 384,256,128,64,32")
+    if not dims or min(dims) <= 0:
+        raise click.BadParameter(f"{value!r}: give positive dimensions, e.g. 384,256,128,64,32")
+    return dims
+
+
+def cli_run(settings, params, dag_id: str):
+    """The :class:`~near2_tasks.run.StepContext` of one command that runs pipeline steps: its records go to
+    ``<home>/runs/<dag_id>/cli-<UTC time>/``."""
+    from near2_tasks.run import StepContext
+
+    return StepContext(settings, params, dag_id=dag_id,
+                       run_id=datetime.now(timezone.utc).strftime("cli-%Y%m%dT%H%M%S%fZ"))
 
 
 for _name in COMMAND_MODULES:

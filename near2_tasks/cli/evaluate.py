@@ -6,36 +6,12 @@ format; the accepted Parquet files of ``near2 validate`` work too).
 
 from __future__ import annotations
 
-import logging
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
-from near2_tasks.cli import settings_from
-
-
-def show_progress() -> None:
-    """Print near2's INFO log lines (stages, per-dimension results) on stderr: evaluations take minutes."""
-    logger = logging.getLogger("near2_tasks")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
-def _parse_dims(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        dims = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 384,256,128,64,32")
-    if not dims or min(dims) <= 0:
-        raise click.BadParameter(f"{value!r}: give positive dimensions, e.g. 384,256,128,64,32")
-    return dims
+from near2_tasks.cli import cli_run, parse_dims, settings_from, show_progress
 
 
 def _parse_references(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Path]:
@@ -78,7 +54,7 @@ def _with(options):
 @click.option("--model", "model_ref", required=True,
               help="Model directory, models:/near2-encoder@champion, runs:/<id>/model, or a hub id.")
 @_with(DATA_OPTIONS)
-@click.option("--dims", callback=_parse_dims, default=None, help="Comma-separated, e.g. 384,256,128,64,32 "
+@click.option("--dims", callback=parse_dims, default=None, help="Comma-separated, e.g. 384,256,128,64,32 "
               "(default: model.dims).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None, help="Cut-off (default: evaluation.k, 10).")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="report.json to write; the "
@@ -131,14 +107,13 @@ def gate(ctx: click.Context, catalog: str | None, judgments: str | None, fmt: st
     from near2_tasks.data.step import accepted, validate
     from near2_tasks.errors import Near2Error
     from near2_tasks.promote.step import gate_version
-    from near2_tasks.run import RunParams, StepContext, settings_for_run
+    from near2_tasks.run import RunParams, settings_for_run
     from near2_tasks.train.examples import configured_splits
 
     show_progress()
     params = RunParams(config_file=ctx.find_root().obj.get("config_file"), catalog_path=catalog,
                        judgments_path=judgments, dataset_format=fmt)
-    run = StepContext(settings_for_run(params), params, dag_id="near2_gate",
-                      run_id=datetime.now(timezone.utc).strftime("cli-%Y%m%dT%H%M%S%fZ"))
+    run = cli_run(settings_for_run(params), params, "near2_gate")
     products, judged = accepted(validate(run))
     if judged.empty:
         raise Near2Error("no accepted judgments: the gate evaluates on the test split of graded judgments",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
-from near2_tasks.cli import settings_from
+from near2_tasks.cli import cli_run, parse_dims, settings_from, show_progress
 
 
 def choose_model(settings, model_ref: str | None, allowed: bool) -> dict[str, str | None]:
@@ -55,7 +54,7 @@ def choose_model(settings, model_ref: str | None, allowed: bool) -> dict[str, st
               help="Serve a model that is not the champion (refused by default, as in the DAG).")
 @click.option("--catalog", "catalog", type=click.Path(exists=True, path_type=Path),
               help="Catalog file or dataset directory (default: dataset.catalog_path, else the synthetic catalog).")
-@click.option("--dims", help="Comma-separated dimensions, descending (default: model.dims).")
+@click.option("--dims", callback=parse_dims, help="Comma-separated dimensions, descending (default: model.dims).")
 @click.option("--model-version", help="Version recorded in the index name and _meta (default: from the URI).")
 @click.option("--catalog-version", help="Catalog version for _meta (default: the validated catalog's version).")
 @click.option("--alias", help="Alias to swap (default: elasticsearch.alias). Another alias than the serving "
@@ -86,16 +85,15 @@ def index(ctx: click.Context, model_ref, force, catalog, dims, model_version, ca
             raise click.UsageError("build options go before no subcommand: near2 index --model ... --catalog ...")
         ctx.obj = {**(ctx.obj or {}), "alias": alias}
         return
-    from near2_tasks.cli.evaluate import show_progress
     from near2_tasks.data import step as data_step
     from near2_tasks.errors import Near2Error
-    from near2_tasks.run import RunParams, SkipRest, StepContext, settings_for_run, with_section
+    from near2_tasks.run import RunParams, SkipRest, settings_for_run, with_section
     from near2_tasks.serving import step as serving_step
     from near2_tasks.serving.index import index_meta
 
     show_progress()
-    params = RunParams(config_file=ctx.find_root().obj.get("config_file"), catalog_path=str(catalog or "") or None,
-                       judgments_path=str(judgments_path or "") or None, dims=_parse_dims(dims))
+    params = RunParams(config_file=ctx.find_root().obj.get("config_file"), catalog_path=str(catalog) if catalog else None,
+                       judgments_path=str(judgments_path) if judgments_path else None, dims=dims)
     settings = settings_for_run(params)
     serving_alias = settings.elasticsearch.alias
     settings = with_section(settings, "elasticsearch", {"alias": alias or serving_alias})
@@ -104,7 +102,7 @@ def index(ctx: click.Context, model_ref, force, catalog, dims, model_version, ca
     allowed = force or settings.elasticsearch.alias != serving_alias
     model = choose_model(settings, model_ref, allowed)
     model["model_version"] = model_version or model["model_version"]
-    run = StepContext(settings, replace(params, serve_non_champion=allowed), dag_id="near2_index", run_id=datetime.now(timezone.utc).strftime("cli-%Y%m%dT%H%M%S%fZ"))
+    run = cli_run(settings, replace(params, serve_non_champion=allowed), "near2_index")
     validation = data_step.validate(run)
     if tune_hybrid and not validation["judgments"]:
         raise Near2Error("--tune-hybrid needs judgments: none were accepted for this catalog",
@@ -136,18 +134,6 @@ def index(ctx: click.Context, model_ref, force, catalog, dims, model_version, ca
     click.echo(f"alias {settings.elasticsearch.alias}: {swapped['previous'] or '(none)'} -> {built['index']}")
     if swapped["deleted"]:
         click.echo(f"deleted old indices: {', '.join(swapped['deleted'])}")
-
-
-def _parse_dims(dims: str | None) -> list[int] | None:
-    from near2_tasks.errors import Near2Error
-
-    if not dims:
-        return None
-    try:
-        return [int(d) for d in dims.split(",") if d.strip()]
-    except ValueError as exc:
-        raise Near2Error(f"--dims {dims!r} is not a comma-separated list of integers",
-                         hint="e.g. --dims 384,128,64") from exc
 
 
 def _sub_settings(ctx: click.Context):

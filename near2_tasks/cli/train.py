@@ -5,10 +5,11 @@ the same split and examples, an MLflow run and a registry version (alias ``chall
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
+
+from near2_tasks.cli import cli_run
 
 
 @click.command("train")
@@ -31,14 +32,13 @@ def train(ctx: click.Context, catalog: str, judgments: str, config_file: str | N
     <home>/runs/near2_train/<run id>/steps/.
     """
     from near2_tasks.data import step as data_step
-    from near2_tasks.run import RunParams, StepContext, settings_for_run
+    from near2_tasks.run import RunParams, settings_for_run
     from near2_tasks.train import step as train_step
 
     began = time.monotonic()
     params = RunParams(config_file=config_file or ctx.find_root().obj.get("config_file"), catalog_path=catalog,
                        judgments_path=judgments, epochs=epochs, max_steps=max_steps)
-    run = StepContext(settings_for_run(params), params, dag_id="near2_train",
-                      run_id=datetime.now(timezone.utc).strftime("cli-%Y%m%dT%H%M%S%fZ"))
+    run = cli_run(settings_for_run(params), params, "near2_train")
     validation = data_step.validate(run)
     examples = train_step.mine_examples(run, validation)
     sizes = examples["splits"]

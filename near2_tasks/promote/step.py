@@ -29,10 +29,10 @@ def gate(ctx: StepContext, trained: Result, evaluation: Result) -> Result:
     A failed gate ends the run as "not promoted": the reasons go to this log and to MLflow, and the
     DAG skips everything after this step, so neither the champion nor the alias moves.
     """
-    return _gate(ctx, trained, evaluation)[1]
+    return _gate(ctx, trained, evaluation)[2]
 
 
-def _gate(ctx: StepContext, trained: Result, evaluation: Result) -> tuple[GateDecision, Result]:
+def _gate(ctx: StepContext, trained: Result, evaluation: Result) -> tuple[GateDecision, EvaluationReport, Result]:
     from near2_tasks.promote import gates
     from near2_tasks.evaluate.report import EvaluationReport
 
@@ -51,7 +51,7 @@ def _gate(ctx: StepContext, trained: Result, evaluation: Result) -> tuple[GateDe
     else:
         log.warning("not promoted: challenger v%s failed the gate against the %s:\n  %s", version, role,
                     "\n  ".join(decision.reasons))
-    return decision, record(ctx, "gate", {
+    return decision, challenger, record(ctx, "gate", {
         "passed": decision.passed, "status": decision.status, "reference": reference.display_name,
         "reference_role": role, "reasons": decision.reasons, "model_version": version,
         "summary": str(out / "gate.md"), "decision": str(out / "gate.json"),
@@ -81,7 +81,6 @@ def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataF
     ``<home>/reports/v<version>``) and to its MLflow run; the step records to ``run``'s directory (default
     ``<home>/runs/near2_gate/v<version>``).
     """
-    from near2_tasks.evaluate.report import EvaluationReport
     from near2_tasks.evaluate.step import evaluate_version
     from near2_tasks.models.registry import configure_mlflow, get_version, model_uri
 
@@ -92,10 +91,8 @@ def gate_version(settings: Settings, products: pd.DataFrame, judgments: pd.DataF
     run = run or StepContext(settings, dag_id="near2_gate", run_id=f"v{number}")
     evaluation = evaluate_version(run, products, judgments, trained,
                                   output_dir=Path(output_dir or settings.home / "reports" / f"v{number}"))
-    decision, _ = _gate(run, trained, evaluation)
-    report_path = Path(evaluation["report"])
-    return GateResult(version=number, decision=decision, report=EvaluationReport.read_json(report_path),
-                      report_path=report_path)
+    decision, report, _ = _gate(run, trained, evaluation)
+    return GateResult(version=number, decision=decision, report=report, report_path=Path(evaluation["report"]))
 
 
 def approval_status(ctx: StepContext, trained: Result) -> Result:
