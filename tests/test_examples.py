@@ -160,6 +160,25 @@ def test_model_mined_hard_negatives(accepted, tiny_model_dir, tmp_path):
     unjudged = loose.pair_sources[loose.pair_sources["kind"] == "mined_unjudged_negative"]
     assert len(unjudged) > 0
     assert all((q, p) not in grades and p in top[q] for q, p, _ in unjudged.itertuples(index=False))
+    # the relative margin: an unjudged negative scores at most (1 - margin) x the query's best strong positive
+    margin = 0.05
+    strict = mine_examples(products, train, with_examples(cfg, mined_unjudged_as_negatives=True, mined_skip_top=0,
+                                                          mined_relative_margin=margin),
+                           model=model, model_key="tiny-test")
+    no_margin = mine_examples(products, train, with_examples(cfg, mined_unjudged_as_negatives=True, mined_skip_top=0,
+                                                             mined_relative_margin=None),
+                              model=model, model_key="tiny-test")
+    row_of = {pid: i for i, pid in enumerate(products["product_id"])}
+    strong_min = settings.examples.strong_positive_min or settings.dataset.relevance_max
+    checked = 0
+    for qid, pid, _ in strict.pair_sources[strict.pair_sources["kind"] == "mined_unjudged_negative"].itertuples(
+            index=False):
+        i = list(queries.index).index(qid)
+        positives = [row_of[p] for (q, p), rel in grades.items() if q == qid and rel >= strong_min]
+        assert scores[i, row_of[pid]] <= scores[i, positives].max() * (1 - margin) + 1e-5
+        checked += 1
+    assert checked > 0
+    assert strict.counts["mined_unjudged_negatives"] < no_margin.counts["mined_unjudged_negatives"]
 
 
 # ----------------------------------------------------------------------------------------- evaluation data

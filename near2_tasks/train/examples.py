@@ -131,8 +131,10 @@ def _grade_bounds(settings: Settings) -> tuple[float, float]:
 
 
 def model_top_k(model: SentenceTransformer, queries: list[str], product_texts: list[str], k: int,
-                batch_size: int = 64, product_vectors: np.ndarray | None = None) -> np.ndarray:
-    """Indices of each query's top-k products by the model's cosine similarity (rows: queries)."""
+                batch_size: int = 64, product_vectors: np.ndarray | None = None,
+                with_scores: bool = False) -> Any:
+    """Indices of each query's top-k products by the model's cosine similarity (rows: queries); with
+    ``with_scores``, (indices, their cosine scores, the query vectors)."""
     from near2_tasks.models.embeddings import encode
 
     if product_vectors is None:
@@ -140,12 +142,14 @@ def model_top_k(model: SentenceTransformer, queries: list[str], product_texts: l
     query_vectors = encode(model, queries, batch_size=batch_size)
     k = min(k, len(product_texts))
     top = np.empty((len(queries), k), dtype=np.int64)
+    top_scores = np.empty((len(queries), k), dtype=np.float32)
     for start in range(0, len(queries), 256):
         scores = query_vectors[start:start + 256] @ product_vectors.T
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
         top[start:start + 256] = np.take_along_axis(part, order, axis=1)
-    return top
+        top_scores[start:start + 256] = np.take_along_axis(scores, top[start:start + 256], axis=1)
+    return (top, top_scores, query_vectors) if with_scores else top
 
 
 def _resolve_model(model: Any, model_key: str | None, settings: Settings) -> tuple[Any, str | None]:
@@ -174,12 +178,13 @@ def _sample_unjudged(rng: random.Random, product_ids: list[str], judged: set[str
     return picked
 
 
-def _mined_negatives(ranked: np.ndarray, product_ids: list[str], graded: dict[str, float], hard_max: float,
-                     ex: Any) -> list[tuple[str, str]]:
-    """A query's model-mined negatives from its ``ranked`` products: judged-low ones, optionally unjudged ones."""
+def _mined_negatives(ranked: np.ndarray, scores: np.ndarray, product_ids: list[str], graded: dict[str, float],
+                     hard_max: float, ceiling: float | None, ex: Any) -> list[tuple[str, str]]:
+    """A query's model-mined negatives from its ``ranked`` products: judged-low ones, optionally unjudged
+    ones scored at most ``ceiling`` (the relative margin under the query's positives)."""
     found: list[tuple[str, str]] = []
     skipped = 0
-    for index in ranked:
+    for index, score in zip(ranked, scores):
         pid = product_ids[index]
         if pid in graded:
             if graded[pid] < hard_max:
@@ -187,7 +192,7 @@ def _mined_negatives(ranked: np.ndarray, product_ids: list[str], graded: dict[st
         elif ex.mined_unjudged_as_negatives:
             if skipped < ex.mined_skip_top:
                 skipped += 1
-            else:
+            elif ceiling is None or score <= ceiling:
                 found.append((pid, "mined_unjudged_negative"))
         if len(found) == ex.mined_negatives_per_query:
             break
@@ -197,7 +202,12 @@ def _mined_negatives(ranked: np.ndarray, product_ids: list[str], graded: dict[st
 def _mine_with_model(model: Any, model_key: str | None, product_vectors: np.ndarray | None, settings: Settings,
                      queries: pd.DataFrame, grades: dict[str, dict[str, float]], product_ids: list[str],
                      text_of: dict[str, str], hard_max: float) -> dict[str, list[tuple[str, str]]]:
-    """Each query's model-mined negatives (query id -> (product id, kind)), from the model's top products."""
+    """Each query's model-mined negatives (query id -> (product id, kind)), from the model's top products.
+
+    An unjudged product (``mined_unjudged_as_negatives``) must score at most ``(1 - mined_relative_margin)``
+    times the query's best-scored strong positive, in the spirit of ``relative_margin`` in
+    ``sentence_transformers.util.mine_hard_negatives`` (per query here, not per pair): a product the model
+    puts as close to the query as its best positive is likely relevant too, not a negative."""
     ex = settings.examples
     encoder, key = _resolve_model(model, model_key, settings)
     texts = [text_of[pid] for pid in product_ids]
@@ -207,10 +217,23 @@ def _mine_with_model(model: Any, model_key: str | None, product_vectors: np.ndar
 
         cache = ex.embedding_cache_dir or settings.home / "cache" / "embeddings"
         vectors = encode_cached(encoder, key, texts, cache, batch_size=settings.model.encode_batch_size)
-    top = model_top_k(encoder, queries["query"].tolist(), texts, ex.mined_top_k,
-                      settings.model.encode_batch_size, vectors)
-    return {qid: _mined_negatives(top[row], product_ids, grades[qid], hard_max, ex)
-            for row, qid in enumerate(queries.index)}
+    if vectors is None:
+        from near2_tasks.models.embeddings import encode
+
+        vectors = encode(encoder, texts, batch_size=settings.model.encode_batch_size)
+    top, top_scores, query_vectors = model_top_k(encoder, queries["query"].tolist(), texts, ex.mined_top_k,
+                                                 settings.model.encode_batch_size, vectors, with_scores=True)
+    row_of = {pid: row for row, pid in enumerate(product_ids)}
+    strong_min = _grade_bounds(settings)[0]
+    mined = {}
+    for row, qid in enumerate(queries.index):
+        ceiling = None
+        if ex.mined_unjudged_as_negatives and ex.mined_relative_margin is not None:
+            positives = [row_of[pid] for pid, rel in grades[qid].items() if rel >= strong_min]
+            if positives:
+                ceiling = float((vectors[positives] @ query_vectors[row]).max()) * (1 - ex.mined_relative_margin)
+        mined[qid] = _mined_negatives(top[row], top_scores[row], product_ids, grades[qid], hard_max, ceiling, ex)
+    return mined
 
 
 class _ExampleRows:

@@ -35,6 +35,10 @@ class ExamplesSettings(Section):
         False, description="Also take UNJUDGED products the model ranks high as negatives (risk: false negatives).")
     mined_skip_top: int = Field(
         3, ge=0, description="With mined_unjudged_as_negatives: skip this many top unjudged hits (likely relevant).")
+    mined_relative_margin: float | None = Field(
+        0.05, ge=0, lt=1, description="With mined_unjudged_as_negatives: an unjudged product is a negative only if "
+                                      "its score is <= (1 - margin) x that of the query's best-scored strong positive "
+                                      "(sentence-transformers' relative_margin); None: no margin.")
     embedding_cache_dir: Path | None = Field(None, description="Product embeddings cache; None: home/cache/embeddings.")
 
     @field_validator("split_fractions")
