@@ -135,7 +135,7 @@ def test_model_mined_hard_negatives(accepted, tiny_model_dir, tmp_path):
     model = load_encoder(str(tiny_model_dir), device="cpu")
     top_k = 40
     cfg = with_examples(settings, mined_top_k=top_k, mined_negatives_per_query=3, random_negatives_per_query=0,
-                        embedding_cache_dir=tmp_path / "cache")
+                        mined_unjudged_as_negatives=False, embedding_cache_dir=tmp_path / "cache")
     mined = mine_examples(products, train, cfg, model=model, model_key="tiny-test")
     assert list((tmp_path / "cache").glob("tiny-test-*.npy"))  # product vectors cached under the key
     # recompute the model's ranking independently

@@ -214,6 +214,22 @@ def test_empty_training_split_fails_clearly(tmp_path, tiny_model_dir, data, whic
     assert registered_versions(settings) == []
 
 
+def test_matryoshka_weights_by_dimension(tmp_path, tiny_model_dir):
+    from near2_tasks.train.objective import matryoshka_weights
+
+    dims = list(TINY_DIMS)
+    assert matryoshka_weights(make_settings(tmp_path, tiny_model_dir, training={"matryoshka_weights": None})) == \
+        [1.0] * len(dims)
+    listed = [float(i + 1) for i in range(len(dims))]
+    assert matryoshka_weights(make_settings(tmp_path, tiny_model_dir, training={"matryoshka_weights": listed})) == listed
+    by_dim = {dims[-1]: 3.0, 999: 5.0}  # a dim the model does not train is ignored
+    assert matryoshka_weights(make_settings(tmp_path, tiny_model_dir, training={"matryoshka_weights": by_dim})) == \
+        [1.0] * (len(dims) - 1) + [3.0]
+    # the default doubles the 64- and 32-d prefixes where the model has them
+    assert matryoshka_weights(make_settings(tmp_path, tiny_model_dir, model={"dims": [384, 128, 64, 32]})) == \
+        [1.0, 1.0, 2.0, 2.0]
+
+
 def test_other_unusable_inputs_fail_before_any_work(tmp_path, tiny_model_dir, data):
     from near2_tasks.train.trainer import train_model
 
@@ -405,7 +421,7 @@ def test_mnrl_mini_batch_size_switches_to_the_cached_loss(tmp_path, tiny_model_d
 
     from near2_tasks.train.objective import RETRIEVAL, hybrid_losses
 
-    plain = make_settings(tmp_path, tiny_model_dir)
+    plain = make_settings(tmp_path, tiny_model_dir, training={"mnrl_mini_batch_size": None})
     cached = make_settings(tmp_path, tiny_model_dir, training={"mnrl_mini_batch_size": 4})
     model = load_base_model(plain, "cpu")
     assert type(hybrid_losses(model, plain)[RETRIEVAL].loss) is MultipleNegativesRankingLoss

@@ -57,7 +57,11 @@ def check_examples(examples: Any, cfg: TrainingSettings) -> None:
 
 
 def matryoshka_weights(settings: Settings) -> list[float]:
-    weights = settings.training.matryoshka_weights or [1.0] * len(settings.model.dims)
+    weights = settings.training.matryoshka_weights
+    if weights is None:
+        return [1.0] * len(settings.model.dims)
+    if isinstance(weights, dict):
+        return [float(weights.get(dim, 1.0)) for dim in settings.model.dims]
     if len(weights) != len(settings.model.dims):
         raise Near2Error(f"training.matryoshka_weights has {len(weights)} entries for {len(settings.model.dims)} "
                          f"dims {settings.model.dims}", hint="give one weight per dimension, in the same order")

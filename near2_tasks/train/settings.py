@@ -32,7 +32,10 @@ class ExamplesSettings(Section):
     mined_top_k: int = Field(20, ge=1, description="Model-mined negatives: look at the model's top k products.")
     mined_negatives_per_query: int = Field(2, ge=0, description="Model-mined hard negatives kept per query.")
     mined_unjudged_as_negatives: bool = Field(
-        False, description="Also take UNJUDGED products the model ranks high as negatives (risk: false negatives).")
+        True, description="Also take UNJUDGED products the base model ranks high (below the top mined_skip_top and "
+                          "the relative margin) as negatives. On Home Depot they raised NDCG@10 by 0.005 at 384-d "
+                          "and 0.002 at 64-d (BENCHMARKS.md, Training recipes, row J against I); off: judged and "
+                          "random negatives only (no false-negative risk).")
     mined_skip_top: int = Field(
         3, ge=0, description="With mined_unjudged_as_negatives: skip this many top unjudged hits (likely relevant).")
     mined_relative_margin: float | None = Field(
@@ -55,11 +58,15 @@ class TrainingSettings(Section):
 
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps (overrides epochs).")
-    batch_size: int = Field(64, gt=0, description="Training batch on CPU (in-batch negatives for MNRL); 64 measured "
-                                             "(256 with CachedMNRL was no better, BENCHMARKS.md).")
+    batch_size: int = Field(
+        256, gt=0, description="Training batch on CPU: the in-batch negatives of MNRL. 256, through CachedMNRL "
+                               "(mnrl_mini_batch_size) at the memory of 64, beat 64 at 64-d and 32-d on Home Depot "
+                               "(BENCHMARKS.md, Training recipes, row G against C).")
     gpu_batch_size: int = Field(128, gt=0, description="Training batch when a GPU is used.")
     eval_batch_size: int = Field(64, gt=0)
-    learning_rate: float = Field(5e-5, gt=0)
+    learning_rate: float = Field(
+        1e-4, gt=0, description="Peak learning rate (linear warm-up over warmup_ratio, then linear decay); 1e-4 "
+                                "with batch 256 (BENCHMARKS.md, Training recipes).")
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     seed: int = 42
@@ -69,9 +76,12 @@ class TrainingSettings(Section):
                                "out. OnlineContrastiveLoss SUMS over the hard pairs of a batch; on the shipped "
                                "recipe, weight 0.05 cost 0.012 NDCG@10 at 384-d and 0.002 at 64-d on Home Depot "
                                "(BENCHMARKS.md, Training recipes, row H), so it is off by default.")
-    matryoshka_weights: list[float] | None = Field(
-        None, description="One weight per model.dims entry (same order); None: all 1."
-    )
+    matryoshka_weights: list[float] | dict[int, float] | None = Field(
+        default_factory=lambda: {64: 2.0, 32: 2.0},
+        description="Per-dimension weights of both Matryoshka losses: a list (one weight per model.dims entry, "
+                    "same order) or {dim: weight} (dims left out weigh 1; dims not in model.dims are ignored); "
+                    "None: all 1. Default: the prefixes of 64 and 32 dims count double, which raised 64-d and "
+                    "32-d NDCG@10 on Home Depot (BENCHMARKS.md, Training recipes, rows E and I).")
     mnrl_scale: float = Field(20.0, gt=0, description="Similarity scale of MultipleNegativesRankingLoss.")
     contrastive_margin: float = Field(0.5, gt=0, description="Margin of OnlineContrastiveLoss.")
     multi_dataset_sampler: Literal["proportional", "round_robin"] = Field(
@@ -93,8 +103,9 @@ class TrainingSettings(Section):
         "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 where the CPU has "
                             "bf16 instructions (AVX512-BF16/AMX), else fp32. fp16 needs a GPU.")
     mnrl_mini_batch_size: int | None = Field(
-        None, gt=0, description="Set: CachedMultipleNegativesRankingLoss (GradCache) with this mini-batch, so "
-                                "batch_size can grow (more in-batch negatives) at the memory of the mini-batch.")
+        64, gt=0, description="CachedMultipleNegativesRankingLoss (GradCache) with this mini-batch, so batch_size "
+                              "can grow (more in-batch negatives) at the memory of the mini-batch; None: plain "
+                              "MultipleNegativesRankingLoss (the whole batch at once).")
     prefix_init: Literal["none", "pca"] = Field(
         "pca", description="pca: start from a rotation onto the catalog's principal axes (a bias-free Dense "
                             "layer before normalisation; full-dimension cosine unchanged), so each prefix "
