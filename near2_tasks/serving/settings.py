@@ -176,6 +176,12 @@ class ServingSettings(Section):
                                 "From the 64-bit codes, rescored at 384-d, vs exact 384-d float (BENCHMARKS.md): "
                                 "1600: -1.7% / -2.2% NDCG@10 (two trained models), 2000: -1.9%; 1000: -2.5%.")
     funnel_rescore_dim: int | None = Field(None, description="None: the requested dim, else the full dimension.")
+    funnel_rescore: Literal["local", "elasticsearch"] = Field(
+        "elasticsearch", description="Where mode=funnel scores its shortlist. local: index builds also write every "
+        "product's full vector as float16 under <home>/rescore/<index>/ (near2_tasks.serving.rescore_store), the "
+        "service memory-maps it and scores the shortlist itself: one Elasticsearch request; an index without a "
+        "matching store is rescored in Elasticsearch, with a WARNING. elasticsearch: a second request, an exact "
+        "kNN filtered to the shortlist ids.")
     k_max: int = Field(100, gt=0, description="Largest k a request may ask for.")
     max_num_candidates: int = Field(
         2000, gt=0, le=10000, description="Upper bound of kNN num_candidates (and of the funnel's shortlist).")
