@@ -4,9 +4,8 @@ serving host (``serving.funnel_rescore: local``, ``near2_tasks.serving.rescore_s
     # three stages, each under the shared lock and under 10 minutes; --model picks the encoder (default: the
     # trained recipe row I if its model exists, else any recipe row's, else the base all-MiniLM-L6-v2)
     flock /work/logs/heavy.lock .venv/bin/python bench/funnel_local_benchmark.py --stage vectors
-    flock /work/logs/heavy.lock .venv/bin/python bench/funnel_local_benchmark.py --stage build
-    flock /work/logs/heavy.lock .venv/bin/python bench/funnel_local_benchmark.py --stage measure \\
-        --out bench/results/funnel_local_9.2.4.json
+    flock /work/logs/heavy.lock .venv/bin/python bench/funnel_local_benchmark.py --stage build,measure \\
+        --out bench/results/funnel_local_9.2.4.json      # or --stage build, then --stage measure
 
 ``vectors`` encodes the Home Depot catalog titles and the 943 test-split queries once (``--work``);
 ``build`` starts near2's local Elasticsearch 9.2.4 (port 9254, 1 GB heap), indexes the whole catalog with
@@ -101,16 +100,13 @@ def stage_build(args) -> None:
     products, _ = load_data(args, settings)
     saved = np.load(args.work / "vectors.npz")
     elasticsearch_local.start(settings)
-    try:
-        began = time.perf_counter()
-        result = build_verify_swap(settings, str(saved["model"]), products, model_version="bench",
-                                   vectors=saved["catalog"])
-        info = {"index": result.index.name, "build_verify_swap_s": round(time.perf_counter() - began, 1),
-                "deleted": result.deleted}
-        (args.work / "build.json").write_text(json.dumps(info, indent=2))
-        print(info)
-    finally:
-        elasticsearch_local.stop(settings)
+    began = time.perf_counter()
+    result = build_verify_swap(settings, str(saved["model"]), products, model_version="bench",
+                               vectors=saved["catalog"])
+    info = {"index": result.index.name, "build_verify_swap_s": round(time.perf_counter() - began, 1),
+            "deleted": result.deleted}
+    (args.work / "build.json").write_text(json.dumps(info, indent=2))
+    print(info, flush=True)
 
 
 def resident_bytes(path: Path) -> int:
@@ -242,12 +238,11 @@ def stage_measure(args) -> None:
     print(results["store"], results["cold_store_800_at_128"])
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    elasticsearch_local.stop(settings)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("vectors", "build", "measure"), required=True)
+    parser.add_argument("--stage", required=True, help="vectors, build, measure, or several: build,measure")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
     parser.add_argument("--model", default=None, help="an encoder directory or hub id (stage vectors)")
     parser.add_argument("--work", type=Path, default=REPO / ".near2" / "bench" / "funnel-local")
@@ -256,9 +251,15 @@ def main() -> None:
     parser.add_argument("--cold-queries", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if not args.data_dir.exists():
-        args.data_dir = Path("/work/shared/data/homedepot")
-    {"vectors": stage_vectors, "build": stage_build, "measure": stage_measure}[args.stage](args)
+    from near2_tasks.serving import elasticsearch_local
+
+    stages = {"vectors": stage_vectors, "build": stage_build, "measure": stage_measure}
+    try:
+        for stage in args.stage.split(","):
+            stages[stage](args)
+    finally:
+        if args.stage != "vectors":
+            elasticsearch_local.stop(settings_for(args))
 
 
 if __name__ == "__main__":

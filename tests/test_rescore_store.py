@@ -45,6 +45,7 @@ def test_parts_merge_into_one_store_that_scores_like_the_field(local):
     assert len(list((rescore_store.store_dir(local, INDEX) / "parts").glob("*.npz"))) == 2
     directory = rescore_store.finalize(local, INDEX, products, META, count=len(products))
     assert not (directory / "parts").exists()
+    assert rescore_store.finalize(local, INDEX, products, META, count=len(products)) == directory  # a retry converges
     assert json.loads((directory / "store.json").read_text())["count"] == len(products)
     store = RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products))
     assert store.vectors.dtype == np.float16 and isinstance(store.vectors, np.memmap)

@@ -107,9 +107,19 @@ def write_part(settings: Settings, index: str, products: pd.DataFrame, vectors: 
 
 def finalize(settings: Settings, index: str, products: pd.DataFrame, meta: dict[str, Any], count: int) -> Path:
     """Merge the parts of ``index`` into its store, for exactly the catalog's ``products`` (``count``: the
-    index's document count); every product must be in a part. Returns the store directory."""
+    index's document count); every product must be in a part, or in the store a previous run of this merge
+    wrote (a retried finalize converges). Returns the store directory."""
     directory = store_dir(settings, index)
     rows: dict[str, tuple[np.ndarray, bytes]] = {}
+    try:  # a re-run of finalize: the store it merged before is a source too
+        merged = RescoreStore.open(settings, index, meta.get("model_uri"), list(meta.get("dims") or [1]),
+                                   len(np.load(directory / "ids.npy", mmap_mode="r")))
+    except (OSError, StoreMismatch):
+        merged = None
+    if merged is not None:
+        for row, pid in enumerate(merged.ids):
+            rows[pid.decode()] = (np.asarray(merged.vectors[row]),
+                                  merged.fields[merged.offsets[row]:merged.offsets[row + 1]].tobytes())
     for part in sorted((directory / "parts").glob("*.npz")):
         with np.load(part, allow_pickle=True) as data:
             for pid, vector, fields in zip(data["ids"], data["vectors"], data["fields"]):
