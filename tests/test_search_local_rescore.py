@@ -40,19 +40,17 @@ def demo_served(tmp_path_factory, es_url, es_client):
 
 
 def _same_ranking(local, remote) -> None:
-    """Same products in the same order, except where Elasticsearch's float32 scores of neighbours are within
-    the float16 rounding of the store (then either order is right)."""
-    assert [h.product_id for h in local] != [] and len(local) == len(remote)
-    assert {h.product_id for h in local} == {h.product_id for h in remote} or \
-        abs(local[-1].score - remote[-1].score) < 2e-3
-    for mine, theirs in zip(local, remote):
-        assert abs(mine.score - theirs.score) < 2e-3
-        if mine.product_id != theirs.product_id:
-            tied = [h.score for h in remote if h.product_id == mine.product_id]
-            assert tied and abs(tied[0] - theirs.score) < 2e-3, (mine, theirs)
-        else:
+    """The i-th best scores agree within the store's float16 rounding, and products differ at a position only
+    where Elasticsearch's own scores of the two are as close (a near-tie, either order is right)."""
+    assert local and len(local) == len(remote)
+    theirs = {hit.product_id: hit for hit in remote}
+    for mine, other in zip(local, remote):
+        assert abs(mine.score - other.score) < 2e-3, (mine, other)
+        if mine.product_id != other.product_id:
+            assert mine.product_id not in theirs or abs(theirs[mine.product_id].score - other.score) < 2e-3
+        else:  # the product fields come from the store, as Elasticsearch's _source has them
             assert (mine.title, mine.category, mine.brand, mine.price) == \
-                (theirs.title, theirs.category, theirs.brand, theirs.price)
+                (other.title, other.category, other.brand, other.price)
 
 
 def test_local_rescoring_ranks_like_the_two_request_funnel(demo_served):
@@ -62,6 +60,7 @@ def test_local_rescoring_ranks_like_the_two_request_funnel(demo_served):
     remote = Searcher(with_sections(settings, serving={"funnel_rescore": "elasticsearch"}))
     queries = catalog.judgments["query"].drop_duplicates().head(25).tolist() + catalog.products.title.head(5).tolist()
     category = catalog.products.category.value_counts().index[0]
+    same = total = 0
     for query in queries:
         for dim, filters in ((384, None), (128, None), (384, {"category": category})):
             mine = local.search(query, k=10, mode="funnel", dim=dim, filters=filters)
@@ -70,6 +69,9 @@ def test_local_rescoring_ranks_like_the_two_request_funnel(demo_served):
             assert (mine.shortlist_dim, mine.shortlist_size) == (theirs.shortlist_dim, theirs.shortlist_size) == (64, 100)
             _same_ranking(mine.hits, theirs.hits)
             assert not filters or all(h.category == category for h in mine.hits)
+            same += sum(a.product_id == b.product_id for a, b in zip(mine.hits, theirs.hits))
+            total += len(mine.hits)
+    assert same >= 0.95 * total, (same, total)  # near-ties are rare: nearly every position is the same product
     assert local.stores.fallbacks == 0
     # hybrid with the funnel as its dense side: the dense side scored from the store, one request
     hybrid = with_sections(settings, serving={"hybrid_funnel": True})
