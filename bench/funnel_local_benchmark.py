@@ -22,6 +22,7 @@ before each query (``--cold-queries``). The Home Depot data is read in place, ne
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -193,8 +194,14 @@ def stage_measure(args) -> None:
             ids[name].append(got)
     load_after = os.getloadavg()
     store = searchers[(800, "local")].stores.get(served.name, served.model_uri, served.dims, lambda: len(products))
-    vectors_file = store.directory / "vectors.npy"
+    vectors_file, store_info = store.directory / "vectors.npy", {
+        "dir": str(store.directory), "bytes": sum(f.stat().st_size for f in store.directory.iterdir()),
+        "vectors_bytes_per_product": store.vectors.shape[1] * 2}
     resident = resident_bytes(vectors_file)
+    for searcher in searchers.values():  # unmap every store: the page cache only drops pages nobody maps
+        searcher.stores = rescore_store.StoreCache(searcher.settings)
+    del store
+    gc.collect()
 
     cold = []  # local stage 2 with the store's pages evicted before each query (a fresh mapping each time)
     for vector in queries[:args.cold_queries]:
@@ -212,9 +219,7 @@ def stage_measure(args) -> None:
     results = {"server": version, "index": served.name, "model": str(saved["model"]), "queries": len(queries),
                "products": len(products), **build, "load_average_before": load_before,
                "load_average_after": load_after, "rows": [],
-               "store": {"dir": str(store.directory), "bytes": sum(f.stat().st_size for f in store.directory.iterdir()),
-                         "vectors_bytes_per_product": store.vectors.shape[1] * 2,
-                         "resident_vectors_bytes_after_run": resident},
+               "store": {**store_info, "resident_vectors_bytes_after_run": resident},
                "cold_store_800_at_128": {"queries": len(cold), "p50_ms": round(float(np.percentile(cold, 50)), 2),
                                          "p99_ms": round(float(np.percentile(cold, 99)), 2)} if cold else None}
     answers = {name: {"ids": got, "seconds": seconds[name]} for name, got in ids.items()}

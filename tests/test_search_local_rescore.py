@@ -27,8 +27,8 @@ LOCAL = {"funnel_rescore": "local"}
 
 @pytest.fixture(scope="module")
 def demo_served(tmp_path_factory, es_url, es_client):
-    """MiniLM over a 600-product synthetic catalog at 384/128/64 with the 64-bit codes (the defaults), its
-    store written (funnel_rescore: local), and the synthetic queries."""
+    """MiniLM over a 600-product synthetic catalog at 384/128/64 with the default bit codes
+    (``elasticsearch.binary_dims``), its store written (funnel_rescore: local), and the synthetic queries."""
     base = module_settings(tmp_path_factory, es_url, PACKAGED_MINILM, [384, 128, 64], home="local-rescore-home")
     settings = with_sections(base, serving={**LOCAL, "funnel_shortlist_size": 100})
     catalog = generate_catalog(600, 40, seed=5)
@@ -66,7 +66,9 @@ def test_local_rescoring_ranks_like_the_two_request_funnel(demo_served):
             mine = local.search(query, k=10, mode="funnel", dim=dim, filters=filters)
             theirs = remote.search(query, k=10, mode="funnel", dim=dim, filters=filters)
             assert (mine.rescore, theirs.rescore) == ("local", "elasticsearch")
-            assert (mine.shortlist_dim, mine.shortlist_size) == (theirs.shortlist_dim, theirs.shortlist_size) == (64, 100)
+            coded = max([d for d in settings.elasticsearch.binary_dims if d < dim], default=64)  # else float 64-d
+            assert (mine.shortlist_dim, mine.shortlist_size) == (theirs.shortlist_dim, theirs.shortlist_size) == \
+                (coded, 100)
             _same_ranking(mine.hits, theirs.hits)
             assert not filters or all(h.category == category for h in mine.hits)
             same += sum(a.product_id == b.product_id for a, b in zip(mine.hits, theirs.hits))
