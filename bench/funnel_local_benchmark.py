@@ -243,6 +243,9 @@ def stage_measure(args) -> None:
     print(results["store"], results["cold_store_800_at_128"])
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if not args.keep_index:  # the node's data directory is shared by everything on this port
+        client.indices.delete(index=served.name)
+        rescore_store.delete_stores(settings, [served.name])
 
 
 def main() -> None:
@@ -255,6 +258,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=0, help="first N test queries only (0: all)")
     parser.add_argument("--cold-queries", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep-index", action="store_true", help="keep the index and its store after measure")
     args = parser.parse_args()
     from near2_tasks.serving import elasticsearch_local
 
