@@ -105,50 +105,69 @@ def write_part(settings: Settings, index: str, products: pd.DataFrame, vectors: 
     return target
 
 
+def _sources(directory: Path, merged: RescoreStore | None):
+    """(ids, float16 vectors, field bytes) of each source of a merge, one at a time: the store a previous
+    merge wrote, then the parts (a later source wins for an id in several)."""
+    if merged is not None:
+        yield ([i.decode() for i in merged.ids], merged.vectors,
+               [merged.fields[merged.offsets[r]:merged.offsets[r + 1]].tobytes() for r in range(merged.count)])
+    for part in sorted((directory / "parts").glob("*.npz")):
+        with np.load(part, allow_pickle=True) as data:
+            yield [str(i) for i in data["ids"]], data["vectors"], list(data["fields"])
+
+
 def finalize(settings: Settings, index: str, products: pd.DataFrame, meta: dict[str, Any], count: int) -> Path:
     """Merge the parts of ``index`` into its store, for exactly the catalog's ``products`` (``count``: the
     index's document count); every product must be in a part, or in the store a previous run of this merge
-    wrote (a retried finalize converges). Returns the store directory."""
+    wrote (a retried finalize converges). Parts are read one at a time and the vectors written straight into
+    the memory-mapped output, so the merge holds one part and the fields in memory, never the whole matrix.
+    Returns the store directory."""
+    from numpy.lib.format import open_memmap
+
     directory = store_dir(settings, index)
-    rows: dict[str, tuple[np.ndarray, bytes]] = {}
     try:  # a re-run of finalize: the store it merged before is a source too
         merged = RescoreStore.open(settings, index, meta.get("model_uri"), list(meta.get("dims") or [1]),
                                    len(np.load(directory / "ids.npy", mmap_mode="r")))
     except (OSError, StoreMismatch):
         merged = None
-    if merged is not None:
-        for row, pid in enumerate(merged.ids):
-            rows[pid.decode()] = (np.asarray(merged.vectors[row]),
-                                  merged.fields[merged.offsets[row]:merged.offsets[row + 1]].tobytes())
-    for part in sorted((directory / "parts").glob("*.npz")):
-        with np.load(part, allow_pickle=True) as data:
-            for pid, vector, fields in zip(data["ids"], data["vectors"], data["fields"]):
-                rows[str(pid)] = (vector, fields)
-    ids = sorted({str(p) for p in products.product_id}, key=lambda p: p.encode())
-    missing = [p for p in ids if p not in rows]
-    if missing or len(ids) != count:
-        raise Near2Error(f"the rescoring store of {index} lacks {len(missing)} of {len(ids)} products "
-                         f"(index count {count}) under {directory}",
-                         hint="every shard must write its part under the same home (shared storage), or set "
-                              "serving.funnel_rescore: elasticsearch")
+    encoded = sorted({str(p).encode() for p in products.product_id})
+    keys = np.array(encoded, dtype=f"S{max(map(len, encoded), default=1)}")
     staging = store_root(settings) / f".{index}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    encoded = [p.encode() for p in ids]
-    np.save(staging / "ids.npy", np.array(encoded, dtype=f"S{max(map(len, encoded), default=1)}"))
-    np.save(staging / "vectors.npy", np.stack([rows[p][0] for p in ids]).astype(np.float16))
-    fields = [rows[p][1] for p in ids]
+    vectors, fields, filled = None, [b""] * len(keys), np.zeros(len(keys), dtype=bool)
+    for ids, block, texts in _sources(directory, merged) if len(keys) else ():
+        wanted = [i.encode() for i in ids]
+        rows = np.minimum(np.searchsorted(keys, np.array(wanted, dtype=keys.dtype)), len(keys) - 1)
+        inside = np.array([keys[r] == w for r, w in zip(rows, wanted)], dtype=bool)  # catalog ids only
+        if vectors is None:
+            vectors = open_memmap(staging / "vectors.npy", mode="w+", dtype=np.float16, shape=(len(keys), block.shape[1]))
+        vectors[rows[inside]] = np.asarray(block)[inside]
+        for row, text, keep in zip(rows, texts, inside):
+            if keep:
+                fields[row] = text
+        filled[rows[inside]] = True
+    if vectors is None or not filled.all() or len(keys) != count:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise Near2Error(f"the rescoring store of {index} lacks {int((~filled).sum())} of {len(keys)} products "
+                         f"(index count {count}) under {directory}",
+                         hint="every shard must write its part under the same home (shared storage), or set "
+                              "serving.funnel_rescore: elasticsearch")
+    vectors.flush()
+    del vectors
+    np.save(staging / "ids.npy", keys)
     np.save(staging / "offsets.npy", np.concatenate([[0], np.cumsum([len(f) for f in fields])]).astype(np.int64))
     (staging / "fields.bin").write_bytes(b"".join(fields))
     (staging / "store.json").write_text(json.dumps({
         "format": FORMAT, "index": index, "model_uri": meta.get("model_uri"), "dims": meta.get("dims"),
-        "count": len(ids), "dtype": "float16", "catalog_version": meta.get("catalog_version")}, indent=2) + "\n")
+        "count": len(keys), "dtype": "float16", "catalog_version": meta.get("catalog_version")}, indent=2) + "\n")
+    del merged  # unmapped before its directory goes
     old = store_root(settings) / f".{index}.old.{os.getpid()}"
     if directory.exists():
         directory.rename(old)  # the parts go with it
     staging.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
-    log.info("rescoring store of %s: %d products, float16, %s", index, len(ids), directory)
+    log.info("rescoring store of %s: %d products, float16, %s", index, len(keys), directory)
     return directory
 
 
