@@ -86,7 +86,8 @@ def test_local_rescoring_ranks_like_the_two_request_funnel(demo_served):
 
 def test_a_missing_or_stale_store_falls_back_to_elasticsearch_with_a_warning(tiny_settings, tiny_model_dir,
                                                                             second_tiny_model_dir, caplog):
-    plain = serving_settings(tiny_settings, elasticsearch={"binary_dims": [32]})
+    plain = serving_settings(tiny_settings, elasticsearch={"binary_dims": [32]},
+                             serving={"funnel_rescore": "elasticsearch"})
     local = with_sections(plain, serving=LOCAL)
     products = titled_catalog(60)
     # an index built without a store (funnel_rescore: elasticsearch at build time) is served anyway
