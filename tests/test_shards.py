@@ -8,7 +8,8 @@ shard loses its connection half-way and Airflow retries that shard alone.
 
 The settings make every shard really encode (a fresh embedding cache per run, so nothing is reused from an
 earlier run), give an index dim bit codes (``binary_dims: [32]``, whose centre comes from a sample smaller
-than the catalog) and keep the vectors in ``_source`` so the test can read them back.
+than the catalog), keep the vectors in ``_source`` so the test can read them back, and write the funnel's
+rescoring store (``serving.funnel_rescore: local``: a part per shard, merged by ``finalize_index``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _sections(es_url: str, alias: str, home: Path, model_dir: Path) -> dict[str,
         "elasticsearch": {"url": es_url, "alias": alias, "binary_dims": [32], "binary_centre_sample_size": 120,
                           "vectors_in_source": True, "bulk_chunk_size": CHUNK, "max_retries": 1,
                           "bulk_max_retries": 1, "bulk_initial_backoff_s": 0.05, "bulk_max_backoff_s": 0.1},
+        "serving": {"funnel_rescore": "local"},  # every shard writes its part of the rescoring store
     }
 
 
@@ -178,6 +180,18 @@ def assert_same_index(es_client, expected: str, actual: str) -> dict[str, Any]:
     return {"documents": len(got), "max_vector_difference": worst}
 
 
+def assert_same_store(settings, expected: str, actual: str) -> None:
+    """The rescoring store the shards' parts merged into holds what the one-shard build's holds."""
+    from near2_tasks.serving.rescore_store import store_dir
+
+    want, got = store_dir(settings, expected), store_dir(settings, actual)
+    assert not (got / "parts").exists()
+    assert (np.load(want / "ids.npy") == np.load(got / "ids.npy")).all() and len(np.load(got / "ids.npy")) == PRODUCTS
+    np.testing.assert_allclose(np.load(got / "vectors.npy").astype(np.float32),
+                               np.load(want / "vectors.npy").astype(np.float32), atol=1e-3)
+    assert (got / "fields.bin").read_bytes() == (want / "fields.bin").read_bytes()
+
+
 # ----- (a) four shards give the same index as one ----------------------------------------------------
 def test_four_mapped_shards_build_the_same_index_as_one(runs, reference, es_client, monkeypatch):
     from near2_tasks.data.hashing import stable_bucket
@@ -202,6 +216,7 @@ def test_four_mapped_shards_build_the_same_index_as_one(runs, reference, es_clie
     assert _run_step(runs, dagrun, "swap_alias")["previous"] == reference
     assert list(es_client.indices.get_alias(name=runs.settings.elasticsearch.alias)) == [new]
     assert_same_index(es_client, reference, new)
+    assert_same_store(runs.settings, reference, new)
     # each shard's documents are exactly the products whose stable hash falls in it
     ids = sorted(_documents(es_client, new))
     per_shard = [sorted(pid for pid in ids if stable_bucket(pid, SHARDS) == shard) for shard in range(SHARDS)]

@@ -182,7 +182,12 @@ def alias_indices(client, alias: str) -> list[dict[str, Any]]:
 
 def prune_indices(settings: Settings, client: Elasticsearch | None = None) -> list[str]:
     """Delete old indices: keep the alias target, ``keep_indices`` newest others, and anything
-    newer than the target (another run may still be building it). Returns the deleted names."""
+    newer than the target (another run may still be building it). Returns the deleted names.
+
+    Their funnel rescoring stores go with them (:mod:`near2_tasks.serving.rescore_store`), and so do the
+    stores of this alias's indices that no longer exist (deleted by hand), up to the target's age."""
+    from near2_tasks.serving import rescore_store
+
     es = settings.elasticsearch
     client = client or make_client(settings)
     with es_errors(es.url, "pruning old indices"):
@@ -197,6 +202,8 @@ def prune_indices(settings: Settings, client: Elasticsearch | None = None) -> li
         if doomed:
             client.indices.delete(index=",".join(doomed))
             log.info("deleted old indices %s", doomed)
+    kept = {r["index"] for r in rows} - set(doomed)
+    rescore_store.delete_stores(settings, doomed + rescore_store.orphans(settings, es.alias, kept, targets))
     return doomed
 
 

@@ -47,6 +47,9 @@ class SearchOut(BaseModel):
     filters: dict[str, Any]
     shortlist_dim: int | None = None
     shortlist_size: int | None = None
+    rescore: Literal["local", "elasticsearch"] | None = Field(
+        None, description="Funnel only: where the shortlist was scored, from the index's float16 store on the "
+                          "serving host (one Elasticsearch request) or by a second Elasticsearch request.")
     hybrid: HybridOut | None = None
 
 

@@ -29,6 +29,17 @@ Progress = Callable[[int, int], None]
 VECTOR_DECIMALS = 6  # JSON payload size; the rounding error is far below quantisation error
 
 
+def product_source(row) -> dict[str, Any]:
+    """The product fields of one catalog row (a prepared row's ``itertuples`` item) as a document holds them."""
+    return {
+        "product_id": row.product_id,
+        "title": row.title,
+        "category": None if row.category is None or pd.isna(row.category) else str(row.category),
+        "brand": None if row.brand is None or pd.isna(row.brand) else str(row.brand),
+        "price": None if row.price is None or pd.isna(row.price) else float(row.price),
+    }
+
+
 def documents(products: pd.DataFrame, vectors: np.ndarray, dims: list[int], start: int,
               stop: int, centres: dict[int, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """The bulk documents of rows ``start:stop``: the product fields, the vector at every dim, the bit codes
@@ -38,14 +49,7 @@ def documents(products: pd.DataFrame, vectors: np.ndarray, dims: list[int], star
     codes = {d: compact.binary_codes(block, d, centre) for d, centre in (centres or {}).items()}
     docs = []
     for offset, row in enumerate(products.iloc[start:stop].itertuples(index=False)):
-        price = None if row.price is None or pd.isna(row.price) else float(row.price)
-        source = {
-            "product_id": row.product_id,
-            "title": row.title,
-            "category": None if row.category is None or pd.isna(row.category) else str(row.category),
-            "brand": None if row.brand is None or pd.isna(row.brand) else str(row.brand),
-            "price": price,
-        }
+        source = product_source(row)
         for d in dims:
             source[conventions.vector_field(d)] = per_dim[d][offset].tolist()
         for d, code in codes.items():

@@ -37,7 +37,7 @@ import pandas as pd
 
 from near2_tasks import conventions
 
-from near2_tasks.serving import compact
+from near2_tasks.serving import compact, rescore_store
 from near2_tasks.errors import Near2Error
 from near2_tasks.serving.alias import meta_of
 from near2_tasks.serving.bulk import Progress, bulk_load, finish_load, remove_strays
@@ -263,7 +263,9 @@ def load_shard(
 ) -> int:
     """Bulk-load ``products`` (one shard, or any subset of the catalog) with their full-dimension
     ``vectors`` (encoded by the model in the index's ``_meta``) into the existing ``index_name``, at the
-    dims and with the bit-code centres its ``_meta`` records (``meta``: the caller read it already).
+    dims and with the bit-code centres its ``_meta`` records (``meta``: the caller read it already); with
+    ``serving.funnel_rescore: local`` also the shard's part of the rescoring store
+    (:mod:`near2_tasks.serving.rescore_store`).
     Documents are keyed by ``product_id``: re-loading a shard overwrites, never duplicates.
     Returns the number of documents sent."""
     from near2_tasks.models.embeddings import check_dims
@@ -280,6 +282,8 @@ def load_shard(
     if len(products):
         check_dims(dims, vectors.shape[1])
     centres = _meta_centres(meta)
+    if rescore_store.wanted(settings) and len(products):  # this shard's part of the funnel's local store
+        rescore_store.write_part(settings, index_name, products, vectors)
     with es_errors(settings.elasticsearch.url, f"bulk load of {index_name}"):
         bulk_load(client, settings, index_name, products, vectors, dims, progress, centres)
     return len(products)
@@ -289,7 +293,8 @@ def finalize_index(settings: Settings, index_name: str, products: pd.DataFrame, 
                    client: Elasticsearch | None = None, meta: dict[str, Any] | None = None) -> BuiltIndex:
     """After every shard: serving settings back (refresh interval, replicas), refresh, force-merge
     (``elasticsearch.force_merge``), documents not in ``products`` removed; the count must then be the
-    catalog's (a shard that did not load fails here, before verification)."""
+    catalog's (a shard that did not load fails here, before verification); with ``serving.funnel_rescore:
+    local`` the shards' parts are merged into the index's rescoring store."""
     products = prepare_products(products, settings.dataset.text_template)
     client = client or make_client(settings)
     meta = meta if meta is not None else index_meta(settings, index_name, client)
@@ -300,6 +305,8 @@ def finalize_index(settings: Settings, index_name: str, products: pd.DataFrame, 
         raise Near2Error(f"index {index_name} holds {count} documents after the load, the catalog has "
                          f"{len(products)}: a shard did not load all its products",
                          hint="re-run the shards of this build (their documents are keyed by product_id)")
+    if rescore_store.wanted(settings):  # the shards' parts merged into one store (serving.funnel_rescore)
+        rescore_store.finalize(settings, index_name, products, meta, count)
     return BuiltIndex(name=index_name, count=count, meta=meta)
 
 

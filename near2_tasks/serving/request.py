@@ -191,6 +191,8 @@ class SearchResponse:
     hybrid: dict[str, Any] | None = None
     #: whether the query vector came from the searcher's cache (None: ``serving.query_cache_size`` is 0)
     query_cached: bool | None = None
+    #: funnel shortlists (mode=funnel, or a funnel dense side): where they were scored, local or elasticsearch
+    rescore: str | None = None
 
     def to_dict(self, include_model_uri: bool = True) -> dict[str, Any]:
         data = asdict(self)
@@ -207,6 +209,8 @@ class Retrieved:
     timings_ms: dict[str, float]
     shortlist_size: int | None = None
     hybrid: dict[str, Any] | None = None
+    #: where a funnel scored its shortlist: local (the rescoring store) or elasticsearch (a second request)
+    rescore: str | None = None
 
 
 @dataclass
@@ -219,3 +223,4 @@ class HybridSides:
     timings_ms: dict[str, float]
     requests: int
     shortlist_size: int | None = None
+    rescore: str | None = None

@@ -9,8 +9,11 @@ documents" cannot pair a query with the wrong vectors.
 
 Modes:
 * ``knn``: one approximate kNN on ``embedding_<dim>``;
-* ``funnel``: a kNN shortlist on a small dimension, then an exact kNN at the larger dimension
-  restricted to the shortlist (an ``ids`` filter; Lucene scores a small filtered set exhaustively).
+* ``funnel``: a kNN shortlist on a small dimension, then exact scores at the larger dimension over the
+  shortlist only: here, from the index's float16 rescoring store memory-mapped on this host
+  (``serving.funnel_rescore: local``, :mod:`near2_tasks.serving.rescore_store`: one Elasticsearch request),
+  or in Elasticsearch, an exact kNN restricted to the shortlist (an ``ids`` filter; a second request;
+  also what ``local`` falls back to, with a WARNING, when the index has no matching store).
   When the index holds 1-bit codes of a dimension (``elasticsearch.binary_dims``), the shortlist
   compares codes by Hamming distance (``near2_tasks.serving.compact``: d/8 bytes per product).
 * ``hybrid``: BM25 top-N over the lexical fields and kNN top-N at the dimension (or the funnel, with
@@ -44,6 +47,7 @@ from near2_tasks.errors import Near2Error
 from near2_tasks.serving import hybrid
 from near2_tasks.serving.es_client import es_errors, make_client
 from near2_tasks.serving.query_encoder import encoder_for, torch_threads
+from near2_tasks.serving.rescore_store import StoreCache, StoreMismatch
 from near2_tasks.serving.query_bodies import (IndexVanished, hit_of, knn_body, msearch_answers, rescore_body,
                                               shortlist_body, shortlist_ids)
 from near2_tasks.serving.request import (Hit, HybridSides, Mode, Retrieved, SearchFilters, SearchRequest,
@@ -74,6 +78,8 @@ class Searcher:
         self._vectors_lock = threading.Lock()
         self.query_cache_hits = 0
         self.query_cache_misses = 0
+        #: the funnel's local rescoring stores (``serving.funnel_rescore: local``), by index name
+        self.stores = StoreCache(settings)
 
     # ----- what is served ------------------------------------------------------------------
     def serving_index(self, refresh: bool = False) -> ServingIndex:
@@ -166,7 +172,7 @@ class Searcher:
             query=request.query, k=request.k, dim=dim, mode=request.mode, index=served.name,
             model_name=served.model_name, model_version=served.model_version, model_uri=served.model_uri,
             hits=retrieved.hits, timings_ms=timings, filters=request.filters.active(), shortlist_dim=shortlist_dim,
-            shortlist_size=retrieved.shortlist_size, hybrid=retrieved.hybrid,
+            shortlist_size=retrieved.shortlist_size, hybrid=retrieved.hybrid, rescore=retrieved.rescore,
             query_cached=cached if self.settings.serving.query_cache_size else None)
 
     def retrieve(self, served: ServingIndex, full_vector, k: int, dim: int, shortlist_dim: int | None = None,
@@ -176,25 +182,46 @@ class Searcher:
         clauses = clauses or []
         began = time.perf_counter()
         timings: dict[str, float] = {}
-        shortlist_size = None
+        shortlist_size = rescore = None
         with es_errors(self.settings.elasticsearch.url, "search", keep_not_found=True):
             if shortlist_dim is None:
                 response = self.client.search(index=served.name, **knn_body(
                     dim, conventions.truncate(full_vector, dim), k, num_candidates, clauses))
-                took = response["took"]
+                took, hits = response["took"], [hit_of(h) for h in response["hits"]["hits"]]
             else:
                 body, shortlist_size = shortlist_body(self.settings.serving, served, full_vector, k, shortlist_dim,
                                                       clauses, num_candidates)
                 ids, took = shortlist_ids(self.client, served.name, body)
                 timings["shortlist"] = _ms_since(began)
-                response = {"hits": {"hits": []}}
-                if ids:  # exact scores at the larger dimension, over the shortlist only
-                    response = self.client.search(index=served.name, **rescore_body(dim, full_vector, k, ids))
-                    took += response["took"]
+                hits, rescore = self.rescore_locally(served, ids, full_vector, dim, k), "local"
+                if hits is None:  # exact scores at the larger dimension, over the shortlist only, in ES
+                    hits, rescore = [], "elasticsearch"
+                    if ids:
+                        response = self.client.search(index=served.name, **rescore_body(dim, full_vector, k, ids))
+                        took, hits = took + response["took"], [hit_of(h) for h in response["hits"]["hits"]]
         timings["search"] = _ms_since(began)
         timings["es_took"] = float(took)
-        return Retrieved(hits=[hit_of(h) for h in response["hits"]["hits"]], timings_ms=timings,
-                         shortlist_size=shortlist_size)
+        return Retrieved(hits=hits, timings_ms=timings, shortlist_size=shortlist_size, rescore=rescore)
+
+    def rescore_locally(self, served: ServingIndex, ids: list[str], full_vector, dim: int, k: int) -> list[Hit] | None:
+        """The best ``k`` of the shortlist ``ids`` scored at ``dim`` from the index's rescoring store, or None when
+        ``serving.funnel_rescore`` is elasticsearch or the index has no matching store (logged): rescore in ES."""
+        if self.settings.serving.funnel_rescore != "local":
+            return None
+
+        def count() -> int:
+            with es_errors(self.settings.elasticsearch.url, "counting documents", keep_not_found=True):
+                return int(self.client.count(index=served.name)["count"])
+
+        store = self.stores.get(served.name, served.model_uri, served.dims, count)
+        if store is None:
+            return None
+        try:
+            rows, scores = store.top(ids, full_vector, dim, k, served.similarities.get(dim, "dot_product"))
+        except StoreMismatch as exc:
+            self.stores.failed(served.name, exc)
+            return None
+        return store.hits(rows, scores)
 
     def retrieve_lexical(self, served: ServingIndex, query: str, k: int, clauses: list[dict[str, Any]] | None = None,
                          fields: list[str] | None = None) -> Retrieved:
@@ -217,7 +244,7 @@ class Searcher:
         clauses = clauses or []
         fields = fields or hybrid.lexical_fields(serving.lexical_fields, served.lexical_fields)
         lexical = hybrid.lexical_body(query, fields, n, clauses, serving.lexical_type)
-        shortlist_size = None
+        shortlist_size = rescore = None
         if shortlist_dim is None:
             dense = knn_body(dim, conventions.truncate(full_vector, dim), n, max(n, num_candidates), clauses)
         else:
@@ -231,22 +258,27 @@ class Searcher:
                 searches=[{"index": served.name}, lexical, {"index": served.name}, dense]), served.name)
             took = max(float(a.get("took", 0)) for a in answers)
             lexical_raw, dense_raw = answers[0]["hits"]["hits"], answers[1]["hits"]["hits"]
+            dense_hits = [hit_of(raw) for raw in dense_raw]
             if shortlist_dim is not None:
                 timings["shortlist"] = _ms_since(began)
-                ids = [hit["_id"] for hit in dense_raw]
-                dense_raw = []
-                if ids:  # exact scores at dim over the shortlist, as the funnel does
-                    rescored = self.client.search(index=served.name, **rescore_body(dim, full_vector, n, ids))
-                    dense_raw = rescored["hits"]["hits"]
-                    took += float(rescored["took"])
-                    requests = 2
+                ids = [hit.product_id for hit in dense_hits]
+                local, rescore = self.rescore_locally(served, ids, full_vector, dim, n), "local"
+                if local is not None:  # exact scores at dim over the shortlist, as the funnel does
+                    dense_hits = local
+                else:
+                    dense_hits, rescore = [], "elasticsearch"
+                    if ids:
+                        rescored = self.client.search(index=served.name, **rescore_body(dim, full_vector, n, ids))
+                        dense_hits = [hit_of(raw) for raw in rescored["hits"]["hits"]]
+                        took += float(rescored["took"])
+                        requests = 2
         timings["search"] = _ms_since(began)
         timings["es_took"] = took
         hits: dict[str, Hit] = {}
-        dense_side = [_ranked(hit_of(raw), hits) for raw in dense_raw]  # dense first: its hit is kept
+        dense_side = [_ranked(hit, hits) for hit in dense_hits]  # dense first: its hit is kept
         lexical_side = [_ranked(hit_of(raw), hits) for raw in lexical_raw]
         return HybridSides(dense=dense_side, lexical=lexical_side, hits=hits, timings_ms=timings, requests=requests,
-                           shortlist_size=shortlist_size)
+                           shortlist_size=shortlist_size, rescore=rescore)
 
     def retrieve_hybrid(self, served: ServingIndex, query: str, full_vector, k: int, dim: int,
                         shortlist_dim: int | None = None, clauses: list[dict[str, Any]] | None = None,
@@ -270,7 +302,8 @@ class Searcher:
             info["rrf_k"] = serving.rrf_k
         else:
             info.update(weight=weight, weight_source=source)
-        return Retrieved(hits=hits, timings_ms=timings, shortlist_size=sides.shortlist_size, hybrid=info)
+        return Retrieved(hits=hits, timings_ms=timings, shortlist_size=sides.shortlist_size, hybrid=info,
+                         rescore=sides.rescore)
 
 
 def _ranked(hit: Hit, hits: dict[str, Hit]) -> tuple[str, float]:

@@ -53,6 +53,8 @@ class ServingIndex:
     lexical_fields: tuple[str, ...] = ("title",)
     #: dim -> linear-fusion weight of the dense side, tuned on the validation split (``_meta.hybrid_weights``)
     hybrid_weights: dict[int, float] = field(default_factory=dict, compare=False)
+    #: dim -> the ``similarity`` of ``embedding_<dim>`` (how the funnel's local rescoring scores like the field)
+    similarities: dict[int, str] = field(default_factory=dict, compare=False)
 
     @property
     def full_dim(self) -> int:
@@ -76,12 +78,14 @@ class ServingIndex:
         properties = mapping.get("properties") or {}
         index_types = {d: (properties.get(conventions.vector_field(d), {}).get("index_options") or {}).get(
             "type", "hnsw") for d in dims}
+        similarities = {d: properties.get(conventions.vector_field(d), {}).get("similarity", "dot_product")
+                        for d in dims}
         lexical = tuple(meta.get(conventions.META_LEXICAL_FIELDS) or ("title",))
         weights = {int(d): float(w) for d, w in (meta.get(conventions.META_HYBRID_WEIGHTS) or {}).items()}
         return cls(alias=alias, name=name, dims=dims, model_uri=meta["model_uri"],
                    model_name=meta.get("model_name"), model_version=meta.get("model_version"),
                    binary_centres=centres, index_types=index_types, lexical_fields=lexical,
-                   hybrid_weights=weights)
+                   hybrid_weights=weights, similarities=similarities)
 
 
 class NoServingIndex(Near2Error):

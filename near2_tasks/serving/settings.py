@@ -92,10 +92,12 @@ class ElasticsearchSettings(Section):
         description="Per-dimension overrides; a dimension not listed gets VectorFieldOptions().",
     )
     binary_dims: list[int] = Field(
-        default_factory=lambda: [64], description="Dims that also get 1-bit codes (embedding_<d>_bits, d/8 bytes "
+        default_factory=lambda: [128], description="Dims that also get 1-bit codes (embedding_<d>_bits, d/8 bytes "
         "per product) for the funnel's shortlist; only served dims below the full one, multiples of 8 "
-        "(near2_tasks.serving.compact). Default 64: 8 bytes per product, 192x less than 384-d float; a 1600-2000 "
-        "shortlist rescored at 384-d lost 1.7-1.9% NDCG@10 on Home Depot (BENCHMARKS.md, Compact vectors).")
+        "(near2_tasks.serving.compact). Default 128: 16 bytes per product, 96x less than 384-d float; 800 "
+        "candidates rescored at 384-d lose 0.8-1.0% NDCG@10 against exact float on Home Depot (two trained "
+        "models, ES 9.2.4), where 2,000 from the 64-bit codes (8 B) lose 2.5-2.6% and are slower (BENCHMARKS.md, "
+        "A float16 rescoring store).")
     binary_centre_sample_size: int = Field(
         100_000, gt=0, description="Products whose vectors give the bit codes' centre (the mean subtracted before "
         "taking signs, stored in _meta): the whole catalog up to this size, else this many chosen by a stable "
@@ -146,7 +148,8 @@ class ServingSettings(Section):
     default_dim: int | None = Field(None, description="None: the serving index's full dimension.")
     mode: Literal["knn", "funnel", "hybrid"] = Field(
         "knn", description="knn: one request on the field (bbq_hnsw rescored 3x at 384-d: -0.6% NDCG@10 vs exact "
-                           "float, 4-5 ms p50 on ES 9.2.4); funnel: 8 B/product in RAM, -2.5%, 17 ms; hybrid: BM25 + "
+                           "float, 4-5 ms p50 on ES 9.2.4); funnel: 16 B/product of codes in RAM, -0.8%, 10 ms p50 "
+                           "(plus the float16 store in the page cache); hybrid: BM25 + "
                            "kNN fused, +0.034 NDCG@10 over dense at 384-d, 6.8 ms (BENCHMARKS.md).")
     # hybrid retrieval (near2_tasks.serving.hybrid): BM25 and kNN top-N, fused in Python
     hybrid_fusion: Literal["rrf", "linear"] = Field(
@@ -172,10 +175,19 @@ class ServingSettings(Section):
         None, description="None: the largest dim with bit codes below the rescore dim (elasticsearch.binary_dims), "
                           "else the smallest dimension the index serves.")
     funnel_shortlist_size: int = Field(
-        2000, gt=0, description="Candidates kept by the small-dimension first stage (capped by max_num_candidates). "
-                                "From the 64-bit codes, rescored at 384-d, vs exact 384-d float (BENCHMARKS.md): "
-                                "1600: -1.7% / -2.2% NDCG@10 (two trained models), 2000: -1.9%; 1000: -2.5%.")
+        800, gt=0, description="Candidates kept by the small-dimension first stage (capped by max_num_candidates). "
+                               "From the 128-bit codes, rescored at 384-d, vs exact 384-d float (BENCHMARKS.md, ES "
+                               "9.2.4, two trained models): 800: -0.8% / -1.0% NDCG@10; 400: -1.2% / -2.3%. From the "
+                               "64-bit codes 2000 lose 2.5-2.6%.")
     funnel_rescore_dim: int | None = Field(None, description="None: the requested dim, else the full dimension.")
+    funnel_rescore: Literal["local", "elasticsearch"] = Field(
+        "local", description="Where mode=funnel scores its shortlist. local: index builds also write every "
+        "product's full vector as float16 under <home>/rescore/<index>/ (near2_tasks.serving.rescore_store; 768 B "
+        "per product at 384-d, on disk, memory-mapped: fast only while the page cache holds it), the service scores "
+        "the shortlist itself: one Elasticsearch request, the same NDCG@10, p50 14.3 -> 10.0 ms at 800 @ 128 bits "
+        "and 12.1 -> 7.6 ms at 400 (Home Depot, ES 9.2.4, BENCHMARKS.md); an index without a matching store is "
+        "rescored in Elasticsearch, with a WARNING, and fails verification. elasticsearch: a second request, an "
+        "exact kNN filtered to the shortlist ids.")
     k_max: int = Field(100, gt=0, description="Largest k a request may ask for.")
     max_num_candidates: int = Field(
         2000, gt=0, le=10000, description="Upper bound of kNN num_candidates (and of the funnel's shortlist).")

@@ -14,6 +14,7 @@ import pandas as pd
 
 from near2_tasks import conventions
 from near2_tasks.errors import Near2Error
+from near2_tasks.serving import rescore_store
 from near2_tasks.serving.alias import mapping_of, meta_of
 from near2_tasks.serving.index import load_meta_model, prepare_products
 from near2_tasks.serving.es_client import es_errors, item_reason, make_client
@@ -62,7 +63,8 @@ def verify_index(settings: Settings, index_name: str, products: pd.DataFrame,
                  ) -> VerificationReport:
     """Check an index is fit to serve, then mark it verified in ``_meta``.
 
-    Checks: the ``_meta`` keys; document count == accepted catalog rows; every dimension answers a
+    Checks: the ``_meta`` keys; document count == accepted catalog rows; with ``serving.funnel_rescore: local``
+    the index's rescoring store matches it (:mod:`near2_tasks.serving.rescore_store`); every dimension answers a
     kNN query; a sample of products find themselves in the top k by their own text, encoded by the
     model named in ``_meta`` (or ``model``, the same weights already loaded). Raises
     IndexVerificationFailed (alias untouched) with the report when a check fails.
@@ -92,6 +94,11 @@ def verify_index(settings: Settings, index_name: str, products: pd.DataFrame,
         unmapped = [d for d in dims if conventions.vector_field(d) not in mapped]
         if unmapped or not dims:
             report.problems.append(f"dims {unmapped or dims} have no vector field")
+        if rescore_store.wanted(settings) and dims:  # serving.funnel_rescore: local needs the index's own store
+            try:
+                rescore_store.RescoreStore.open(settings, index_name, meta.get("model_uri"), dims, actual)
+            except rescore_store.StoreMismatch as exc:
+                report.problems.append(exc.message)
         if not report.problems:
             model = model or load_meta_model(settings, meta["model_uri"])
             rng = np.random.default_rng(0)

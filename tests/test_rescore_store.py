@@ -1,0 +1,101 @@
+"""The funnel's float16 rescoring store (``near2_tasks.serving.rescore_store``): written in parts, merged,
+memory-mapped, checked against its index; scores like the Elasticsearch field; retention of orphans.
+
+Against the real Elasticsearch (the two-request funnel, a missing or stale store, pruning): tests/test_search_local_rescore.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from near2_tasks import conventions
+from near2_tasks.config import load_settings
+from near2_tasks.errors import Near2Error
+from near2_tasks.serving import rescore_store
+from near2_tasks.serving.index import prepare_products
+from near2_tasks.serving.rescore_store import RescoreStore, StoreMismatch
+
+INDEX = "products-v1-20260101t000000"
+META = {"model_uri": "/models/a", "dims": [64, 32, 16], "catalog_version": "c1"}
+
+
+@pytest.fixture
+def local(tmp_path):
+    return load_settings(home=str(tmp_path / "home"), serving={"funnel_rescore": "local"})
+
+
+def _catalog(n: int = 50, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    products = prepare_products(pd.DataFrame({
+        "product_id": [f"p{i}" for i in rng.permutation(n)], "title": [f"t{i}" for i in range(n)],
+        "category": ["c"] * n, "brand": [None] * n, "price": [float(i) if i % 3 else np.nan for i in range(n)]}))
+    vectors = rng.normal(size=(n, 64)).astype(np.float32)
+    return products, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_parts_merge_into_one_store_that_scores_like_the_field(local):
+    products, vectors = _catalog()
+    rescore_store.write_part(local, INDEX, products.iloc[:20], vectors[:20])
+    rescore_store.write_part(local, INDEX, products.iloc[20:], vectors[20:])
+    rescore_store.write_part(local, INDEX, products.iloc[20:], vectors[20:])  # a retried shard: same part
+    assert len(list((rescore_store.store_dir(local, INDEX) / "parts").glob("*.npz"))) == 2
+    directory = rescore_store.finalize(local, INDEX, products, META, count=len(products))
+    assert not (directory / "parts").exists()
+    assert rescore_store.finalize(local, INDEX, products, META, count=len(products)) == directory  # a retry converges
+    assert json.loads((directory / "store.json").read_text())["count"] == len(products)
+    store = RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products))
+    assert store.vectors.dtype == np.float16 and isinstance(store.vectors, np.memmap)
+
+    query = vectors[7] + 0.1
+    ids = products.product_id.tolist()[::2]
+    rows, scores = store.top(ids, query, 32, k=5)
+    # the exact float32 scores of the embedding_32 field over the same ids
+    exact = (1 + conventions.truncate(vectors[::2], 32) @ conventions.truncate(query, 32)) / 2
+    best = np.argsort(-exact)[:5]
+    hits = store.hits(rows, scores)
+    assert [h.product_id for h in hits] == [ids[i] for i in best]
+    np.testing.assert_allclose(scores, exact[best], atol=2e-3)
+    source = products.set_index("product_id")
+    for hit in hits:
+        assert hit.title == source.title[hit.product_id] and hit.brand is None
+        price = source.price[hit.product_id]
+        assert hit.price == (None if pd.isna(price) else price)
+
+
+def test_a_store_that_does_not_belong_to_its_index_is_refused(local):
+    products, vectors = _catalog()
+    with pytest.raises(StoreMismatch, match="no readable rescoring store"):
+        RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products))
+    rescore_store.write_part(local, INDEX, products.iloc[:30], vectors[:30])
+    with pytest.raises(Near2Error, match="lacks 20 of 50 products"):  # a shard's part is missing
+        rescore_store.finalize(local, INDEX, products, META, count=len(products))
+    rescore_store.write_part(local, INDEX, products, vectors)
+    rescore_store.finalize(local, INDEX, products, META, count=len(products))
+    with pytest.raises(StoreMismatch, match="its model is /models/a"):
+        RescoreStore.open(local, INDEX, "/models/b", META["dims"], len(products))
+    with pytest.raises(StoreMismatch, match="holds 50 ids and 50 vectors, the index 51 documents"):
+        RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products) + 1)
+    with pytest.raises(StoreMismatch, match=r"need float16 \(n, 128\)"):
+        RescoreStore.open(local, INDEX, META["model_uri"], [128], len(products))
+    store = RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products))
+    with pytest.raises(StoreMismatch, match="lacks product"):
+        store.top(["p1", "not-a-product", "p10000000000000"], vectors[0], 32, k=2)
+
+
+def test_orphans_are_stores_of_vanished_indices_no_newer_than_the_target(local):
+    alias = "products"
+    names = [f"{alias}-v{v}-2026010{v}t000000" for v in range(1, 5)]
+    for name in names:
+        rescore_store.store_dir(local, name).mkdir(parents=True)
+    (rescore_store.store_root(local) / "other-v1-20260101t000000").mkdir()
+    # v3 is served and v1 is kept; v2 vanished (deleted by hand); v4 is newer than the target: a build
+    found = rescore_store.orphans(local, alias, existing={names[0], names[2]}, targets={names[2]})
+    assert found == [names[1]]
+    assert rescore_store.delete_stores(local, found) == [names[1]]
+    assert not rescore_store.store_dir(local, names[1]).exists() and rescore_store.store_dir(local, names[3]).exists()
+    with pytest.raises(Near2Error, match="not an index name"):
+        rescore_store.store_dir(local, "../etc")
