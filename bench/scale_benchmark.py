@@ -85,6 +85,9 @@ def settings_for(args, option: str | None = None):
         "model": {"dims": dims} if option else {},
         "elasticsearch": {"url": f"http://127.0.0.1:{args.port}", "alias": ALIAS, "index_options": options,
                           "binary_dims": [64], "request_timeout": 120.0, "bulk_chunk_size": 1000},
+        # the rows in scale_9.2.4.json were built without the funnel's local float16 store (768 B/product on
+        # disk): keep new rows comparable; the store's cost is measured by bench/funnel_local_benchmark.py
+        "serving": {"funnel_rescore": "elasticsearch"},
         "local_elasticsearch": {"port": args.port, "heap": args.heap, "runtime_dir": str(args.work_dir / "es"),
                                 "cache_dir": str(MAIN / ".near2" / "cache" / "elasticsearch")},
     })
