@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 ALIAS = "near2-bench-funnel-local"
-MAIN = Path("/work/main/.near2/bench/recipes")
 FUNNELS = ((64, 2000), (128, 400), (128, 800))
 
 
@@ -45,13 +44,11 @@ def default_model() -> str:
     """The trained model of recipe row I, else any recipe row's, else the packaged base model."""
     from near2_tasks.models.settings import PACKAGED_MINILM
 
-    for root in (REPO / ".near2" / "bench" / "recipes", MAIN):
-        if (root / "I_cached256_weights" / "model").is_dir():
-            return str(root / "I_cached256_weights" / "model")
-        rows = sorted(p for p in root.glob("*/model") if p.is_dir()) if root.is_dir() else []
-        if rows:
-            return str(rows[0])
-    return PACKAGED_MINILM
+    root = REPO / ".near2" / "bench" / "recipes"
+    if (root / "I_cached256_weights" / "model").is_dir():
+        return str(root / "I_cached256_weights" / "model")
+    rows = sorted(p for p in root.glob("*/model") if p.is_dir()) if root.is_dir() else []
+    return str(rows[0]) if rows else PACKAGED_MINILM
 
 
 def settings_for(args, **serving):
@@ -130,6 +127,7 @@ def stage_measure(args) -> None:
     from near2_tasks import conventions
     from near2_tasks.evaluate.retrieval import overlap_at, rank_whole_catalog
     from near2_tasks.serving import elasticsearch_local, rescore_store
+    from rescore_vector_benchmark import interleaved
     from near2_tasks.serving.query_bodies import knn_body, shortlist_body, shortlist_ids
     from near2_tasks.serving.search import Searcher
 
@@ -179,19 +177,11 @@ def stage_measure(args) -> None:
             modes[f"funnel {n} @ {code_dim} bits -> {full}, stage 2 {where}"] = funnel(searchers[(n, where)], code_dim)
         modes[f"stage 1 alone: {n} @ {code_dim} bits"] = stage1(searchers[(n, "local")], code_dim)
     modes[f"kNN {full} {served.index_types[full]}, rescore_vector x3 (one request)"] = knn
-    ids = {name: [] for name in modes}
-    seconds = {name: [] for name in modes}
     for name in modes:  # warm-up: a few queries each (opens the stores, touches the caches)
         for vector in queries[:5]:
             modes[name](vector, "warm-up")
     breakdown.clear()
-    for i, vector in enumerate(queries):
-        names = list(modes)
-        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
-            start = time.perf_counter()
-            got = modes[name](vector, name)
-            seconds[name].append(time.perf_counter() - start)
-            ids[name].append(got)
+    ids, seconds = interleaved(modes, queries, arg=lambda i, name: name)
     load_after = os.getloadavg()
     store = searchers[(800, "local")].stores.get(served.name, served.model_uri, served.dims, lambda: len(products))
     vectors_file, store_info = store.directory / "vectors.npy", {

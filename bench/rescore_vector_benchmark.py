@@ -39,6 +39,22 @@ sys.path.insert(0, str(REPO / "bench"))
 ALIAS = "near2-bench-rescore"
 
 
+def interleaved(modes: dict, queries, arg=lambda i, name: i) -> tuple[dict[str, list], dict[str, list[float]]]:
+    """Every mode on every query, query by query, the first mode rotating (so no mode always runs on a cold
+    or a warm cache): (each mode's answers, its seconds per query). A mode is called as
+    ``modes[name](vector, arg(query number, name))``."""
+    ids: dict[str, list] = {name: [] for name in modes}
+    seconds: dict[str, list[float]] = {name: [] for name in modes}
+    for i, vector in enumerate(queries):
+        names = list(modes)
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
+            start = time.perf_counter()
+            got = modes[name](vector, arg(i, name))
+            seconds[name].append(time.perf_counter() - start)
+            ids[name].append(got)
+    return ids, seconds
+
+
 def main() -> None:
     from near2_tasks import conventions
     from near2_tasks.serving import compact
@@ -147,17 +163,9 @@ def main() -> None:
     for code_dim, size in ((shortlist_dim, 2000), *((d, n) for d in args.extra_code_dims for n in (400, 800))):
         modes[f"funnel {size} @ {code_dim} bits -> {full}, trimmed stage 1"] = (
             lambda v, i, d=code_dim, n=size: rescore(v, shortlist(v, "docvalues", d, n)))
-    ids: dict[str, list[list[str]]] = {name: [] for name in modes}
-    seconds: dict[str, list[float]] = {name: [] for name in modes}
     for name in modes:  # one warm-up query each
         modes[name](queries[0], 0)
-    for i, vector in enumerate(queries):
-        names = list(modes)
-        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
-            start = time.perf_counter()
-            got = modes[name](vector, i)
-            seconds[name].append(time.perf_counter() - start)
-            ids[name].append(got)
+    ids, seconds = interleaved(modes, queries)
 
     exact = rank_whole_catalog(queries, catalog, full, k)
     results = {"server": version, "index": served.name, "model": args.model, "queries": len(queries),
