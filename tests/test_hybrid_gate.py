@@ -13,7 +13,7 @@ from near2_tasks.errors import Near2Error
 from near2_tasks.evaluate.evaluation import mlflow_metrics, prepare_data
 from near2_tasks.evaluate.hybrid import HybridExactRetriever, LexicalSide, ensure_lexical_index
 from near2_tasks.evaluate.report import EvaluationReport, render_markdown
-from near2_tasks.evaluate.retrieval import evaluate_retriever, scale_of
+from near2_tasks.evaluate.retrieval import evaluate_retriever, overlap_at, scale_of
 from near2_tasks.promote.gates import decide
 from near2_tasks.promote.settings import GateRules, GateSettings, HybridGate, MetricGate
 from near2_tasks.promote.step import gate_version
@@ -111,7 +111,9 @@ def test_offline_hybrid_rrf_ranks_like_the_serving_path(flat_index, es_client, t
                                  query_vectors=queries, keep_rankings=True, **scale_of(settings))
     for dim in TINY_DIMS:
         assert offline.dims[dim] == pytest.approx(serving.dims[dim], abs=1e-6), dim
-        assert (offline.rankings[dim][:, :10] == serving.rankings[dim][:, :10]).mean() > 0.99, dim
+        # the same top 10 (RRF gives exact ties, e.g. dense 3 + lexical 5 vs dense 5 + lexical 3, which the two
+        # sides may order differently; the NDCG check above covers the order)
+        assert overlap_at(serving.rankings[dim], offline.rankings[dim], 10) > 0.99, dim
     # the BM25 side is the serving index's own, query by query
     for query, ranked in zip(data.query_texts[:10], lexical.top(data.query_texts[:10], 10)):
         expected = [h.product_id for h in searcher.retrieve_lexical(served, query, 10).hits]

@@ -179,7 +179,8 @@ def test_unreachable_tracking_server_retries_with_backoff(tmp_path, caplog):
         with pytest.raises(ServiceUnavailable, match="unreachable after 4 attempts") as err:
             registry.configure_mlflow(settings)
     assert "NEAR2_MLFLOW__TRACKING_URI" in err.value.hint
-    delays = [r.getMessage().rsplit("retrying in ", 1)[1] for r in caplog.records]
+    delays = [r.getMessage().rsplit("retrying in ", 1)[1] for r in caplog.records
+              if r.name == "near2_tasks.models.registry"]  # not a straggler of another test's MLflow client
     assert delays == ["0.02s", "0.04s", "0.08s"]  # doubling
 
 
