@@ -88,6 +88,14 @@ def _fields(products: pd.DataFrame) -> list[bytes]:
             for row in products.itertuples(index=False)]
 
 
+def _find(keys: np.ndarray, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each id in the sorted byte-string array ``keys``, whether it is there): a binary search."""
+    wanted = np.array([i.encode() for i in ids], dtype=keys.dtype)
+    rows = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    found = (keys[rows] == wanted) & np.array([len(i.encode()) <= keys.dtype.itemsize for i in ids], dtype=bool)
+    return rows, found
+
+
 # ----- writing --------------------------------------------------------------------------------------
 
 def write_part(settings: Settings, index: str, products: pd.DataFrame, vectors: np.ndarray) -> Path:
@@ -137,9 +145,7 @@ def finalize(settings: Settings, index: str, products: pd.DataFrame, meta: dict[
     staging.mkdir(parents=True)
     vectors, fields, filled = None, [b""] * len(keys), np.zeros(len(keys), dtype=bool)
     for ids, block, texts in _sources(directory, merged) if len(keys) else ():
-        wanted = [i.encode() for i in ids]
-        rows = np.minimum(np.searchsorted(keys, np.array(wanted, dtype=keys.dtype)), len(keys) - 1)
-        inside = np.array([keys[r] == w for r, w in zip(rows, wanted)], dtype=bool)  # catalog ids only
+        rows, inside = _find(keys, ids)  # catalog ids only
         if vectors is None:
             vectors = open_memmap(staging / "vectors.npy", mode="w+", dtype=np.float16, shape=(len(keys), block.shape[1]))
         vectors[rows[inside]] = np.asarray(block)[inside]
@@ -262,10 +268,9 @@ class RescoreStore:
 
     def rows_of(self, ids: list[str]) -> np.ndarray:
         """Row of each id; :class:`StoreMismatch` when one is not in the store."""
-        keys = np.array([i.encode() for i in ids], dtype=self.ids.dtype)
-        rows = np.minimum(np.searchsorted(self.ids, keys), self.count - 1)
-        lost = self.ids[rows] != keys
-        if lost.any() or any(len(i.encode()) > self.ids.dtype.itemsize for i in ids):
+        rows, found = _find(self.ids, ids)
+        lost = ~found
+        if lost.any():
             raise StoreMismatch(f"the rescoring store of {self.index} lacks product(s) "
                                 f"{[i for i, gone in zip(ids, lost) if gone][:3]} that the index returned")
         return rows

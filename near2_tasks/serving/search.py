@@ -193,15 +193,24 @@ class Searcher:
                                                       clauses, num_candidates)
                 ids, took = shortlist_ids(self.client, served.name, body)
                 timings["shortlist"] = _ms_since(began)
-                hits, rescore = self.rescore_locally(served, ids, full_vector, dim, k), "local"
-                if hits is None:  # exact scores at the larger dimension, over the shortlist only, in ES
-                    hits, rescore = [], "elasticsearch"
-                    if ids:
-                        response = self.client.search(index=served.name, **rescore_body(dim, full_vector, k, ids))
-                        took, hits = took + response["took"], [hit_of(h) for h in response["hits"]["hits"]]
+                hits, rescore, rescore_took = self.rescore_shortlist(served, ids, full_vector, dim, k)
+                took += rescore_took or 0
         timings["search"] = _ms_since(began)
         timings["es_took"] = float(took)
         return Retrieved(hits=hits, timings_ms=timings, shortlist_size=shortlist_size, rescore=rescore)
+
+    def rescore_shortlist(self, served: ServingIndex, ids: list[str], full_vector, dim: int, k: int
+                          ) -> tuple[list[Hit], str, float | None]:
+        """The funnel's second stage: the best ``k`` of the shortlist ``ids`` with exact scores at ``dim``, from
+        the local store (:meth:`rescore_locally`), else by a second Elasticsearch request over the shortlist only.
+        Returns (hits, "local" | "elasticsearch", that request's ``took``; None when no request was sent)."""
+        local = self.rescore_locally(served, ids, full_vector, dim, k)
+        if local is not None:
+            return local, "local", None
+        if not ids:
+            return [], "elasticsearch", None
+        response = self.client.search(index=served.name, **rescore_body(dim, full_vector, k, ids))
+        return [hit_of(h) for h in response["hits"]["hits"]], "elasticsearch", float(response["took"])
 
     def rescore_locally(self, served: ServingIndex, ids: list[str], full_vector, dim: int, k: int) -> list[Hit] | None:
         """The best ``k`` of the shortlist ``ids`` scored at ``dim`` from the index's rescoring store, or None when
@@ -261,17 +270,10 @@ class Searcher:
             dense_hits = [hit_of(raw) for raw in dense_raw]
             if shortlist_dim is not None:
                 timings["shortlist"] = _ms_since(began)
-                ids = [hit.product_id for hit in dense_hits]
-                local, rescore = self.rescore_locally(served, ids, full_vector, dim, n), "local"
-                if local is not None:  # exact scores at dim over the shortlist, as the funnel does
-                    dense_hits = local
-                else:
-                    dense_hits, rescore = [], "elasticsearch"
-                    if ids:
-                        rescored = self.client.search(index=served.name, **rescore_body(dim, full_vector, n, ids))
-                        dense_hits = [hit_of(raw) for raw in rescored["hits"]["hits"]]
-                        took += float(rescored["took"])
-                        requests = 2
+                ids = [hit.product_id for hit in dense_hits]  # exact scores at dim over them, as the funnel does
+                dense_hits, rescore, rescore_took = self.rescore_shortlist(served, ids, full_vector, dim, n)
+                if rescore_took is not None:  # a second request
+                    took, requests = took + rescore_took, 2
         timings["search"] = _ms_since(began)
         timings["es_took"] = took
         hits: dict[str, Hit] = {}
