@@ -130,17 +130,14 @@ def _grade_bounds(settings: Settings) -> tuple[float, float]:
     return strong, hard
 
 
-def model_top_k(model: SentenceTransformer, queries: list[str], product_texts: list[str], k: int,
-                batch_size: int = 64, product_vectors: np.ndarray | None = None,
-                with_scores: bool = False) -> Any:
-    """Indices of each query's top-k products by the model's cosine similarity (rows: queries); with
-    ``with_scores``, (indices, their cosine scores, the query vectors)."""
+def model_top_k(model: SentenceTransformer, queries: list[str], product_vectors: np.ndarray, k: int,
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's top-k products by the model's cosine similarity against the normalised
+    ``product_vectors``: (their row indices, their scores, best first; the query vectors), rows: queries."""
     from near2_tasks.models.embeddings import encode
 
-    if product_vectors is None:
-        product_vectors = encode(model, product_texts, batch_size=batch_size)
     query_vectors = encode(model, queries, batch_size=batch_size)
-    k = min(k, len(product_texts))
+    k = min(k, len(product_vectors))
     top = np.empty((len(queries), k), dtype=np.int64)
     top_scores = np.empty((len(queries), k), dtype=np.float32)
     for start in range(0, len(queries), 256):
@@ -149,7 +146,7 @@ def model_top_k(model: SentenceTransformer, queries: list[str], product_texts: l
         order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
         top[start:start + 256] = np.take_along_axis(part, order, axis=1)
         top_scores[start:start + 256] = np.take_along_axis(scores, top[start:start + 256], axis=1)
-    return (top, top_scores, query_vectors) if with_scores else top
+    return top, top_scores, query_vectors
 
 
 def _resolve_model(model: Any, model_key: str | None, settings: Settings) -> tuple[Any, str | None]:
@@ -221,8 +218,8 @@ def _mine_with_model(model: Any, model_key: str | None, product_vectors: np.ndar
         from near2_tasks.models.embeddings import encode
 
         vectors = encode(encoder, texts, batch_size=settings.model.encode_batch_size)
-    top, top_scores, query_vectors = model_top_k(encoder, queries["query"].tolist(), texts, ex.mined_top_k,
-                                                 settings.model.encode_batch_size, vectors, with_scores=True)
+    top, top_scores, query_vectors = model_top_k(encoder, queries["query"].tolist(), vectors, ex.mined_top_k,
+                                                 settings.model.encode_batch_size)
     row_of = {pid: row for row, pid in enumerate(product_ids)}
     strong_min = _grade_bounds(settings)[0]
     mined = {}
