@@ -441,3 +441,75 @@ def test_run_names_are_readable_and_distinct(trained, data, tmp_path):
     names = [registry.client(settings).get_run(r.run_id).info.run_name for r in (first, second)]
     assert names[0].startswith("train-ds-test-1-") and names[0].endswith("-dagrun-1")
     assert names[1].startswith("train-ds-test-1-") and names[0] != names[1]
+
+
+def _retrieval_batch(model, examples, n: int = 6):
+    rows = examples.triplets.head(n)
+    return [model.tokenize(rows[column].tolist()) for column in ("anchor", "positive", "negative")]
+
+
+def test_prefix_distillation_adds_the_kl_term_with_its_gradients(tmp_path, tiny_model_dir, data):
+    """The cached (GradCache) loss with prefix_distill_weight equals, in value and in every parameter's gradient,
+    the Matryoshka MNRL loss plus weight x KL(full-dim softmax || prefix softmax) computed directly."""
+    import torch
+    import torch.nn.functional as F
+
+    from near2_tasks.train.init import load_base_model
+    from near2_tasks.train.objective import RETRIEVAL, hybrid_losses, matryoshka_weights
+
+    dims, weight, scale = list(TINY_DIMS), 0.7, 20.0
+    settings = make_settings(tmp_path, tiny_model_dir, training={
+        "mnrl_mini_batch_size": 2, "prefix_distill_weight": weight, "matryoshka_weights": [1.0, 2.0, 3.0]})
+    model = load_base_model(settings, "cpu")
+    model.eval()  # no dropout: the two computations must see the same embeddings
+    batch = _retrieval_batch(model, data[0])
+
+    cached = hybrid_losses(model, settings)[RETRIEVAL](batch, None)
+    cached.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    anchors, positives, negatives = (model(dict(features))["sentence_embedding"] for features in batch)
+    docs = torch.cat([positives, negatives])
+
+    def logits(dim, detach=False):
+        q, d = (anchors.detach(), docs.detach()) if detach else (anchors, docs)
+        return scale * F.normalize(q[:, :dim], dim=-1) @ F.normalize(d[:, :dim], dim=-1).T
+
+    target = torch.arange(len(anchors))
+    mnrl = sum(w * F.cross_entropy(logits(d), target) for d, w in zip(dims, matryoshka_weights(settings)))
+    teacher = F.log_softmax(logits(dims[0], detach=True), dim=-1)
+    kl = sum(F.kl_div(F.log_softmax(logits(d), dim=-1), teacher, log_target=True, reduction="batchmean")
+             for d in dims[1:])
+    direct = mnrl + weight * kl
+    direct.backward()
+
+    assert kl.item() > 1e-4  # the term is not trivially zero on this batch
+    assert cached.item() == pytest.approx(direct.item(), rel=1e-4)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    # attention key biases get ~0 gradient in theory (softmax shift): compare against the model's largest one
+    scale_of_grads = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert (grads[name] - p.grad).abs().max().item() <= 1e-4 * scale_of_grads, name
+
+
+def test_prefix_distillation_needs_the_cached_loss(tmp_path, tiny_model_dir, data):
+    from near2_tasks.train.trainer import train_model
+
+    settings = make_settings(tmp_path, tiny_model_dir, training={"mnrl_mini_batch_size": None,
+                                                                  "prefix_distill_weight": 1.0})
+    with pytest.raises(Near2Error, match="prefix_distill_weight needs training.mnrl_mini_batch_size"):
+        train_model(settings, data[0], data[1], dataset_version="ds", output_dir=tmp_path / "out")
+    assert registered_versions(settings) == []
+
+
+def test_hardness_weighting_reaches_the_retrieval_loss(tmp_path, tiny_model_dir):
+    from near2_tasks.train.init import load_base_model
+    from near2_tasks.train.objective import RETRIEVAL, hybrid_losses
+
+    for mini_batch in (None, 4):
+        settings = make_settings(tmp_path, tiny_model_dir, training={
+            "mnrl_mini_batch_size": mini_batch, "mnrl_hardness_mode": "hard_negatives", "mnrl_hardness_strength": 5})
+        inner = hybrid_losses(load_base_model(settings, "cpu"), settings)[RETRIEVAL].loss
+        assert (inner.hardness_mode, inner.hardness_strength) == ("hard_negatives", 5)

@@ -44,6 +44,9 @@ def check_examples(examples: Any, cfg: TrainingSettings) -> None:
     if cfg.retrieval_weight == 0 and cfg.ranking_weight == 0:
         raise Near2Error("training.retrieval_weight and training.ranking_weight are both 0: nothing to train",
                          hint="give at least one objective a positive weight")
+    if cfg.prefix_distill_weight > 0 and not cfg.mnrl_mini_batch_size:
+        raise Near2Error("training.prefix_distill_weight needs training.mnrl_mini_batch_size (CachedMNRL)",
+                         hint="set mnrl_mini_batch_size (e.g. 64) or prefix_distill_weight 0")
     if cfg.retrieval_weight > 0:
         _check_frame(getattr(examples, "triplets", None), TRIPLET_COLUMNS, "triplets")
     if cfg.ranking_weight > 0:
@@ -97,17 +100,63 @@ def hybrid_losses(model: SentenceTransformer, settings: Settings) -> dict:
     losses = {}
     if cfg.retrieval_weight > 0:
         # GradCache: a large batch of in-batch negatives at the memory of a mini-batch
+        hardness = {} if cfg.mnrl_hardness_mode == "none" else {
+            "hardness_mode": cfg.mnrl_hardness_mode, "hardness_strength": cfg.mnrl_hardness_strength}
         mnrl = (CachedMultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale,
-                                                   mini_batch_size=cfg.mnrl_mini_batch_size)
-                if cfg.mnrl_mini_batch_size else MultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale))
+                                                   mini_batch_size=cfg.mnrl_mini_batch_size, **hardness)
+                if cfg.mnrl_mini_batch_size else MultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale, **hardness))
         losses[RETRIEVAL] = MatryoshkaLoss(
             model, mnrl, dims,
             matryoshka_weights=[cfg.retrieval_weight * w for w in per_dim])
+        if cfg.prefix_distill_weight > 0:
+            # after MatryoshkaLoss, which decorated calculate_loss: the wrapper sees the full-dim embeddings
+            mnrl.calculate_loss = PrefixDistillation(mnrl.calculate_loss, dims,
+                                                     cfg.retrieval_weight * cfg.prefix_distill_weight, cfg.mnrl_scale)
     if cfg.ranking_weight > 0:
         losses[RANKING] = MatryoshkaLoss(
             model, OnlineContrastiveLoss(model, margin=cfg.contrastive_margin), dims,
             matryoshka_weights=[cfg.ranking_weight * w for w in per_dim])
     return losses
+
+
+class PrefixDistillation:
+    """A CachedMNRL ``calculate_loss`` plus self-distillation of the prefixes (``training.prefix_distill_weight``).
+
+    For every configured prefix d below the full dimension: KL(p_full || p_d), where p is the softmax over
+    the batch's candidates (every positive and negative) of ``scale`` x cosine, per anchor; p_full is a fixed
+    teacher (no gradient), so the small prefixes learn the full embedding's ranking of in-batch candidates,
+    not only which candidate is the positive. The batch's score matrix is small (batch x 2·batch), so the term
+    is computed at once; its gradients reach the cached embeddings like the MNRL term's (GradCache).
+    """
+
+    def __init__(self, calculate_loss, dims: list[int], weight: float, scale: float) -> None:
+        self.calculate_loss, self.dims, self.weight, self.scale = calculate_loss, list(dims), weight, scale
+
+    def __call__(self, reps, labels=None, *, with_backward: bool = False):
+        loss = self.calculate_loss(reps, labels, with_backward=with_backward)
+        distill = self.term(reps)
+        if with_backward:
+            distill.backward()
+            distill = distill.detach()
+        return loss + distill
+
+    def term(self, reps):
+        import torch
+        import torch.nn.functional as F
+
+        queries = torch.cat(reps[0])
+        docs = torch.cat([torch.cat(column) for column in reps[1:]])
+
+        def log_probs(dim: int, detach: bool):
+            q, d = (queries.detach(), docs.detach()) if detach else (queries, docs)
+            scores = F.normalize(q[:, :dim], dim=-1) @ F.normalize(d[:, :dim], dim=-1).T
+            return F.log_softmax(self.scale * scores, dim=-1)
+
+        teacher = log_probs(self.dims[0], detach=True)
+        total = queries.new_zeros(())
+        for dim in self.dims[1:]:
+            total = total + F.kl_div(log_probs(dim, detach=False), teacher, log_target=True, reduction="batchmean")
+        return self.weight * total
 
 
 def retrieval_loss_name(cfg: TrainingSettings) -> str:

@@ -107,6 +107,16 @@ class TrainingSettings(Section):
         64, gt=0, description="CachedMultipleNegativesRankingLoss (GradCache) with this mini-batch, so batch_size "
                               "can grow (more in-batch negatives) at the memory of the mini-batch; None: plain "
                               "MultipleNegativesRankingLoss (the whole batch at once).")
+    mnrl_hardness_mode: Literal["none", "in_batch_negatives", "hard_negatives", "all_negatives"] = Field(
+        "none", description="Hardness weighting of CachedMultipleNegativesRankingLoss: adds strength x "
+                            "stop_grad(cosine) to the chosen negatives' logits (Lan et al. 2025; EmbeddingGemma "
+                            "uses hard_negatives at 5); none: plain InfoNCE. Needs mnrl_mini_batch_size.")
+    mnrl_hardness_strength: float = Field(0.0, ge=0, description="alpha of mnrl_hardness_mode.")
+    prefix_distill_weight: float = Field(
+        0.0, ge=0, description="Self-distillation of the prefixes: for every prefix below the full dimension, "
+                               "weight x KL(full-dimension in-batch score distribution || the prefix's), on the "
+                               "retrieval batches, the full dimension as a fixed teacher; 0: off. Needs "
+                               "mnrl_mini_batch_size (CachedMNRL).")
     prefix_init: Literal["none", "pca"] = Field(
         "pca", description="pca: start from a rotation onto the catalog's principal axes (a bias-free Dense "
                             "layer before normalisation; full-dimension cosine unchanged), so each prefix "

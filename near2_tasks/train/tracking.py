@@ -76,6 +76,8 @@ def run_params(settings: Settings, examples: Any, validation: ValidationData, da
         "retrieval_weight": cfg.retrieval_weight,
         "ranking_weight": cfg.ranking_weight,
         "mnrl_scale": cfg.mnrl_scale,
+        "mnrl_hardness": f"{cfg.mnrl_hardness_mode}:{cfg.mnrl_hardness_strength:g}",
+        "prefix_distill_weight": cfg.prefix_distill_weight,
         "contrastive_margin": cfg.contrastive_margin,
         "batch_size": args.per_device_train_batch_size,
         "batch_sampler": "no_duplicates",
