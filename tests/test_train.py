@@ -513,3 +513,38 @@ def test_hardness_weighting_reaches_the_retrieval_loss(tmp_path, tiny_model_dir)
             "mnrl_mini_batch_size": mini_batch, "mnrl_hardness_mode": "hard_negatives", "mnrl_hardness_strength": 5})
         inner = hybrid_losses(load_base_model(settings, "cpu"), settings)[RETRIEVAL].loss
         assert (inner.hardness_mode, inner.hardness_strength) == ("hard_negatives", 5)
+
+
+def test_relevance_axes_keep_full_cosine_and_order_by_query_positive_agreement(tmp_path, tiny_model_dir, data):
+    import torch
+
+    from near2_tasks.train.init import load_base_model, product_texts, relevance_pairs
+
+    examples, _ = data
+    pairs = relevance_pairs(examples)
+    assert len(pairs) == len(set(pairs)) > 20 and all(q in set(examples.triplets["anchor"]) for q, _ in pairs)
+    plain = load_base_model(make_settings(tmp_path, tiny_model_dir), "cpu")
+    rotated = load_base_model(make_settings(tmp_path, tiny_model_dir, training={"prefix_init": "relevance"}), "cpu",
+                              product_texts(examples), pairs)
+    assert [type(m).__name__ for m in rotated] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    queries, positives = ([q for q, _ in pairs], [p for _, p in pairs])
+    qa, pa, qb, pb = (m.encode(t, convert_to_numpy=True) for m in (plain, rotated) for t in (queries, positives))
+    np.testing.assert_allclose((qa * pa).sum(1), (qb * pb).sum(1), atol=1e-5)  # orthogonal: full cosine kept
+    # recomputed here: each rotated axis's mean query-positive product is that axis's eigenvalue, descending
+    agreement = (qb * pb).mean(axis=0)
+    assert np.all(np.diff(agreement) <= 1e-6) and agreement[0] > agreement[-1] + 1e-3
+    cross = qa.T @ pa / len(qa)
+    expected = np.sort(np.linalg.eigvalsh((cross + cross.T) / 2))[::-1]
+    np.testing.assert_allclose(agreement, expected, atol=1e-5)
+    # so the 16-d prefix keeps more of the positives' agreement than the plain model's first 16 dims
+    assert agreement[:16].sum() > (qa[:, :16] * pa[:, :16]).sum(1).mean() + 0.01
+    weight = rotated[2].linear.weight.detach()
+    torch.testing.assert_close(weight @ weight.T, torch.eye(64), atol=1e-5, rtol=0)
+
+
+def test_relevance_axes_need_training_pairs(tmp_path, tiny_model_dir):
+    from near2_tasks.train.init import load_base_model
+
+    settings = make_settings(tmp_path, tiny_model_dir, training={"prefix_init": "relevance"})
+    with pytest.raises(Near2Error, match=r"relevance needs at least 2 \(query, positive\) pairs, got 1"):
+        load_base_model(settings, "cpu", ["drill"], [("cordless drill", "drill")])

@@ -117,10 +117,13 @@ class TrainingSettings(Section):
                                "weight x KL(full-dimension in-batch score distribution || the prefix's), on the "
                                "retrieval batches, the full dimension as a fixed teacher; 0: off. Needs "
                                "mnrl_mini_batch_size (CachedMNRL).")
-    prefix_init: Literal["none", "pca"] = Field(
+    prefix_init: Literal["none", "pca", "relevance"] = Field(
         "pca", description="pca: start from a rotation onto the catalog's principal axes (a bias-free Dense "
                             "layer before normalisation; full-dimension cosine unchanged), so each prefix "
                             "starts as the best linear prefix of its size. +0.01 to +0.03 NDCG@10 at every "
-                            "dimension on Home Depot (BENCHMARKS.md, row C).")
-    pca_sample_size: int = Field(20000, gt=0, description="Product texts encoded to fit the principal axes.")
+                            "dimension on Home Depot (BENCHMARKS.md, row C). relevance: the same kind of "
+                            "rotation, onto the eigenvectors of the training (query, positive) cross-covariance, "
+                            "so the first axes carry the most query-positive agreement; none: no rotation.")
+    pca_sample_size: int = Field(20000, gt=0, description="Product texts (pca) or (query, positive) pairs "
+                                                         "(relevance) encoded to fit the rotation.")
 

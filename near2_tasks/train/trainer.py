@@ -41,7 +41,9 @@ from near2_tasks.train import tracking
 from near2_tasks.train.evaluator import (
     BEST_METRIC, ValidationData, check_validation, nested_evaluator, val_metrics_from, validation_sample,
 )
-from near2_tasks.train.init import check_nested_dims, init_prefixes, load_base_model, product_texts
+from near2_tasks.train.init import (
+    check_nested_dims, init_prefixes, load_base_model, product_texts, relevance_pairs,
+)
 from near2_tasks.train.objective import check_examples, hybrid_losses, matryoshka_weights, training_datasets
 
 if TYPE_CHECKING:
@@ -309,7 +311,7 @@ def train_model(
         checkpoints = settings.home / "checkpoints" / run.info.run_id
         try:
             # inside the run: a re-run of a registered run key skips it, a failure is logged
-            init_prefixes(model, cfg, product_texts(examples))
+            init_prefixes(model, cfg, product_texts(examples), relevance_pairs(examples))
             args = training_arguments(settings, checkpoints, device, epochs, max_steps)
             tracking.log_run_inputs(settings, examples, validation, dataset_version, device, args, git_commit, reports)
             trainer = _hybrid_trainer_class()(
