@@ -44,9 +44,6 @@ def check_examples(examples: Any, cfg: TrainingSettings) -> None:
     if cfg.retrieval_weight == 0 and cfg.ranking_weight == 0:
         raise Near2Error("training.retrieval_weight and training.ranking_weight are both 0: nothing to train",
                          hint="give at least one objective a positive weight")
-    if cfg.prefix_distill_weight > 0 and not cfg.mnrl_mini_batch_size:
-        raise Near2Error("training.prefix_distill_weight needs training.mnrl_mini_batch_size (CachedMNRL)",
-                         hint="set mnrl_mini_batch_size (e.g. 64) or prefix_distill_weight 0")
     if cfg.retrieval_weight > 0:
         _check_frame(getattr(examples, "triplets", None), TRIPLET_COLUMNS, "triplets")
     if cfg.ranking_weight > 0:

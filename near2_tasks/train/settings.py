@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from near2_tasks.section import Section
 
@@ -113,17 +113,28 @@ class TrainingSettings(Section):
                             "uses hard_negatives at 5); none: plain InfoNCE. Needs mnrl_mini_batch_size.")
     mnrl_hardness_strength: float = Field(0.0, ge=0, description="alpha of mnrl_hardness_mode.")
     prefix_distill_weight: float = Field(
-        0.0, ge=0, description="Self-distillation of the prefixes: for every prefix below the full dimension, "
+        1.0, ge=0, description="Self-distillation of the prefixes: for every prefix below the full dimension, "
                                "weight x KL(full-dimension in-batch score distribution || the prefix's), on the "
                                "retrieval batches, the full dimension as a fixed teacher; 0: off. Needs "
-                               "mnrl_mini_batch_size (CachedMNRL).")
+                               "mnrl_mini_batch_size (CachedMNRL). Default 1: with prefix_init relevance it "
+                               "raised NDCG@10 at every dimension on Home Depot (+0.007 at 64-d, +0.006 at 32-d "
+                               "against relevance alone; BENCHMARKS.md, Training recipes, row O against N).")
     prefix_init: Literal["none", "pca", "relevance"] = Field(
-        "pca", description="pca: start from a rotation onto the catalog's principal axes (a bias-free Dense "
-                            "layer before normalisation; full-dimension cosine unchanged), so each prefix "
-                            "starts as the best linear prefix of its size. +0.01 to +0.03 NDCG@10 at every "
-                            "dimension on Home Depot (BENCHMARKS.md, row C). relevance: the same kind of "
-                            "rotation, onto the eigenvectors of the training (query, positive) cross-covariance, "
-                            "so the first axes carry the most query-positive agreement; none: no rotation.")
+        "relevance", description="relevance: start from a rotation (a bias-free Dense layer before "
+                                 "normalisation; full-dimension cosine unchanged) onto the eigenvectors of the "
+                                 "training (query, strong positive) cross-covariance, so the first axes carry "
+                                 "the most query-positive agreement (untrained 64-d NDCG@10 0.209 against 0.198 "
+                                 "for pca, 0.181 for none; with the prefix distillation, above pca at every "
+                                 "dimension: BENCHMARKS.md, Training recipes, rows O and K). pca: onto the "
+                                 "catalog's principal axes, so each prefix starts as the best linear prefix of "
+                                 "its size (+0.01 to +0.03 over none, row C); none: no rotation.")
     pca_sample_size: int = Field(20000, gt=0, description="Product texts (pca) or (query, positive) pairs "
                                                          "(relevance) encoded to fit the rotation.")
+
+    @model_validator(mode="after")
+    def _distillation_needs_the_cached_loss(self) -> TrainingSettings:
+        if self.prefix_distill_weight > 0 and not self.mnrl_mini_batch_size:
+            raise ValueError("prefix_distill_weight > 0 needs mnrl_mini_batch_size (the distillation runs inside "
+                             "CachedMultipleNegativesRankingLoss); for plain MNRL set prefix_distill_weight: 0 too")
+        return self
 
