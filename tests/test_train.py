@@ -540,6 +540,21 @@ def test_relevance_axes_keep_full_cosine_and_order_by_query_positive_agreement(t
     torch.testing.assert_close(weight @ weight.T, torch.eye(64), atol=1e-5, rtol=0)
 
 
+def test_relevance_pairs_come_from_the_ranking_pairs_without_triplets(data):
+    """A ranking-only objective has no triplets: the relevance rotation then uses the label-1 pairs."""
+    import pandas as pd
+
+    from near2_tasks.train.init import relevance_pairs
+
+    examples, _ = data
+    pairs = examples.pairs
+    ranking_only = Examples(pd.DataFrame(columns=["anchor", "positive", "negative"]), pairs, {})
+    expected = {(q, p) for q, p, label in pairs[["sentence1", "sentence2", "label"]].itertuples(index=False)
+                if label == 1}
+    assert set(relevance_pairs(ranking_only)) == expected and len(expected) > 20
+    assert relevance_pairs(Examples(pairs.iloc[:0], pairs.iloc[:0], {})) == []
+
+
 def test_relevance_axes_need_training_pairs(tmp_path, tiny_model_dir):
     from near2_tasks.train.init import load_base_model
 

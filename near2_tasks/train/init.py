@@ -51,11 +51,16 @@ def product_texts(examples: Any) -> list[str]:
 
 
 def relevance_pairs(examples: Any) -> list[tuple[str, str]]:
-    """The distinct (query, strong positive) text pairs of the training triplets, sorted."""
+    """The distinct (query, strong positive) text pairs of the training triplets, sorted; without triplets
+    (a ranking-only objective) the positive (label 1) ranking pairs."""
     frame = getattr(examples, "triplets", None)
-    if frame is None or not {"anchor", "positive"} <= set(frame.columns):
-        return []
-    return sorted(set(zip(frame["anchor"].astype(str), frame["positive"].astype(str))))
+    if frame is not None and len(frame) and {"anchor", "positive"} <= set(frame.columns):
+        return sorted(set(zip(frame["anchor"].astype(str), frame["positive"].astype(str))))
+    frame = getattr(examples, "pairs", None)
+    if frame is not None and len(frame) and {"sentence1", "sentence2", "label"} <= set(frame.columns):
+        positive = frame[frame["label"].astype(int) == 1]
+        return sorted(set(zip(positive["sentence1"].astype(str), positive["sentence2"].astype(str))))
+    return []
 
 
 def _encode(model: SentenceTransformer, texts: list[str], batch_size: int):
