@@ -508,7 +508,8 @@ def test_hardness_weighting_reaches_the_retrieval_loss(tmp_path, tiny_model_dir)
 
     for mini_batch in (None, 4):
         settings = make_settings(tmp_path, tiny_model_dir, training={
-            "mnrl_mini_batch_size": mini_batch, "mnrl_hardness_mode": "hard_negatives", "mnrl_hardness_strength": 5})
+            "mnrl_mini_batch_size": mini_batch, "mnrl_hardness_mode": "hard_negatives", "mnrl_hardness_strength": 5,
+            "prefix_distill_weight": 1.0 if mini_batch else 0.0})  # the distillation needs the cached loss
         inner = hybrid_losses(load_base_model(settings, "cpu"), settings)[RETRIEVAL].loss
         assert (inner.hardness_mode, inner.hardness_strength) == ("hard_negatives", 5)
 
