@@ -49,7 +49,7 @@ def main() -> None:
     from near2_tasks.evaluate.retrieval import ExactRetriever, evaluate_retriever, scale_of
     from near2_tasks.models.embeddings import encode_cached, load_encoder
     from near2_tasks.train.examples import configured_splits
-    from near2_tasks.train.init import relevance_axes
+    from near2_tasks.train.init import eigen_axes, relevance_axes
 
     settings = load_settings(home=str(REPO / ".near2" / "bench" / "prefix_init"), model={"dims": DIMS, "device": "cpu"},
                              dataset={"name": "homedepot"}, evaluation={"cache_dir": str(args.cache)},
@@ -63,8 +63,7 @@ def main() -> None:
                                             for texts in (test.product_texts, test.query_texts, train.query_texts))
 
     def eigen_rotation(matrix: np.ndarray) -> np.ndarray:
-        values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-        return vectors[:, np.argsort(-values)].T.astype(np.float32)
+        return eigen_axes(torch.from_numpy(np.asarray(matrix, dtype=np.float64)))[0].numpy().astype(np.float32)
 
     def cross(rows: np.ndarray, products: np.ndarray) -> np.ndarray:
         return train_queries[rows].T @ catalog[products] / max(len(rows), 1)

@@ -111,10 +111,15 @@ def relevance_axes(queries, positives):
     eigenvalue, largest first, and the eigenvalues. The cosine of a query and its positive is the sum of
     the eigenvalue-weighted agreements along these axes, so the first axes carry most of what makes a
     positive score high: the best orthogonal basis for short prefixes to keep."""
+    return eigen_axes(queries.T @ positives / len(queries))
+
+
+def eigen_axes(matrix):
+    """Rows: the eigenvectors of the symmetrised square ``matrix`` by eigenvalue, largest first, and the
+    eigenvalues (a tensor)."""
     import torch
 
-    cross = queries.T @ positives / len(queries)
-    values, vectors = torch.linalg.eigh((cross + cross.T) / 2)
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     order = torch.argsort(values, descending=True)
     return vectors[:, order].T, values[order]
 

@@ -108,9 +108,9 @@ class TrainingSettings(Section):
                               "can grow (more in-batch negatives) at the memory of the mini-batch; None: plain "
                               "MultipleNegativesRankingLoss (the whole batch at once).")
     mnrl_hardness_mode: Literal["none", "in_batch_negatives", "hard_negatives", "all_negatives"] = Field(
-        "none", description="Hardness weighting of CachedMultipleNegativesRankingLoss: adds strength x "
+        "none", description="Hardness weighting of the MNRL loss (cached or plain): adds strength x "
                             "stop_grad(cosine) to the chosen negatives' logits (Lan et al. 2025; EmbeddingGemma "
-                            "uses hard_negatives at 5); none: plain InfoNCE. Needs mnrl_mini_batch_size. Off by "
+                            "uses hard_negatives at 5); none: plain InfoNCE. Off by "
                             "default: hard_negatives at 5 cost 0.012 NDCG@10 at 384-d and 0.0055 at 64-d on Home "
                             "Depot (BENCHMARKS.md, Training recipes, row R against P).")
     mnrl_hardness_strength: float = Field(0.0, ge=0, description="alpha of mnrl_hardness_mode.")
