@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
     parser.add_argument("--cache", type=Path, default=REPO / ".near2" / "cache" / "embeddings")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prefix_init_offline.json")
+    parser.add_argument("--model", default=None,
+                        help="a trained model directory instead of the base model: the same rotations, fitted "
+                             "on that model's vectors (a rotation after training; --out then names its own file)")
     args = parser.parse_args()
 
     import torch
@@ -58,8 +61,12 @@ def main() -> None:
     splits = configured_splits(settings, accepted.judgments)
     test = prepare_data(accepted.products, splits.test, settings.dataset.text_template)
     train = prepare_data(accepted.products, splits.train, settings.dataset.text_template)
-    model = load_encoder(settings.model.base_model, device="cpu")
-    catalog, test_queries, train_queries = (encode_cached(model, "minilm-base", texts, args.cache)
+    from near2_tasks.models.refs import resolve_model
+
+    resolved = resolve_model(settings, args.model or settings.model.base_model)
+    model_key = resolved.cache_key if args.model else "minilm-base"
+    model = load_encoder(resolved.load_ref, device="cpu")
+    catalog, test_queries, train_queries = (encode_cached(model, model_key, texts, args.cache)
                                             for texts in (test.product_texts, test.query_texts, train.query_texts))
 
     def eigen_rotation(matrix: np.ndarray) -> np.ndarray:
@@ -95,7 +102,7 @@ def main() -> None:
         results[name] = {str(d): scores.dims[d]["ndcg@10"] for d in DIMS}
         print(f"| {name} | " + " | ".join(f"{results[name][str(d)]:.4f}" for d in DIMS) + " |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"n_test_queries": len(test.query_texts), "ndcg@10": results}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"model": args.model or settings.model.base_model, "n_test_queries": len(test.query_texts), "ndcg@10": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
