@@ -83,6 +83,24 @@ def _insert_rotation(model: SentenceTransformer, weight) -> None:
         model._modules[str(i)] = module
 
 
+def fold_rotation(model: SentenceTransformer, rotation) -> None:
+    """Apply the orthogonal ``rotation`` (rows: new axes) to the model's output: compose it with the rotation
+    ``Dense`` before ``Normalize`` (``W_new = rotation @ W``), or insert one where there is none."""
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+
+    modules = list(model._modules.values())
+    at = next((i for i, m in enumerate(modules) if isinstance(m, Normalize)), len(modules))
+    previous = modules[at - 1] if at > 0 else None
+    if isinstance(previous, Dense) and previous.linear.bias is None \
+            and isinstance(previous.activation_function, torch.nn.Identity):
+        with torch.no_grad():
+            weight = previous.linear.weight
+            weight.copy_(rotation.to(weight.device, weight.dtype) @ weight)
+    else:
+        _insert_rotation(model, rotation)
+
+
 def add_principal_axes(model: SentenceTransformer, texts: list[str], sample_size: int, seed: int,
                        batch_size: int = 128) -> None:
     """Insert a bias-free linear layer that rotates the pooled embedding onto the catalog's principal axes.

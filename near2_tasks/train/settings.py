@@ -133,6 +133,19 @@ class TrainingSettings(Section):
     pca_sample_size: int = Field(20000, gt=0, description="Product texts (pca) or (query, positive) pairs "
                                                          "(relevance) encoded to fit the rotation.")
 
+    prefix_refit_epochs: int = Field(
+        6, ge=0, description="After training, re-fit an orthogonal rotation of the trained model's frozen "
+                             "embeddings for the prefixes (MNRL + the prefix distillation per prefix, on the "
+                             "training triplets, train/refit.py) and fold it into the model: the full-dimension "
+                             "ranking is exactly unchanged. 0: off. Measured on Home Depot: BENCHMARKS.md, "
+                             "Training recipes (row S).")
+    prefix_refit_learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate of the prefix refit.")
+    prefix_refit_batch_size: int = Field(512, gt=1, description="Triplets per prefix-refit step.")
+    prefix_refit_random_candidates: int = Field(
+        2048, ge=0, description="Random training products added to each refit batch's candidates.")
+    prefix_refit_sample_size: int = Field(
+        50000, gt=1, description="At most this many training triplets are encoded for the prefix refit.")
+
     @model_validator(mode="after")
     def _distillation_needs_the_cached_loss(self) -> TrainingSettings:
         if self.prefix_distill_weight > 0 and not self.mnrl_mini_batch_size:

@@ -182,3 +182,18 @@ def register_trained_model(model: SentenceTransformer, settings: Settings, run_i
                                       model_id=info.model_id)
     mlflow.set_tag("model_version", version.version)
     return version
+
+
+def log_prefix_refit(refit: Any, evaluation: Mapping[str, float], dims: list[int], step: int) -> dict[str, float]:
+    """The prefix refit's losses (``prefix_refit_loss`` by epoch) and time, and the validation metrics of the
+    refitted model, logged one step after training's last (the registered model's); returns those metrics."""
+    import mlflow
+
+    from near2_tasks.train.evaluator import val_metrics_from
+
+    for epoch, loss in enumerate(refit.epoch_losses):
+        mlflow.log_metric("prefix_refit_loss", loss, step=epoch)
+    mlflow.log_metrics({"prefix_refit_seconds": refit.seconds, "prefix_refit_triplets": refit.triplets})
+    val_metrics = val_metrics_from(evaluation, dims, prefix="")
+    mlflow.log_metrics(val_metrics, step=step + 1)
+    return val_metrics

@@ -45,6 +45,7 @@ from near2_tasks.train.init import (
     check_nested_dims, init_prefixes, load_base_model, product_texts, relevance_pairs,
 )
 from near2_tasks.train.objective import check_examples, hybrid_losses, matryoshka_weights, training_datasets
+from near2_tasks.train.refit import refit_prefixes
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformerTrainingArguments
@@ -319,6 +320,9 @@ def train_model(
                 callbacks=[tracking.mlflow_step_logger(dims), _progress_logger()],
             )
             val_metrics = _fit(trainer, model, evaluator, dims)
+            refit = refit_prefixes(model, examples, settings)
+            if refit is not None:
+                val_metrics = tracking.log_prefix_refit(refit, evaluator(model), dims, trainer.state.global_step)
             model.save(str(output_dir))
             version = tracking.register_trained_model(model, settings, run.info.run_id, dataset_version, run_key,
                                                       git_commit)
