@@ -109,13 +109,18 @@ def test_training_logs_a_complete_run(trained):
     assert run.data.params["dataset_version"] == "ds-test-1"
     assert int(run.data.params["train_triplets"]) > 0 and int(run.data.params["train_pairs"]) > 0
     assert run.data.tags["run_key"] == "dagrun-1"
-    # per-dimension validation metrics: base model at step 0, then every eval_steps
+    # per-dimension validation metrics: base model at step 0, then every eval_steps, then (step 3) the model
+    # after the prefix refit, which is the registered model and the result's val_metrics
     for dim in TINY_DIMS:
         for metric in ("ndcg@10", "mrr@10", "recall@100"):
             history = client.get_metric_history(result.run_id, metric_key("val", metric, dim))
-            assert {m.step for m in history} == {0, 1, 2}
+            assert {m.step for m in history} == {0, 1, 2, 3}
             assert all(0.0 <= m.value <= 1.0 for m in history)
-        assert metric_key("val", "ndcg@10", dim) in result.val_metrics
+            last = next(m.value for m in history if m.step == 3)
+            assert result.val_metrics[metric_key("val", metric, dim)] == pytest.approx(last)
+    refit_losses = client.get_metric_history(result.run_id, "prefix_refit_loss")
+    assert [m.step for m in sorted(refit_losses, key=lambda m: m.step)] == list(range(6))  # the default 6 epochs
+    assert run.data.metrics["prefix_refit_triplets"] == int(run.data.params["train_triplets"])
     # loss per objective at every step: round-robin + accumulation puts one batch of each into every step
     for name in ("train_loss", "train_loss_retrieval", "train_loss_ranking"):
         assert {m.step for m in client.get_metric_history(result.run_id, name)} == {1, 2}, name
@@ -562,3 +567,100 @@ def test_relevance_axes_need_training_pairs(tmp_path, tiny_model_dir):
     settings = make_settings(tmp_path, tiny_model_dir, training={"prefix_init": "relevance"})
     with pytest.raises(Near2Error, match=r"relevance needs at least 2 \(query, positive\) pairs, got 1"):
         load_base_model(settings, "cpu", ["drill"], [("cordless drill", "drill")])
+
+
+def _prefix_problem(n: int = 96, dim: int = 32, prefix: int = 8, seed: int = 0):
+    """Triplets whose query-positive signal sits only *outside* the first ``prefix`` axes."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(n, dim - prefix, generator=g)
+    anchors = F.normalize(torch.cat([torch.randn(n, prefix, generator=g), signal], 1), dim=-1)
+    positives = F.normalize(torch.cat([torch.randn(n, prefix, generator=g),
+                                       signal + 0.3 * torch.randn(n, dim - prefix, generator=g)], 1), dim=-1)
+    negatives = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    return anchors, positives, negatives
+
+
+def _top1(queries, products, d: int) -> float:
+    import torch.nn.functional as F
+
+    scores = F.normalize(queries[:, :d], dim=-1) @ F.normalize(products[:, :d], dim=-1).T
+    return float((scores.argmax(1) == __import__("torch").arange(len(queries))).float().mean())
+
+
+def test_prefix_refit_moves_the_signal_into_the_prefix_and_keeps_the_full_cosine():
+    import torch
+
+    from near2_tasks.train.refit import fit_prefix_rotation
+
+    anchors, positives, negatives = _prefix_problem()
+    n = len(anchors)
+    pool = torch.cat([positives, negatives])
+    ids = torch.arange(n)
+    result = fit_prefix_rotation(anchors, positives, negatives, pool, ids, ids + n, ids,
+                                 {(i, i) for i in range(n)}, [32, 8], [1.0, 1.0], epochs=30, learning_rate=1e-2,
+                                 batch_size=32, random_candidates=16, scale=20.0, distill_weight=1.0, seed=0)
+    w = result.rotation
+    torch.testing.assert_close(w @ w.T, torch.eye(32), atol=1e-4, rtol=0)
+    rotated_a, rotated_p = anchors @ w.T, positives @ w.T
+    torch.testing.assert_close((rotated_a * rotated_p).sum(1), (anchors * positives).sum(1), atol=1e-4, rtol=0)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    before, after = _top1(anchors, positives, 8), _top1(rotated_a, rotated_p, 8)
+    assert before < 0.2 and after > before + 0.3, (before, after)
+    assert _top1(rotated_a, rotated_p, 32) == _top1(anchors, positives, 32)  # the full dimension: same ranking
+
+
+def test_prefix_refit_never_pushes_away_another_known_positive():
+    """A batch candidate that is another known positive of the anchor is masked: with every candidate a known
+    positive but the triplet's own, the loss has nothing to push away (its value is the same for any W)."""
+    import torch
+
+    from near2_tasks.train.refit import fit_prefix_rotation
+
+    anchors, positives, negatives = _prefix_problem(n=8)
+    pool = torch.cat([positives, negatives])
+    ids = torch.arange(8)
+    everything = {(a, p) for a in range(8) for p in range(16)}
+    result = fit_prefix_rotation(anchors, positives, negatives, pool, ids, ids + 8, ids, everything, [32, 8],
+                                 [1.0, 1.0], epochs=3, learning_rate=1e-2, batch_size=8, random_candidates=4,
+                                 scale=20.0, distill_weight=1.0, seed=0)
+    assert result.epoch_losses == pytest.approx([0.0] * 3, abs=1e-6)
+    torch.testing.assert_close(result.rotation, torch.eye(32), atol=1e-6, rtol=0)
+
+
+def test_fold_rotation_composes_with_the_dense_rotation_or_inserts_one(tmp_path, tiny_model_dir, data):
+    import torch
+
+    from near2_tasks.train.init import fold_rotation, load_base_model, product_texts, relevance_pairs
+
+    examples, _ = data
+    texts = ["cordless drill 20v", "Moen pull-down kitchen faucet", "DCD771C2"]
+    permutation = torch.eye(64)[torch.randperm(64, generator=torch.Generator().manual_seed(1))]
+    plain = load_base_model(make_settings(tmp_path, tiny_model_dir, training={"prefix_init": "none"}), "cpu")
+    before = plain.encode(texts, convert_to_tensor=True)
+    fold_rotation(plain, permutation)
+    assert [type(m).__name__ for m in plain] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    torch.testing.assert_close(plain.encode(texts, convert_to_tensor=True), before @ permutation.T, atol=1e-5,
+                               rtol=0)
+    rotated = load_base_model(make_settings(tmp_path, tiny_model_dir), "cpu", product_texts(examples),
+                              relevance_pairs(examples))
+    before = rotated.encode(texts, convert_to_tensor=True)
+    fold_rotation(rotated, permutation)
+    assert [type(m).__name__ for m in rotated] == ["Transformer", "Pooling", "Dense", "Normalize"]  # composed
+    torch.testing.assert_close(rotated.encode(texts, convert_to_tensor=True), before @ permutation.T, atol=1e-5,
+                               rtol=0)
+
+
+def test_prefix_refit_needs_two_triplets_and_can_be_turned_off(tmp_path, tiny_model_dir, data):
+    from near2_tasks.train.init import load_base_model
+    from near2_tasks.train.refit import refit_prefixes
+
+    examples, _ = data
+    model = load_base_model(make_settings(tmp_path, tiny_model_dir), "cpu")
+    off = make_settings(tmp_path, tiny_model_dir, training={"prefix_refit_epochs": 0})
+    assert refit_prefixes(model, examples, off) is None
+    one = Examples(examples.triplets.iloc[:1], examples.pairs, {})
+    with pytest.raises(Near2Error, match="prefix_refit_epochs needs at least 2 training triplets, got 1"):
+        refit_prefixes(model, one, make_settings(tmp_path, tiny_model_dir))
