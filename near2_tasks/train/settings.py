@@ -18,7 +18,10 @@ class ExamplesSettings(Section):
         (0.8, 0.1, 0.1), description="train / validation / test share of queries (by seeded hash).")
     strong_positive_min: float | None = Field(
         2.5, description="relevance >= this is a strong positive (an MNRL anchor); None: the scale's maximum. "
-                         "2.5 on the default 1-3 scale takes Home Depot's 2.67 and 3 (bench/recipe_benchmark.py).")
+                         "2.5 on the default 1-3 scale takes Home Depot's 2.67 and 3. On Home Depot 3.0 lowered "
+                         "NDCG@10 at every dimension (row T); 2.33 raised it at every dimension (+0.010 at "
+                         "64-d, row U) but trains on 47% more triplets: 28.2 min, over the 25-min budget "
+                         "(BENCHMARKS.md, Training recipes).")
     hard_negative_max: float | None = Field(
         1.67, description="relevance < this is a judged hard negative; None: dataset.relevant_threshold. 1.67 "
                           "keeps 1.67-2 products (near misses) out of the negatives.")
