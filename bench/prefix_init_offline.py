@@ -51,6 +51,7 @@ def main() -> None:
     from near2_tasks.evaluate.evaluation import prepare_data
     from near2_tasks.evaluate.retrieval import ExactRetriever, evaluate_retriever, scale_of
     from near2_tasks.models.embeddings import encode_cached, load_encoder
+    from near2_tasks.models.refs import resolve_model
     from near2_tasks.train.examples import configured_splits
     from near2_tasks.train.init import eigen_axes, relevance_axes
 
@@ -61,12 +62,9 @@ def main() -> None:
     splits = configured_splits(settings, accepted.judgments)
     test = prepare_data(accepted.products, splits.test, settings.dataset.text_template)
     train = prepare_data(accepted.products, splits.train, settings.dataset.text_template)
-    from near2_tasks.models.refs import resolve_model
-
-    resolved = resolve_model(settings, args.model or settings.model.base_model)
-    model_key = resolved.cache_key if args.model else "minilm-base"
+    resolved = resolve_model(settings, args.model or settings.model.base_model)  # the base: "minilm-base"
     model = load_encoder(resolved.load_ref, device="cpu")
-    catalog, test_queries, train_queries = (encode_cached(model, model_key, texts, args.cache)
+    catalog, test_queries, train_queries = (encode_cached(model, resolved.cache_key, texts, args.cache)
                                             for texts in (test.product_texts, test.query_texts, train.query_texts))
 
     def eigen_rotation(matrix: np.ndarray) -> np.ndarray:
@@ -102,7 +100,8 @@ def main() -> None:
         results[name] = {str(d): scores.dims[d]["ndcg@10"] for d in DIMS}
         print(f"| {name} | " + " | ".join(f"{results[name][str(d)]:.4f}" for d in DIMS) + " |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model or settings.model.base_model, "n_test_queries": len(test.query_texts), "ndcg@10": results}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"model": resolved.ref, "n_test_queries": len(test.query_texts),
+                                    "ndcg@10": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -599,9 +599,9 @@ def test_prefix_refit_moves_the_signal_into_the_prefix_and_keeps_the_full_cosine
     n = len(anchors)
     pool = torch.cat([positives, negatives])
     ids = torch.arange(n)
-    result = fit_prefix_rotation(anchors, positives, negatives, pool, ids, ids + n, ids,
-                                 {(i, i) for i in range(n)}, [32, 8], [1.0, 1.0], epochs=30, learning_rate=1e-2,
-                                 batch_size=32, random_candidates=16, scale=20.0, distill_weight=1.0, seed=0)
+    result = fit_prefix_rotation(anchors, pool, ids, ids, ids + n, {(i, i) for i in range(n)}, [32, 8], [1.0, 1.0],
+                                 epochs=30, learning_rate=1e-2, batch_size=32, random_candidates=16, scale=20.0,
+                                 distill_weight=1.0, seed=0)
     w = result.rotation
     torch.testing.assert_close(w @ w.T, torch.eye(32), atol=1e-4, rtol=0)
     rotated_a, rotated_p = anchors @ w.T, positives @ w.T
@@ -623,7 +623,7 @@ def test_prefix_refit_never_pushes_away_another_known_positive():
     pool = torch.cat([positives, negatives])
     ids = torch.arange(8)
     everything = {(a, p) for a in range(8) for p in range(16)}
-    result = fit_prefix_rotation(anchors, positives, negatives, pool, ids, ids + 8, ids, everything, [32, 8],
+    result = fit_prefix_rotation(anchors, pool, ids, ids, ids + 8, everything, [32, 8],
                                  [1.0, 1.0], epochs=3, learning_rate=1e-2, batch_size=8, random_candidates=4,
                                  scale=20.0, distill_weight=1.0, seed=0)
     assert result.epoch_losses == pytest.approx([0.0] * 3, abs=1e-6)

@@ -63,21 +63,28 @@ def relevance_pairs(examples: Any) -> list[tuple[str, str]]:
     return []
 
 
-def _encode(model: SentenceTransformer, texts: list[str], batch_size: int):
+def encode_normalised(model: SentenceTransformer, texts: list[str], batch_size: int):
+    """The texts' normalised embeddings as a float32 CPU tensor (what the rotations are fitted on)."""
     return model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
                         show_progress_bar=False).float().cpu()
+
+
+def _before_normalize(modules: list) -> int:
+    """The position just before the model's ``Normalize`` (the end when there is none): where a rotation sits."""
+    from sentence_transformers.sentence_transformer.modules import Normalize
+
+    return next((i for i, m in enumerate(modules) if isinstance(m, Normalize)), len(modules))
 
 
 def _insert_rotation(model: SentenceTransformer, weight) -> None:
     """Insert ``Dense(weight)`` (bias-free, identity activation) before the model's ``Normalize``."""
     import torch
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+    from sentence_transformers.sentence_transformer.modules import Dense
 
     dim = weight.shape[1]
     rotation = Dense(dim, dim, bias=False, activation_function=torch.nn.Identity(), init_weight=weight.contiguous())
     modules = list(model._modules.values())
-    at = next((i for i, m in enumerate(modules) if isinstance(m, Normalize)), len(modules))
-    modules.insert(at, rotation.to(model.device))
+    modules.insert(_before_normalize(modules), rotation.to(model.device))
     model._modules.clear()
     for i, module in enumerate(modules):
         model._modules[str(i)] = module
@@ -87,10 +94,10 @@ def fold_rotation(model: SentenceTransformer, rotation) -> None:
     """Apply the orthogonal ``rotation`` (rows: new axes) to the model's output: compose it with the rotation
     ``Dense`` before ``Normalize`` (``W_new = rotation @ W``), or insert one where there is none."""
     import torch
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+    from sentence_transformers.sentence_transformer.modules import Dense
 
     modules = list(model._modules.values())
-    at = next((i for i, m in enumerate(modules) if isinstance(m, Normalize)), len(modules))
+    at = _before_normalize(modules)
     previous = modules[at - 1] if at > 0 else None
     if isinstance(previous, Dense) and previous.linear.bias is None \
             and isinstance(previous.activation_function, torch.nn.Identity):
@@ -117,7 +124,7 @@ def add_principal_axes(model: SentenceTransformer, texts: list[str], sample_size
     if len(sample) < 2:
         raise Near2Error(f"training.prefix_init=pca needs at least 2 product texts, got {len(sample)}",
                          hint="use prefix_init 'none' for such a small catalog")
-    embeddings = _encode(model, sample, batch_size)
+    embeddings = encode_normalised(model, sample, batch_size)
     # full_matrices: a complete orthogonal dim x dim rotation even when there are fewer texts than dims
     # (the axes beyond the sample's rank are an arbitrary orthonormal completion)
     _, _, vt = torch.linalg.svd(embeddings - embeddings.mean(dim=0), full_matrices=True)
@@ -157,7 +164,7 @@ def add_relevance_axes(model: SentenceTransformer, pairs: list[tuple[str, str]],
                          hint="use prefix_init 'pca' or 'none' for so few training examples")
     texts = sorted({text for pair in sample for text in pair})
     row = {text: i for i, text in enumerate(texts)}
-    embeddings = _encode(model, texts, batch_size)
+    embeddings = encode_normalised(model, texts, batch_size)
     queries = embeddings[[row[q] for q, _ in sample]]
     positives = embeddings[[row[p] for _, p in sample]]
     _insert_rotation(model, relevance_axes(queries, positives)[0])

@@ -40,25 +40,25 @@ class RefitResult:
     seconds: float
 
 
-def fit_prefix_rotation(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
-                        pool: torch.Tensor, positive_ids: torch.Tensor, negative_ids: torch.Tensor,
-                        anchor_ids: torch.Tensor, known_positives: set[tuple[int, int]], dims: list[int],
-                        weights: list[float], *, epochs: int, learning_rate: float, batch_size: int,
-                        random_candidates: int, scale: float, distill_weight: float, seed: int) -> RefitResult:
+def fit_prefix_rotation(queries: torch.Tensor, pool: torch.Tensor, anchor_ids: torch.Tensor,
+                        positive_ids: torch.Tensor, negative_ids: torch.Tensor,
+                        known_positives: set[tuple[int, int]], dims: list[int], weights: list[float], *,
+                        epochs: int, learning_rate: float, batch_size: int, random_candidates: int, scale: float,
+                        distill_weight: float, seed: int) -> RefitResult:
     """An orthogonal ``dim x dim`` W (rows: the new axes) for the embeddings ``x -> W x``.
 
-    Row i of ``anchors`` / ``positives`` / ``negatives`` is one triplet (normalised embeddings); ``pool``
-    holds every product embedding, and ``positive_ids`` / ``negative_ids`` index the triplets' products in
-    it. Each batch scores its anchors against the batch's positives and negatives plus ``random_candidates``
-    pool products; a candidate that is a known positive of the anchor (``known_positives``: (anchor id,
-    product id)) other than the triplet's own is masked out, so it is never pushed away.
+    ``queries`` and ``pool`` hold the normalised query and product embeddings; triplet i is (``anchor_ids[i]``,
+    ``positive_ids[i]``, ``negative_ids[i]``) into them. Each batch scores its anchors against the batch's
+    positives and negatives plus ``random_candidates`` pool products; a candidate that is a known positive of
+    the anchor (``known_positives``: (anchor id, product id)) other than the triplet's own is masked out, so it
+    is never pushed away.
     """
     import torch
     import torch.nn.functional as F
 
     began = time.monotonic()
-    dim = anchors.shape[1]
-    n = len(anchors)
+    dim = queries.shape[1]
+    n = len(anchor_ids)
     if n < 2:
         raise Near2Error(f"training.prefix_refit_epochs needs at least 2 training triplets, got {n}",
                          hint="set training.prefix_refit_epochs: 0 for so few examples")
@@ -82,14 +82,15 @@ def fit_prefix_rotation(anchors: torch.Tensor, positives: torch.Tensor, negative
             masked = torch.isin(codes, known)
             masked[torch.arange(len(rows)), torch.arange(len(rows))] = False  # the triplet's own positive
             w = linear.weight
-            queries = anchors[rows] @ w.T
-            candidates = torch.cat([positives[rows], negatives[rows], pool[extra]]) @ w.T
-            loss, teacher = queries.new_zeros(()), None
+            anchors = queries[anchor_ids[rows]] @ w.T
+            candidates = pool[candidate_ids] @ w.T
+            loss, teacher = anchors.new_zeros(()), None
             for d, weight in zip(dims, weights):
-                scores = scale * F.normalize(queries[:, :d], dim=-1) @ F.normalize(candidates[:, :d], dim=-1).T
-                scores = scores.masked_fill(masked, float("-inf"))
+                scores = scale * F.normalize(anchors[:, :d], dim=-1) @ F.normalize(candidates[:, :d], dim=-1).T
+                # a large finite negative: the masked candidates' probabilities are exactly 0 and the KL stays finite
+                scores = scores.masked_fill(masked, -1e4)
                 loss = loss + weight * F.cross_entropy(scores, torch.arange(len(rows)))
-                log_probs = F.log_softmax(scores.masked_fill(masked, -1e4), dim=-1)
+                log_probs = F.log_softmax(scores, dim=-1)
                 if teacher is None:
                     teacher = log_probs.detach()  # the full dimension: unchanged by any rotation
                 elif distill_weight > 0:
@@ -110,15 +111,14 @@ def refit_prefixes(model: SentenceTransformer, examples: Any, settings: Settings
     model (``training.prefix_refit_*``); None when off or when there are no triplets."""
     import torch
 
-    from near2_tasks.train.init import fold_rotation
+    from near2_tasks.train.init import encode_normalised, fold_rotation
     from near2_tasks.train.objective import matryoshka_weights
 
     cfg, dims = settings.training, settings.model.dims
     triplets = getattr(examples, "triplets", None)
-    if cfg.prefix_refit_epochs == 0 or triplets is None or len(triplets) == 0:
+    # off, nothing to fit on, or one dimension (nothing to re-order)
+    if cfg.prefix_refit_epochs == 0 or triplets is None or len(triplets) == 0 or len(dims) < 2:
         return None
-    if len(dims) < 2:
-        return None  # one dimension: nothing to re-order
     frame = triplets
     if len(frame) > cfg.prefix_refit_sample_size:
         frame = frame.sample(cfg.prefix_refit_sample_size, random_state=cfg.seed)
@@ -128,10 +128,8 @@ def refit_prefixes(model: SentenceTransformer, examples: Any, settings: Settings
     queries = sorted(set(anchors_text))
     products = sorted(set(positives_text) | set(negatives_text))
     began = time.monotonic()
-    query_vectors = model.encode(queries, batch_size=cfg.eval_batch_size, convert_to_tensor=True,
-                                 normalize_embeddings=True, show_progress_bar=False).float().cpu()
-    pool = model.encode(products, batch_size=cfg.eval_batch_size, convert_to_tensor=True,
-                        normalize_embeddings=True, show_progress_bar=False).float().cpu()
+    query_vectors = encode_normalised(model, queries, cfg.eval_batch_size)
+    pool = encode_normalised(model, products, cfg.eval_batch_size)
     encode_s = time.monotonic() - began
     query_row = {text: i for i, text in enumerate(queries)}
     product_row = {text: i for i, text in enumerate(products)}
@@ -140,8 +138,8 @@ def refit_prefixes(model: SentenceTransformer, examples: Any, settings: Settings
     negative_ids = torch.tensor([product_row[t] for t in negatives_text])
     weights = matryoshka_weights(settings)
     result = fit_prefix_rotation(
-        query_vectors[anchor_ids], pool[positive_ids], pool[negative_ids], pool, positive_ids, negative_ids,
-        anchor_ids, set(zip(anchor_ids.tolist(), positive_ids.tolist())), dims, weights,
+        query_vectors, pool, anchor_ids, positive_ids, negative_ids,
+        set(zip(anchor_ids.tolist(), positive_ids.tolist())), dims, weights,
         epochs=cfg.prefix_refit_epochs, learning_rate=cfg.prefix_refit_learning_rate,
         batch_size=cfg.prefix_refit_batch_size, random_candidates=cfg.prefix_refit_random_candidates,
         scale=cfg.mnrl_scale, distill_weight=cfg.prefix_distill_weight, seed=cfg.seed)
