@@ -15,7 +15,7 @@ import pytest
 from near2_tasks import conventions
 from near2_tasks.config import load_settings
 from near2_tasks.errors import Near2Error
-from near2_tasks.serving import rescore_store
+from near2_tasks.serving import compact, rescore_store
 from near2_tasks.serving.index import prepare_products
 from near2_tasks.serving.rescore_store import RescoreStore, StoreMismatch
 
@@ -64,6 +64,47 @@ def test_parts_merge_into_one_store_that_scores_like_the_field(local):
         assert hit.title == source.title[hit.product_id] and hit.brand is None
         price = source.price[hit.product_id]
         assert hit.price == (None if pd.isna(price) else price)
+
+
+def _hamming_order(codes: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """Rows by Hamming distance to ``code``, ties by row: the shortlist's order, computed bit by bit."""
+    bits = np.unpackbits(codes, axis=1) != np.unpackbits(code[None, :], axis=1)
+    distance = bits.sum(axis=1)
+    return np.array(sorted(range(len(codes)), key=lambda r: (distance[r], r)))
+
+
+@pytest.mark.parametrize("dim", [64, 32])  # 8 bytes at a time, and byte by byte
+def test_the_store_holds_the_index_codes_and_shortlists_by_hamming_distance(local, dim):
+    products, vectors = _catalog(200, seed=3)
+    centres = {dim: compact.catalog_centre(vectors, dim)}
+    rescore_store.write_part(local, INDEX, products.iloc[:120], vectors[:120], centres)
+    rescore_store.write_part(local, INDEX, products.iloc[120:], vectors[120:], centres)
+    directory = rescore_store.finalize(local, INDEX, products, META, count=len(products))
+    assert json.loads((directory / "store.json").read_text())["codes"] == [dim]
+    store = RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products))
+    # row r of the store is the product with the r-th smallest id: its code is the one bulk.py indexes
+    order = np.argsort(products.product_id.astype(str).to_numpy(), kind="stable")
+    np.testing.assert_array_equal(store.codes[dim], compact.binary_codes(vectors[order], dim, centres[dim]))
+    for seed in range(5):
+        query = np.random.default_rng(seed).normal(size=64).astype(np.float32)
+        code = compact.binary_codes(query[None, :], dim, centres[dim])[0]
+        expected = _hamming_order(store.codes[dim], code)
+        for size in (1, 17, 60, 200, 500):  # the cut-off falls inside a run of ties for most sizes
+            np.testing.assert_array_equal(store.shortlist(code, dim, size), expected[:size])
+
+
+def test_a_store_without_codes_has_none_and_a_mixed_merge_drops_them(local):
+    products, vectors = _catalog()
+    rescore_store.write_part(local, INDEX, products, vectors)
+    rescore_store.finalize(local, INDEX, products, META, count=len(products))
+    assert RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products)).codes == {}
+    # one part with codes, one without (an older writer): the merge keeps the vectors, not half of the codes
+    other = INDEX.replace("v1", "v2")
+    rescore_store.write_part(local, other, products.iloc[:25], vectors[:25], {32: compact.catalog_centre(vectors, 32)})
+    rescore_store.write_part(local, other, products.iloc[25:], vectors[25:])
+    directory = rescore_store.finalize(local, other, products, META, count=len(products))
+    assert not list(directory.glob("codes_*.npy"))
+    assert RescoreStore.open(local, other, META["model_uri"], META["dims"], len(products)).codes == {}
 
 
 def test_a_store_that_does_not_belong_to_its_index_is_refused(local):

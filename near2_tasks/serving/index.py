@@ -283,7 +283,7 @@ def load_shard(
         check_dims(dims, vectors.shape[1])
     centres = _meta_centres(meta)
     if rescore_store.wanted(settings) and len(products):  # this shard's part of the funnel's local store
-        rescore_store.write_part(settings, index_name, products, vectors)
+        rescore_store.write_part(settings, index_name, products, vectors, centres)
     with es_errors(settings.elasticsearch.url, f"bulk load of {index_name}"):
         bulk_load(client, settings, index_name, products, vectors, dims, progress, centres)
     return len(products)

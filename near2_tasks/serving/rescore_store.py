@@ -10,6 +10,10 @@ One store per concrete index, ``<home>/rescore/<index name>/``:
   search on the memory-mapped array (no dict of n Python strings in each worker);
 * ``fields.bin`` + ``offsets.npy``: each row's product fields as JSON (what Elasticsearch's ``_source`` returns
   for a hit), so the top k need no request either;
+* ``codes_<d>.npy``: uint8 ``(n, d / 8)``, the 1-bit codes of every coded dimension, the very bytes the index's
+  ``embedding_<d>_bits`` field holds (``compact.binary_codes`` of the float32 vectors, the index's centres), so the
+  funnel's first stage can run here too (``serving.funnel_shortlist: local``, :meth:`RescoreStore.shortlist`): an
+  exhaustive Hamming scan of d/8 bytes per product, then the rescoring, and no Elasticsearch request at all;
 * ``store.json``: the index, its model URI, dims and document count the store was written for.
 
 It is written at build time, by the same functions that load the index: every ``load_shard`` writes its part
@@ -98,30 +102,38 @@ def _find(keys: np.ndarray, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 # ----- writing --------------------------------------------------------------------------------------
 
-def write_part(settings: Settings, index: str, products: pd.DataFrame, vectors: np.ndarray) -> Path:
+def write_part(settings: Settings, index: str, products: pd.DataFrame, vectors: np.ndarray,
+               centres: dict[int, np.ndarray] | None = None) -> Path:
     """One shard's rows (``products`` as prepared, their full-dimension ``vectors``) as a part of the store
-    of ``index``, named by a hash of its ids: a re-run of the same shard replaces its own part."""
+    of ``index``, named by a hash of its ids: a re-run of the same shard replaces its own part. ``centres``
+    (the index's bit-code centres by dimension) adds the rows' codes, as the index's bit fields get them."""
+    from near2_tasks.serving import compact
+
     ids = products.product_id.astype(str).tolist()
     digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
     parts = store_dir(settings, index) / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     target = parts / f"{digest}.npz"
     partial = parts / f".{digest}.{os.getpid()}.npz"
+    codes = {f"codes_{d}": compact.binary_codes(np.asarray(vectors, dtype=np.float32), d, centre)
+             for d, centre in (centres or {}).items()}
     np.savez(partial, vectors=np.asarray(vectors, dtype=np.float16), ids=np.array(ids, dtype=object),
-             fields=np.array(_fields(products), dtype=object))
+             fields=np.array(_fields(products), dtype=object), **codes)
     os.replace(partial, target)
     return target
 
 
 def _sources(directory: Path, merged: RescoreStore | None):
-    """(ids, float16 vectors, field bytes) of each source of a merge, one at a time: the store a previous
-    merge wrote, then the parts (a later source wins for an id in several)."""
+    """(ids, float16 vectors, field bytes, codes by dimension) of each source of a merge, one at a time: the
+    store a previous merge wrote, then the parts (a later source wins for an id in several)."""
     if merged is not None:
         yield ([i.decode() for i in merged.ids], merged.vectors,
-               [merged.fields[merged.offsets[r]:merged.offsets[r + 1]].tobytes() for r in range(merged.count)])
+               [merged.fields[merged.offsets[r]:merged.offsets[r + 1]].tobytes() for r in range(merged.count)],
+               merged.codes)
     for part in sorted((directory / "parts").glob("*.npz")):
         with np.load(part, allow_pickle=True) as data:
-            yield [str(i) for i in data["ids"]], data["vectors"], list(data["fields"])
+            codes = {int(name.split("_")[1]): data[name] for name in data.files if name.startswith("codes_")}
+            yield [str(i) for i in data["ids"]], data["vectors"], list(data["fields"]), codes
 
 
 def finalize(settings: Settings, index: str, products: pd.DataFrame, meta: dict[str, Any], count: int) -> Path:
@@ -144,11 +156,20 @@ def finalize(settings: Settings, index: str, products: pd.DataFrame, meta: dict[
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     vectors, fields, filled = None, [b""] * len(keys), np.zeros(len(keys), dtype=bool)
-    for ids, block, texts in _sources(directory, merged) if len(keys) else ():
+    codes: dict[int, np.ndarray] | None = None  # the dims every source has codes of
+    for ids, block, texts, source_codes in _sources(directory, merged) if len(keys) else ():
         rows, inside = _find(keys, ids)  # catalog ids only
         if vectors is None:
             vectors = open_memmap(staging / "vectors.npy", mode="w+", dtype=np.float16, shape=(len(keys), block.shape[1]))
+            codes = {d: open_memmap(staging / f"codes_{d}.npy", mode="w+", dtype=np.uint8, shape=(len(keys), d // 8))
+                     for d in source_codes}
         vectors[rows[inside]] = np.asarray(block)[inside]
+        for d in list(codes or {}):
+            if d in source_codes:
+                codes[d][rows[inside]] = np.asarray(source_codes[d])[inside]
+            else:  # a source without them (a part of an older build): this store has no codes of d
+                del codes[d]
+                (staging / f"codes_{d}.npy").unlink()
         for row, text, keep in zip(rows, texts, inside):
             if keep:
                 fields[row] = text
@@ -161,13 +182,16 @@ def finalize(settings: Settings, index: str, products: pd.DataFrame, meta: dict[
                               "serving.funnel_rescore: elasticsearch")
     vectors.flush()
     del vectors
+    for array in (codes or {}).values():
+        array.flush()
     np.save(staging / "ids.npy", keys)
     np.save(staging / "offsets.npy", np.concatenate([[0], np.cumsum([len(f) for f in fields])]).astype(np.int64))
     (staging / "fields.bin").write_bytes(b"".join(fields))
     (staging / "store.json").write_text(json.dumps({
         "format": FORMAT, "index": index, "model_uri": meta.get("model_uri"), "dims": meta.get("dims"),
-        "count": len(keys), "dtype": "float16", "catalog_version": meta.get("catalog_version")}, indent=2) + "\n")
-    del merged  # unmapped before its directory goes
+        "count": len(keys), "dtype": "float16", "catalog_version": meta.get("catalog_version"),
+        "codes": sorted(codes or {})}, indent=2) + "\n")
+    del merged, codes  # unmapped before their directory goes
     old = store_root(settings) / f".{index}.old.{os.getpid()}"
     if directory.exists():
         directory.rename(old)  # the parts go with it
@@ -232,6 +256,8 @@ class RescoreStore:
     vectors: np.ndarray
     offsets: np.ndarray
     fields: np.ndarray
+    #: the 1-bit codes of each coded dimension, ``(n, d / 8)`` uint8, memory-mapped (none in an older store)
+    codes: dict[int, np.ndarray]
 
     @property
     def count(self) -> int:
@@ -247,7 +273,9 @@ class RescoreStore:
             store = cls(index=index, directory=directory, ids=np.load(directory / "ids.npy", mmap_mode="r"),
                         vectors=np.load(directory / "vectors.npy", mmap_mode="r"),
                         offsets=np.load(directory / "offsets.npy", mmap_mode="r"),
-                        fields=np.memmap(directory / "fields.bin", dtype=np.uint8, mode="r"))
+                        fields=np.memmap(directory / "fields.bin", dtype=np.uint8, mode="r"),
+                        codes={int(d): np.load(directory / f"codes_{int(d)}.npy", mmap_mode="r")
+                               for d in info.get("codes") or []})
         except (OSError, ValueError) as exc:
             raise StoreMismatch(f"no readable rescoring store for index {index} at {directory}: {exc}"[:400],
                                 hint="build the index with serving.funnel_rescore: local") from exc
@@ -261,6 +289,9 @@ class RescoreStore:
                             f"(n, {max(dims)})")
         if not (store.count == count == len(store.vectors) == len(store.offsets) - 1):
             problems.append(f"it holds {store.count} ids and {len(store.vectors)} vectors, the index {count} documents")
+        for d, codes in store.codes.items():
+            if codes.dtype != np.uint8 or codes.shape != (store.count, d // 8):
+                problems.append(f"its {d}-bit codes are {codes.dtype} {codes.shape}, need uint8 ({store.count}, {d // 8})")
         if problems:
             raise StoreMismatch(f"the rescoring store at {directory} does not match index {index}: "
                                 + "; ".join(problems), hint="rebuild the index (near2 index)")
@@ -275,11 +306,33 @@ class RescoreStore:
                                 f"{[i for i, gone in zip(ids, lost) if gone][:3]} that the index returned")
         return rows
 
+    def shortlist(self, code: np.ndarray, dim: int, size: int) -> np.ndarray:
+        """The rows of the ``size`` codes nearest to the query's ``code`` (uint8, ``dim / 8`` bytes) by Hamming
+        distance, nearest first, as the kNN on ``embedding_<dim>_bits`` ranks them; ties go to the lower row
+        (products sorted by id). One pass over ``dim / 8`` bytes per product: XOR, popcount, a histogram of the
+        distances for the cut-off (no sort of n), then a sort of the shortlist only."""
+        codes = self.codes[dim]
+        code = np.asarray(code, dtype=np.uint8)
+        if dim % 64 == 0:  # 8 bytes at a time
+            codes, code = codes.view(np.uint64), code.view(np.uint64)
+        distance = np.bitwise_count(codes ^ code).sum(axis=1, dtype=np.int32)
+        if size >= len(distance):
+            return np.lexsort((np.arange(len(distance)), distance))
+        below = np.cumsum(np.bincount(distance, minlength=dim + 1))
+        cut = int(np.searchsorted(below, size))  # the distance at which the shortlist fills
+        rows = np.flatnonzero(distance < cut)
+        rows = np.concatenate([rows, np.flatnonzero(distance == cut)[:size - len(rows)]])
+        return rows[np.argsort(distance[rows], kind="stable")]
+
     def top(self, ids: list[str], full_vector, dim: int, k: int, similarity: str = "dot_product"
             ) -> tuple[np.ndarray, np.ndarray]:
         """(rows of the best ``k`` of ``ids``, their scores), best first, scored at ``dim`` as the
         ``embedding_<dim>`` field would score them; ties keep the shortlist's order."""
-        rows = self.rows_of(ids)
+        return self.top_rows(self.rows_of(ids), full_vector, dim, k, similarity)
+
+    def top_rows(self, rows: np.ndarray, full_vector, dim: int, k: int, similarity: str = "dot_product"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`top` for shortlisted ``rows`` of the store."""
         prefixes = conventions.truncate(self.vectors[rows, :dim], dim)  # float16 -> float32, renormalised
         scores = _similarity(similarity, prefixes @ conventions.truncate(full_vector, dim))
         order = np.argsort(-scores, kind="stable")[:k]
