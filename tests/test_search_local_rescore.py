@@ -15,8 +15,9 @@ import pytest
 from near2_tasks.data.synthetic import generate_catalog
 from near2_tasks.models.embeddings import encode, load_encoder
 from near2_tasks.models.settings import PACKAGED_MINILM
-from near2_tasks.serving import rescore_store
+from near2_tasks.serving import compact, rescore_store
 from near2_tasks.serving.publish import build_verify_swap
+from near2_tasks.serving.query_bodies import shortlist_body, shortlist_ids
 from near2_tasks.serving.search import Searcher
 from near2_tasks.serving.verify import IndexVerificationFailed, verify_index
 from tests.serving_support import module_settings, serving_settings, titled_catalog, with_sections
@@ -66,6 +67,10 @@ def test_local_rescoring_ranks_like_the_two_request_funnel(demo_served):
             mine = local.search(query, k=10, mode="funnel", dim=dim, filters=filters)
             theirs = remote.search(query, k=10, mode="funnel", dim=dim, filters=filters)
             assert (mine.rescore, theirs.rescore) == ("local", "elasticsearch")
+            # no request at all where the index has codes of the shortlist dim and there is no filter
+            no_request = dim == 384 and not filters
+            assert (mine.shortlist, theirs.shortlist) == ("local" if no_request else "elasticsearch", "elasticsearch")
+            assert (mine.timings_ms["es_took"] == 0) == no_request
             coded = max([d for d in settings.elasticsearch.binary_dims if d < dim], default=64)  # else float 64-d
             assert (mine.shortlist_dim, mine.shortlist_size) == (theirs.shortlist_dim, theirs.shortlist_size) == \
                 (coded, 100)
@@ -82,6 +87,31 @@ def test_local_rescoring_ranks_like_the_two_request_funnel(demo_served):
         queries[0], k=5, mode="hybrid")
     assert (mine.rescore, mine.hybrid["requests"], theirs.hybrid["requests"]) == ("local", 1, 2)
     assert [h.product_id for h in mine.hits] == [h.product_id for h in theirs.hits]
+
+
+def test_the_local_shortlist_is_the_elasticsearch_hamming_knn(demo_served):
+    """The store's codes are the index's: the shortlist found here is the one the kNN on embedding_128_bits
+    returns, except for which of the products tied at the cut-off distance fill the last places."""
+    settings, catalog, index = demo_served
+    searcher = Searcher(settings)
+    served = searcher.serving_index_of(index)
+    store = searcher.local_store(served)
+    assert sorted(store.codes) == [128]
+    encoder = load_encoder(PACKAGED_MINILM)
+    queries = catalog.judgments["query"].drop_duplicates().head(20).tolist()
+    for vector in encode(encoder, queries):
+        code = compact.binary_codes(vector[None, :], 128, served.binary_centres[128])[0]
+        body, size = shortlist_body(settings.serving, served, vector, 10, 128, [], 100)
+        remote, _ = shortlist_ids(searcher.client, index, body)
+        rows = store.shortlist(code, 128, size)
+        local = [store.ids[r].decode() for r in rows]
+        assert len(local) == len(remote) == size == 100
+        distance = dict(zip(local, np.bitwise_count(store.codes[128][rows] ^ code).sum(axis=1)))
+        cut = max(distance.values())
+        remote_rows = store.rows_of(remote)
+        remote_distance = np.bitwise_count(store.codes[128][remote_rows] ^ code).sum(axis=1)
+        assert remote_distance.max() == cut  # the same cut-off: Elasticsearch ranks by the same distances
+        assert {p for p, d in distance.items() if d < cut} == {p for p, d in zip(remote, remote_distance) if d < cut}
 
 
 def test_a_missing_or_stale_store_falls_back_to_elasticsearch_with_a_warning(tiny_settings, tiny_model_dir,

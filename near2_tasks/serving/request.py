@@ -193,6 +193,8 @@ class SearchResponse:
     query_cached: bool | None = None
     #: funnel shortlists (mode=funnel, or a funnel dense side): where they were scored, local or elasticsearch
     rescore: str | None = None
+    #: mode=funnel: where the shortlist came from, local (the store's bit codes) or elasticsearch (a kNN)
+    shortlist: str | None = None
 
     def to_dict(self, include_model_uri: bool = True) -> dict[str, Any]:
         data = asdict(self)
@@ -211,6 +213,8 @@ class Retrieved:
     hybrid: dict[str, Any] | None = None
     #: where a funnel scored its shortlist: local (the rescoring store) or elasticsearch (a second request)
     rescore: str | None = None
+    #: where a funnel found its shortlist: local (the store's bit codes, no request) or elasticsearch
+    shortlist: str | None = None
 
 
 @dataclass

@@ -11,7 +11,9 @@ Modes:
 * ``knn``: one approximate kNN on ``embedding_<dim>``;
 * ``funnel``: a kNN shortlist on a small dimension, then exact scores at the larger dimension over the
   shortlist only: here, from the index's float16 rescoring store memory-mapped on this host
-  (``serving.funnel_rescore: local``, :mod:`near2_tasks.serving.rescore_store`: one Elasticsearch request),
+  (``serving.funnel_rescore: local``, :mod:`near2_tasks.serving.rescore_store`: one Elasticsearch request;
+  without filters the shortlist too comes from the store's bit codes, ``serving.funnel_shortlist: local``,
+  and Elasticsearch is not asked at all),
   or in Elasticsearch, an exact kNN restricted to the shortlist (an ``ids`` filter; a second request;
   also what ``local`` falls back to, with a WARNING, when the index has no matching store).
   When the index holds 1-bit codes of a dimension (``elasticsearch.binary_dims``), the shortlist
@@ -28,7 +30,7 @@ This module runs a search: the :class:`Searcher` (the cached alias target, the q
 requests it sends) and :func:`search`. What a request and its answer are, and their checks:
 :mod:`near2_tasks.serving.request`; the served index and its ``_meta``: :mod:`near2_tasks.serving.served_index`;
 the request bodies: :mod:`near2_tasks.serving.query_bodies`; the query encoders (one per model URI, shared by
-the process): :mod:`near2_tasks.serving.query_encoder`.
+the process, which encode the queries of concurrent requests in one call): :mod:`near2_tasks.serving.query_encoder`.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ import numpy as np
 
 from near2_tasks import conventions
 from near2_tasks.errors import Near2Error
-from near2_tasks.serving import hybrid
+from near2_tasks.serving import compact, hybrid
 from near2_tasks.serving.es_client import es_errors, make_client
-from near2_tasks.serving.query_encoder import encoder_for, torch_threads
-from near2_tasks.serving.rescore_store import StoreCache, StoreMismatch
+from near2_tasks.serving.query_encoder import EncodeBatcher, batcher_for, encoder_for, torch_threads
+from near2_tasks.serving.rescore_store import RescoreStore, StoreCache, StoreMismatch
 from near2_tasks.serving.query_bodies import (IndexVanished, hit_of, knn_body, msearch_answers, rescore_body,
                                               shortlist_body, shortlist_ids)
 from near2_tasks.serving.request import (Hit, HybridSides, Mode, Retrieved, SearchFilters, SearchRequest,
@@ -105,6 +107,10 @@ class Searcher:
     def encoder(self, serving: ServingIndex) -> SentenceTransformer:
         return encoder_for(self.settings, serving.model_uri)
 
+    def batcher(self, serving: ServingIndex) -> EncodeBatcher:
+        """The encode batcher of :meth:`encoder`'s model (shared by the process, like the encoder)."""
+        return batcher_for(self.settings, serving.model_uri)
+
     def query_vector(self, served: ServingIndex, query: str) -> tuple[np.ndarray, bool]:
         """(the full-dimension vector of ``query`` by the model of ``served``, whether it came from the
         cache). The cache is keyed by the model URI too, so an alias move to another model never reuses a
@@ -120,9 +126,14 @@ class Searcher:
                     self._vectors.move_to_end(key)
                     self.query_cache_hits += 1
                     return vector, True
-        model = self.encoder(served)
-        with torch_threads(self.settings.serving.encode_threads):
-            vector = np.asarray(encode(model, [query], batch_size=1)[0])
+        if self.settings.serving.encode_batch_size > 1:  # with the queries of concurrent requests, if any
+            batcher = self.batcher(served)
+            with torch_threads(self.settings.serving.encode_threads):
+                vector = batcher.encode(query)
+        else:
+            model = self.encoder(served)
+            with torch_threads(self.settings.serving.encode_threads):
+                vector = np.asarray(encode(model, [query], batch_size=1)[0])
         if size:
             vector.flags.writeable = False
             with self._vectors_lock:
@@ -173,6 +184,7 @@ class Searcher:
             model_name=served.model_name, model_version=served.model_version, model_uri=served.model_uri,
             hits=retrieved.hits, timings_ms=timings, filters=request.filters.active(), shortlist_dim=shortlist_dim,
             shortlist_size=retrieved.shortlist_size, hybrid=retrieved.hybrid, rescore=retrieved.rescore,
+            shortlist=retrieved.shortlist,
             query_cached=cached if self.settings.serving.query_cache_size else None)
 
     def retrieve(self, served: ServingIndex, full_vector, k: int, dim: int, shortlist_dim: int | None = None,
@@ -191,30 +203,41 @@ class Searcher:
             else:
                 body, shortlist_size = shortlist_body(self.settings.serving, served, full_vector, k, shortlist_dim,
                                                       clauses, num_candidates)
+                store = self.local_store(served)
+                local = None if clauses or store is None else self.funnel_locally(
+                    served, store, full_vector, k, dim, shortlist_dim, shortlist_size)
+                if local is not None:  # both stages from the store: no request
+                    timings.update(search=_ms_since(began), es_took=0.0)
+                    return Retrieved(hits=local, timings_ms=timings, shortlist_size=shortlist_size,
+                                     rescore="local", shortlist="local")
                 ids, took = shortlist_ids(self.client, served.name, body)
                 timings["shortlist"] = _ms_since(began)
-                hits, rescore, rescore_took = self.rescore_shortlist(served, ids, full_vector, dim, k)
+                hits, rescore, rescore_took = self.rescore_shortlist(served, ids, full_vector, dim, k, store)
                 took += rescore_took or 0
         timings["search"] = _ms_since(began)
         timings["es_took"] = float(took)
-        return Retrieved(hits=hits, timings_ms=timings, shortlist_size=shortlist_size, rescore=rescore)
+        return Retrieved(hits=hits, timings_ms=timings, shortlist_size=shortlist_size, rescore=rescore,
+                         shortlist=None if shortlist_dim is None else "elasticsearch")
 
-    def rescore_shortlist(self, served: ServingIndex, ids: list[str], full_vector, dim: int, k: int
-                          ) -> tuple[list[Hit], str, float | None]:
-        """The funnel's second stage: the best ``k`` of the shortlist ``ids`` with exact scores at ``dim``, from
-        the local store (:meth:`rescore_locally`), else by a second Elasticsearch request over the shortlist only.
-        Returns (hits, "local" | "elasticsearch", that request's ``took``; None when no request was sent)."""
-        local = self.rescore_locally(served, ids, full_vector, dim, k)
-        if local is not None:
-            return local, "local", None
-        if not ids:
-            return [], "elasticsearch", None
-        response = self.client.search(index=served.name, **rescore_body(dim, full_vector, k, ids))
-        return [hit_of(h) for h in response["hits"]["hits"]], "elasticsearch", float(response["took"])
+    def funnel_locally(self, served: ServingIndex, store: RescoreStore, full_vector, k: int, dim: int,
+                       shortlist_dim: int, size: int) -> list[Hit] | None:
+        """Both stages of the funnel from the index's ``store``: the ``size`` nearest bit codes of ``shortlist_dim``
+        (:meth:`RescoreStore.shortlist`, the Hamming kNN that ``embedding_<d>_bits`` answers), rescored at ``dim``.
+        None where ``serving.funnel_shortlist`` is elasticsearch or the index or its store has no codes of that
+        dimension: then Elasticsearch shortlists."""
+        if self.settings.serving.funnel_shortlist != "local" or shortlist_dim not in served.binary_centres \
+                or shortlist_dim not in store.codes:
+            return None
+        code = compact.binary_codes(np.asarray(full_vector, dtype=np.float32)[None, :], shortlist_dim,
+                                    served.binary_centres[shortlist_dim])[0]
+        rows = store.shortlist(code, shortlist_dim, size)
+        rows, scores = store.top_rows(rows, full_vector, dim, k, served.similarities.get(dim, "dot_product"))
+        return store.hits(rows, scores)
 
-    def rescore_locally(self, served: ServingIndex, ids: list[str], full_vector, dim: int, k: int) -> list[Hit] | None:
-        """The best ``k`` of the shortlist ``ids`` scored at ``dim`` from the index's rescoring store, or None when
-        ``serving.funnel_rescore`` is elasticsearch or the index has no matching store (logged): rescore in ES."""
+    def local_store(self, served: ServingIndex) -> RescoreStore | None:
+        """The served index's rescoring store where ``serving.funnel_rescore`` is local (its document count asked
+        of Elasticsearch when it is opened), or None: rescore in Elasticsearch (no matching store is logged once
+        per index, and counted, by :class:`StoreCache`)."""
         if self.settings.serving.funnel_rescore != "local":
             return None
 
@@ -222,9 +245,26 @@ class Searcher:
             with es_errors(self.settings.elasticsearch.url, "counting documents", keep_not_found=True):
                 return int(self.client.count(index=served.name)["count"])
 
-        store = self.stores.get(served.name, served.model_uri, served.dims, count)
-        if store is None:
-            return None
+        return self.stores.get(served.name, served.model_uri, served.dims, count)
+
+    def rescore_shortlist(self, served: ServingIndex, ids: list[str], full_vector, dim: int, k: int,
+                          store: RescoreStore | None) -> tuple[list[Hit], str, float | None]:
+        """The funnel's second stage: the best ``k`` of the shortlist ``ids`` with exact scores at ``dim``, from
+        the local ``store`` (:meth:`local_store`; :meth:`rescore_locally`), else (None, or a store that lacks an id)
+        by a second Elasticsearch request over the shortlist only.
+        Returns (hits, "local" | "elasticsearch", that request's ``took``; None when no request was sent)."""
+        local = None if store is None else self.rescore_locally(served, store, ids, full_vector, dim, k)
+        if local is not None:
+            return local, "local", None
+        if not ids:
+            return [], "elasticsearch", None
+        response = self.client.search(index=served.name, **rescore_body(dim, full_vector, k, ids))
+        return [hit_of(h) for h in response["hits"]["hits"]], "elasticsearch", float(response["took"])
+
+    def rescore_locally(self, served: ServingIndex, store: RescoreStore, ids: list[str], full_vector, dim: int,
+                        k: int) -> list[Hit] | None:
+        """The best ``k`` of the shortlist ``ids`` scored at ``dim`` from the index's rescoring ``store``, or None
+        when the store lacks one of them (logged; not used again until re-tried): rescore in Elasticsearch."""
         try:
             rows, scores = store.top(ids, full_vector, dim, k, served.similarities.get(dim, "dot_product"))
         except StoreMismatch as exc:
@@ -271,7 +311,8 @@ class Searcher:
             if shortlist_dim is not None:
                 timings["shortlist"] = _ms_since(began)
                 ids = [hit.product_id for hit in dense_hits]  # exact scores at dim over them, as the funnel does
-                dense_hits, rescore, rescore_took = self.rescore_shortlist(served, ids, full_vector, dim, n)
+                dense_hits, rescore, rescore_took = self.rescore_shortlist(served, ids, full_vector, dim, n,
+                                                                           self.local_store(served))
                 if rescore_took is not None:  # a second request
                     took, requests = took + rescore_took, 2
         timings["search"] = _ms_since(began)

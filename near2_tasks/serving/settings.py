@@ -188,6 +188,11 @@ class ServingSettings(Section):
         "and 12.1 -> 7.6 ms at 400 (Home Depot, ES 9.2.4, BENCHMARKS.md); an index without a matching store is "
         "rescored in Elasticsearch, with a WARNING, and fails verification. elasticsearch: a second request, an "
         "exact kNN filtered to the shortlist ids.")
+    funnel_shortlist: Literal["local", "elasticsearch"] = Field(
+        "local", description="Where mode=funnel finds its shortlist when it is rescored locally and has no filters. "
+        "local: the index's rescoring store also holds the bit codes (d/8 B per product, memory-mapped), the service "
+        "scans them by Hamming distance itself: no Elasticsearch request at all (BENCHMARKS.md, 'A funnel with no "
+        "request'). elasticsearch: the kNN on embedding_<d>_bits, as a search with filters always does.")
     k_max: int = Field(100, gt=0, description="Largest k a request may ask for.")
     max_num_candidates: int = Field(
         2000, gt=0, le=10000, description="Upper bound of kNN num_candidates (and of the funnel's shortlist).")
@@ -201,6 +206,11 @@ class ServingSettings(Section):
         1, ge=1, description="torch threads while encoding one query (1: no thread hand-off, concurrent "
         "requests use the other cores; None: torch's default)."
     )
+    encode_batch_size: int = Field(
+        16, ge=1, description="The most queries one encode call takes: requests whose queries miss the cache at the "
+        "same moment are encoded together (near2_tasks.serving.query_encoder.EncodeBatcher; a lone query is encoded at "
+        "once, nothing waits for a batch to fill). Per query, OpenVINO bf16 MiniLM on 1 thread: 3.66 ms at batch 1, "
+        "1.99 at 4, 1.66 at 8, 1.51 at 16. 1: no batching, each query is encoded on its own.")
     query_cache_size: int = Field(
         4096, ge=0, description="Query vectors kept per searcher (LRU keyed by model URI and query text; storefront "
                                 "traffic repeats its head queries); 0: every query is encoded. Zipf-like mix, 16 "
