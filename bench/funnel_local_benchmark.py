@@ -2,17 +2,19 @@
 serving host (``serving.funnel_rescore: local``, ``near2_tasks.serving.rescore_store``: one request).
 
     # three stages, each under the shared lock and under 10 minutes; --model picks the encoder (default: the
-    # trained recipe row I if its model exists, else any recipe row's, else the base all-MiniLM-L6-v2)
+    # shipped recipe's model, row S, if it exists, else row I's, else any recipe row's, else the base model)
     flock /work/logs/heavy.lock .venv/bin/python bench/funnel_local_benchmark.py --stage vectors
     flock /work/logs/heavy.lock .venv/bin/python bench/funnel_local_benchmark.py --stage build,measure \\
         --out bench/results/funnel_local_9.2.4.json      # or --stage build, then --stage measure
 
-``vectors`` encodes the Home Depot catalog titles and the 943 test-split queries once (``--work``);
+``vectors`` encodes the Home Depot catalog titles and the 943 test-split queries once (``--work``; through the
+evaluation's embedding cache, so seconds where the recipe benchmark encoded them with the same model);
 ``build`` starts near2's local Elasticsearch 9.2.4 (port 9254, 1 GB heap), indexes the whole catalog with
 ``build_verify_swap`` (default mapping plus 128-bit codes beside the 64-bit ones, force-merged, the rescoring
 store written) and stops it; ``measure`` starts it again and runs, interleaved query by query, one client,
 through ``Searcher.retrieve`` (the storefront's code): the funnel at 2,000 @ 64 bits and 400 / 800 @ 128 bits
-with stage 2 in Elasticsearch and from the store, each first stage alone, kNN 384 bbq_hnsw (rescore_vector x3,
+with stage 2 in Elasticsearch, from the store, and both stages from the store (its bit codes: no request),
+each first stage alone (in Elasticsearch, and over the store's codes), kNN 384 bbq_hnsw (rescore_vector x3,
 one request) for reference; then exact float 384 in numpy. NDCG@10 through the evaluation entry point,
 recall@10 against exact, p50 / p99, where the time goes (median stage-1 wall, Elasticsearch ``took``, local
 scoring), the store's resident pages, and the local stage 2 with the store evicted from the page cache
@@ -41,12 +43,13 @@ FUNNELS = ((64, 2000), (128, 400), (128, 800))
 
 
 def default_model() -> str:
-    """The trained model of recipe row I, else any recipe row's, else the packaged base model."""
+    """The shipped recipe's trained model (row S), else row I's, else any recipe row's, else the base model."""
     from near2_tasks.models.settings import PACKAGED_MINILM
 
     root = REPO / ".near2" / "bench" / "recipes"
-    if (root / "I_cached256_weights" / "model").is_dir():
-        return str(root / "I_cached256_weights" / "model")
+    for row in ("S_P_refit6", "I_cached256_weights"):
+        if (root / row / "model").is_dir():
+            return str(root / row / "model")
     rows = sorted(p for p in root.glob("*/model") if p.is_dir()) if root.is_dir() else []
     return str(rows[0]) if rows else PACKAGED_MINILM
 
@@ -58,32 +61,40 @@ def settings_for(args, **serving):
         "home": str(args.work / "home"),
         "elasticsearch": {"url": args.es_url, "alias": ALIAS, "binary_dims": [128, 64], "request_timeout": 120},
         "serving": {"funnel_rescore": "local", "alias_check_interval_s": 3600, **serving},
+        "dataset": {"name": "homedepot"}, "validation": {"max_row_count_drift": None, "data_docs": False},
         "local_elasticsearch": {"port": int(args.es_url.rsplit(":", 1)[1]), "heap": "1g",
                                 "cache_dir": str(REPO / ".near2" / "cache" / "elasticsearch")},
     })
 
 
 def load_data(args, settings):
+    """(the catalog, the test split's evaluation data): the accepted Home Depot tables of a validation (as the
+    recipe benchmark evaluates, so that its embedding cache serves the vectors), validated here when absent."""
+    from near2_tasks.data.outputs import load_accepted
+    from near2_tasks.data.validate import validate_dataset
     from near2_tasks.evaluate.evaluation import prepare_data
     from near2_tasks.train.examples import configured_splits
 
-    products = pd.read_csv(args.data_dir / "products.csv", dtype={"product_id": str})
-    judgments = pd.read_csv(args.data_dir / "judgments.csv", dtype={"product_id": str, "query_id": str})
-    test = configured_splits(settings, judgments).test
-    products = products.assign(text=products["title"].astype(str))
-    return products, prepare_data(products, test, settings.dataset.text_template)
+    if (args.accepted / "accepted").is_dir():
+        accepted = load_accepted(args.accepted)
+    else:
+        accepted = validate_dataset(settings, args.data_dir / "products.csv", args.data_dir / "judgments.csv")
+    test = configured_splits(settings, accepted.judgments).test
+    return accepted.products, prepare_data(accepted.products, test, settings.dataset.text_template)
 
 
 def stage_vectors(args) -> None:
-    from near2_tasks.models.embeddings import encode, load_encoder
+    from near2_tasks.models.embeddings import encode_cached, load_encoder
+    from near2_tasks.models.refs import resolve_model
 
     settings = settings_for(args)
     products, data = load_data(args, settings)
     model = args.model or default_model()
-    encoder = load_encoder(model)
-    began = time.perf_counter()
-    catalog = encode(encoder, list(data.product_texts), batch_size=128)
-    queries = encode(encoder, list(data.query_texts), batch_size=128)
+    resolved = resolve_model(settings, model)
+    encoder = load_encoder(resolved.load_ref, device="cpu")
+    began = time.perf_counter()  # the evaluation's cache: seconds when the recipe benchmark encoded them
+    catalog, queries = (encode_cached(encoder, resolved.cache_key, list(texts), args.cache, batch_size=128)
+                        for texts in (data.product_texts, data.query_texts))
     args.work.mkdir(parents=True, exist_ok=True)
     np.savez(args.work / "vectors.npz", catalog=catalog, queries=queries, model=np.array(model))
     print(f"encoded {len(catalog)} products and {len(queries)} queries with {model} in "
@@ -126,7 +137,7 @@ def evict(path: Path) -> None:
 def stage_measure(args) -> None:
     from near2_tasks import conventions
     from near2_tasks.evaluate.retrieval import overlap_at, rank_whole_catalog
-    from near2_tasks.serving import elasticsearch_local, rescore_store
+    from near2_tasks.serving import compact, elasticsearch_local, rescore_store
     from rescore_vector_benchmark import interleaved
     from near2_tasks.serving.query_bodies import knn_body, shortlist_body, shortlist_ids
     from near2_tasks.serving.search import Searcher
@@ -142,8 +153,13 @@ def stage_measure(args) -> None:
     elasticsearch_local.start(settings)
     load_before = os.getloadavg()
     version = elasticsearch_local.server_version(args.es_url)
-    searchers = {(n, where): Searcher(settings_for(args, funnel_shortlist_size=n, funnel_rescore=where))
-                 for _, n in FUNNELS for where in ("elasticsearch", "local")}
+    # where the funnel runs: stage 2 in Elasticsearch (two requests); stage 2 from the store (one request);
+    # both stages from the store (the codes and the float16 vectors: no request, the default)
+    placements = {"elasticsearch": {"funnel_rescore": "elasticsearch"},
+                  "local": {"funnel_rescore": "local", "funnel_shortlist": "elasticsearch"},
+                  "none": {"funnel_rescore": "local", "funnel_shortlist": "local"}}
+    searchers = {(n, where): Searcher(settings_for(args, funnel_shortlist_size=n, **placements[where]))
+                 for _, n in FUNNELS for where in placements}
     any_searcher = next(iter(searchers.values()))
     served = any_searcher.serving_index(refresh=True)
     client = any_searcher.client
@@ -153,7 +169,9 @@ def stage_measure(args) -> None:
     def funnel(searcher, code_dim):
         def run(vector, name):
             got = searcher.retrieve(served, vector, k, full, code_dim)
-            assert got.rescore == ("local" if searcher.settings.serving.funnel_rescore == "local" else "elasticsearch")
+            serving = searcher.settings.serving
+            assert (got.rescore, got.shortlist) == (serving.funnel_rescore, serving.funnel_shortlist
+                                                    if serving.funnel_rescore == "local" else "elasticsearch")
             breakdown.setdefault(name, []).append(got.timings_ms)
             return [h.product_id for h in got.hits]
         return run
@@ -167,6 +185,16 @@ def stage_measure(args) -> None:
             return ids[:k]
         return run
 
+    def stage1_local(searcher, code_dim, n):
+        def run(vector, name):
+            store = searcher.local_store(served)
+            began = time.perf_counter()
+            code = compact.binary_codes(vector[None, :], code_dim, served.binary_centres[code_dim])[0]
+            rows = store.shortlist(code, code_dim, n)
+            breakdown.setdefault(name, []).append({"search": (time.perf_counter() - began) * 1000})
+            return [store.ids[r].decode() for r in rows[:k]]
+        return run
+
     def knn(vector, name):
         body = knn_body(full, conventions.truncate(vector, full), k, 100, [])
         body["knn"]["rescore_vector"] = {"oversample": 3.0}
@@ -175,7 +203,10 @@ def stage_measure(args) -> None:
     for code_dim, n in FUNNELS:
         for where in ("elasticsearch", "local"):
             modes[f"funnel {n} @ {code_dim} bits -> {full}, stage 2 {where}"] = funnel(searchers[(n, where)], code_dim)
+        modes[f"funnel {n} @ {code_dim} bits -> {full}, both stages local (no request)"] = funnel(
+            searchers[(n, "none")], code_dim)
         modes[f"stage 1 alone: {n} @ {code_dim} bits"] = stage1(searchers[(n, "local")], code_dim)
+        modes[f"stage 1 alone, local: {n} @ {code_dim} bits"] = stage1_local(searchers[(n, "none")], code_dim, n)
     modes[f"kNN {full} {served.index_types[full]}, rescore_vector x3 (one request)"] = knn
     for name in modes:  # warm-up: a few queries each (opens the stores, touches the caches)
         for vector in queries[:5]:
@@ -243,6 +274,11 @@ def main() -> None:
     parser.add_argument("--stage", required=True, help="vectors, build, measure, or several: build,measure")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
     parser.add_argument("--model", default=None, help="an encoder directory or hub id (stage vectors)")
+    parser.add_argument("--accepted", type=Path,
+                        default=REPO / ".near2" / "bench" / "recipes" / "S_P_refit6" / "validation" / "homedepot",
+                        help="a validation's output directory (accepted tables); validated afresh when absent")
+    parser.add_argument("--cache", type=Path, default=REPO / ".near2" / "cache" / "embeddings",
+                        help="the evaluation's embedding cache")
     parser.add_argument("--work", type=Path, default=REPO / ".near2" / "bench" / "funnel-local")
     parser.add_argument("--es-url", default="http://127.0.0.1:9254")
     parser.add_argument("--queries", type=int, default=0, help="first N test queries only (0: all)")

@@ -249,20 +249,23 @@ def parse_server_timing(value: str | None) -> dict[str, float | str]:
 
 async def drive(base_url: str, clients: int, next_query, *, duration_s: float, max_requests: int,
                 client_kind: str = "aiohttp", need_body: bool = False, stop: asyncio.Event | None = None,
-                request_timeout_s: float = 30.0, rate: float = 0.0) -> tuple[list[tuple], float]:
+                request_timeout_s: float = 30.0, rate: float = 0.0,
+                params: dict[str, str] | None = None) -> tuple[list[tuple], float]:
     """``clients`` concurrent loops of GET /search until ``duration_s``, ``max_requests`` or ``stop``;
     returns (records, wall seconds). A record: (start s since the run began, latency ms, status (0: no
     answer), Retry-After or None, the parsed Server-Timing, the answer's model_version with ``need_body``).
 
     ``rate`` > 0: each client sends on a fixed schedule (``rate`` / ``clients`` per second, staggered), and
     a latency counts from the request's scheduled time, so a service that falls behind shows its queue
-    (no coordinated omission); 0: closed loop, each client sends when its previous answer arrived."""
+    (no coordinated omission); 0: closed loop, each client sends when its previous answer arrived.
+    ``params``: more query parameters of every request (``mode=funnel``, ``dim=64``, ...)."""
     records: list[tuple] = []
     sent = 0
     began = time.perf_counter()
     deadline = began + duration_s
 
     interval = clients / rate if rate > 0 else 0.0
+    extra = dict(params or {})
 
     async def pace(n: int, i: int) -> float:
         """The scheduled send time of client ``n``'s ``i``-th request (now, in a closed loop)."""
@@ -301,7 +304,7 @@ async def drive(base_url: str, clients: int, next_query, *, duration_s: float, m
                     t0 = await pace(n, i)
                     i += 1
                     try:
-                        async with session.get("/search", params={"q": next_query(), "k": "10"}) as response:
+                        async with session.get("/search", params={"q": next_query(), "k": "10", **extra}) as response:
                             body = await response.read()
                             keep(t0, response.status, response.headers, body)
                     except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -319,7 +322,7 @@ async def drive(base_url: str, clients: int, next_query, *, duration_s: float, m
                     t0 = await pace(n, i)
                     i += 1
                     try:
-                        response = await http.get("/search", params={"q": next_query(), "k": 10})
+                        response = await http.get("/search", params={"q": next_query(), "k": "10", **extra})
                         keep(t0, response.status_code, response.headers, response.content)
                     except httpx.HTTPError:
                         keep(t0, 0, {}, None)
@@ -386,13 +389,14 @@ def run_levels(args, service: Service, es) -> list[dict]:
             service.start()
         for clients in args.clients:
             asyncio.run(drive(service.url, clients, mix.next, duration_s=args.warmup_s, max_requests=10 ** 9,
-                              client_kind=args.client))
+                              client_kind=args.client, params=args.params))
             repeats_before, seen_before = mix.repeats, len(mix.seen)
             with Meter(service, es) as meter:
                 records, wall = asyncio.run(drive(service.url, clients, mix.next, duration_s=args.level_s,
                                                   max_requests=args.max_requests, client_kind=args.client,
-                                                  rate=args.rate))
-            row = {"mix": mix_name, "clients": clients, "target_qps": args.rate or None, **summarise(records, wall),
+                                                  rate=args.rate, params=args.params))
+            row = {"mix": mix_name, "clients": clients, "target_qps": args.rate or None, "params": args.params,
+                   **summarise(records, wall),
                    **meter.result,
                    "repeated_texts": mix.repeats - repeats_before, "new_texts": len(mix.seen) - seen_before}
             rows.append(row)
@@ -564,6 +568,8 @@ def main() -> None:
                         help="where the served near2_tasks comes from (e.g. an older commit's export, for a before/after)")
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--clients", default="1,8,16,32")
+    parser.add_argument("--param", action="append", default=[],
+                        help="KEY=VALUE added to every GET /search of the levels (mode=funnel, dim=64, ...)")
     parser.add_argument("--mixes", default="zipf,unique")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="levels: total requests/s on a fixed schedule (0: closed loop, as fast as answered)")
@@ -585,6 +591,7 @@ def main() -> None:
         return
     args.clients = [int(c) for c in args.clients.split(",")]
     args.mixes = args.mixes.split(",")
+    args.params = dict(item.split("=", 1) for item in args.param)
     extra_env = dict(item.split("=", 1) for item in args.env)
 
     from near2_tasks.serving import elasticsearch_local

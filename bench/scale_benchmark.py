@@ -54,22 +54,37 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 MAIN = Path("/work/main")
-MODEL = MAIN / ".near2" / "bench" / "recipes" / "C_pca" / "model"
-VALIDATION = MAIN / ".near2" / "bench" / "recipes" / "C_pca" / "validation" / "homedepot"
 CACHE = MAIN / ".near2" / "cache" / "embeddings"
-CATALOG_CACHE = CACHE / "dir-model-2a3e4fb33226-a0599a2249ee7a93.npy"  # C_pca x the 54,639 accepted texts
-QUERY_CACHE = CACHE / "dir-model-2a3e4fb33226-73a6b9d5045759a9.npy"    # C_pca x the 943 test-split queries
-RESULTS = REPO / "bench" / "results" / "scale_9.2.4.json"
+#: the recipe model whose vectors a run uses: its directory, and the evaluation cache's files of the 54,639
+#: accepted texts and of the 943 test-split queries. S is the shipped recipe (the defaults since stop 30); C
+#: the one of the first 55k / 500k rows (scale_9.2.4.json, kept as measured; its cache is no longer here).
+MODELS = {
+    "S": ("S_P_refit6", "dir-model-5df01a7388c3"),
+    "C": ("C_pca", "dir-model-2a3e4fb33226"),
+}
+RESULT_FILES = {"C": "scale_9.2.4.json", "S": "scale_S_9.2.4.json"}
 PNG = REPO / "docs" / "img" / "scale_benchmark.png"
+MODEL = VALIDATION = CATALOG_CACHE = QUERY_CACHE = RESULTS = Path()  # set by use_model()
+
+
+def use_model(name: str) -> None:
+    global MODEL, VALIDATION, CATALOG_CACHE, QUERY_CACHE, RESULTS
+    recipe, key = MODELS[name]
+    MODEL = MAIN / ".near2" / "bench" / "recipes" / recipe / "model"
+    VALIDATION = MAIN / ".near2" / "bench" / "recipes" / recipe / "validation" / "homedepot"
+    CATALOG_CACHE = CACHE / f"{key}-a0599a2249ee7a93.npy"
+    QUERY_CACHE = CACHE / f"{key}-73a6b9d5045759a9.npy"
+    RESULTS = REPO / "bench" / "results" / RESULT_FILES[name]
 ALIAS = "near2-scale"
 SEED = 0
 MIX_NEIGHBOURS, MIX_MAX_W, NOISE = 10, 0.5, 0.1
 K = 10
 
 
-def settings_for(args, option: str | None = None):
+def settings_for(args, option: str | None = None, serving: dict | None = None):
     from near2_tasks.config import load_settings
 
     options: dict = {}
@@ -80,14 +95,18 @@ def settings_for(args, option: str | None = None):
         options, dims = {384: {"index_type": "hnsw"}}, [384]
     elif option == "default":
         options = {384: {"index_type": "bbq_hnsw"}, 64: {"index_type": "hnsw"}}  # the defaults, named
+    elif option == "funnel128":  # today's funnel defaults: 128-bit codes (16 B/product), 800 candidates
+        options = {384: {"index_type": "bbq_hnsw"}, 128: {"index_type": "bbq_flat"}, 64: {"index_type": "hnsw"}}
+        dims = [384, 128, 64]
     settings = load_settings(**{
         "home": str(args.work_dir / "home"),
         "model": {"dims": dims} if option else {},
         "elasticsearch": {"url": f"http://127.0.0.1:{args.port}", "alias": ALIAS, "index_options": options,
-                          "binary_dims": [64], "request_timeout": 120.0, "bulk_chunk_size": 1000},
+                          "binary_dims": [128] if option == "funnel128" else [64],
+                          "request_timeout": 120.0, "bulk_chunk_size": 1000},
         # the rows in scale_9.2.4.json were built without the funnel's local float16 store (768 B/product on
         # disk): keep new rows comparable; the store's cost is measured by bench/funnel_local_benchmark.py
-        "serving": {"funnel_rescore": "elasticsearch"},
+        "serving": {"funnel_rescore": "elasticsearch", "alias_check_interval_s": 3600, **(serving or {})},
         "local_elasticsearch": {"port": args.port, "heap": args.heap, "runtime_dir": str(args.work_dir / "es"),
                                 "cache_dir": str(MAIN / ".near2" / "cache" / "elasticsearch")},
     })
@@ -104,6 +123,24 @@ def real_data():
     queries = np.load(QUERY_CACHE)
     assert catalog.shape[0] == len(accepted.products), (catalog.shape, len(accepted.products))
     return accepted.products.reset_index(drop=True), catalog, queries
+
+
+def test_data(products: pd.DataFrame, queries: np.ndarray):
+    """The test split's evaluation data over the real catalog (as the recipe benchmark scores it), for NDCG@10
+    at the real size; its queries must be the cached query vectors' texts, in order."""
+    from near2_tasks.config import load_settings
+    from near2_tasks.data.outputs import load_accepted
+    from near2_tasks.evaluate.evaluation import prepare_data
+    from near2_tasks.models.embeddings import texts_fingerprint
+    from near2_tasks.train.examples import configured_splits
+
+    settings = load_settings(dataset={"name": "homedepot"})
+    accepted = load_accepted(VALIDATION)
+    data = prepare_data(accepted.products, configured_splits(settings, accepted.judgments).test,
+                        settings.dataset.text_template)
+    fingerprint = texts_fingerprint(list(data.query_texts))
+    assert len(data.query_texts) == len(queries) and fingerprint in QUERY_CACHE.name, (fingerprint, QUERY_CACHE)
+    return data, settings
 
 
 def top_neighbours(catalog: np.ndarray, rows: np.ndarray, k: int, block: int = 2048,
@@ -280,6 +317,45 @@ def stage_build(args, size: int, option: str) -> None:
     print(json.dumps(row, indent=1))
 
 
+def stage_store(args, size: int, option: str) -> None:
+    """The funnel's local store of a built index (``rescore_store``: float16 vectors, the product fields, the
+    bit codes), written by the project's functions as an index build with ``funnel_rescore: local`` does
+    (a part per chunk, then the merge): timed and sized apart from the Elasticsearch build."""
+    from near2_tasks.serving import rescore_store
+    from near2_tasks.serving.index import _meta_centres, index_meta, prepare_products
+
+    results = load_results()
+    key = f"{size}:{option}"
+    if key in results.get("stores", {}):
+        print(f"{key} store written already")
+        return
+    settings, _ = settings_for(args, option)
+    build = results["builds"][key]
+    products, vectors = catalog_of(args, size)
+    products = prepare_products(products, settings.dataset.text_template)
+    from near2_tasks.serving.es_client import make_client
+
+    meta = index_meta(settings, build["index"], make_client(settings))
+    centres = _meta_centres(meta)
+    rescore_store.delete_stores(settings, [build["index"]])
+    before = machine()
+    began = time.perf_counter()
+    for start in range(0, size, 100_000):
+        stop = min(size, start + 100_000)
+        rescore_store.write_part(settings, build["index"], products.iloc[start:stop],
+                                 np.asarray(vectors[start:stop]), centres)
+    parts = time.perf_counter()
+    directory = rescore_store.finalize(settings, build["index"], products, meta, build["docs"])
+    done = time.perf_counter()
+    files = {f.name: f.stat().st_size for f in directory.iterdir()}
+    row = {"index": build["index"], "parts_s": round(parts - began, 1), "merge_s": round(done - parts, 1),
+           "store_s": round(done - began, 1), "files": files, "machine_before": before, "machine_after": machine()}
+    results = load_results()
+    results.setdefault("stores", {})[key] = row
+    save_results(results)
+    print(json.dumps(row, indent=1))
+
+
 def storage(client, name: str) -> dict:
     """Elasticsearch's own numbers: store size, off-heap vector bytes per field, disk per field."""
     stats = client.indices.stats(index=name).body["indices"][name]["primaries"]
@@ -334,6 +410,11 @@ def stage_measure(args, size: int, option: str) -> None:
     settings, dims = settings_for(args, option)
     searcher = Searcher(settings)
     served = searcher.serving_index_of(build["index"])
+    # the funnel where it runs: stage 2 in Elasticsearch; stage 2 from the local store; both stages local
+    placements = {"2 requests": {"funnel_rescore": "elasticsearch"},
+                  "1 request": {"funnel_rescore": "local", "funnel_shortlist": "elasticsearch"},
+                  "no request": {"funnel_rescore": "local", "funnel_shortlist": "local"}}
+    funnels = {where: Searcher(settings_for(args, option, serving)[0]) for where, serving in placements.items()}
     products, vectors = catalog_of(args, size)
     _, _, queries = real_data()
     row_of = {pid: i for i, pid in enumerate(products["product_id"])}
@@ -357,6 +438,21 @@ def stage_measure(args, size: int, option: str) -> None:
         modes["kNN 64 hnsw (Searcher.retrieve)"] = (64, lambda v: served_knn(v, 64))
         modes[f"funnel {settings.serving.funnel_shortlist_size} @ 64-bit codes -> 384 (Searcher.retrieve)"] = (
             384, lambda v: [h.product_id for h in searcher.retrieve(served, v, K, 384, 64).hits])
+    elif option == "funnel128":
+        modes["kNN 384 bbq_hnsw, rescore x3 (mapping default, Searcher.retrieve)"] = (384, lambda v: served_knn(v, 384))
+        modes["kNN 64 hnsw (Searcher.retrieve)"] = (64, lambda v: served_knn(v, 64))
+        size_ = settings.serving.funnel_shortlist_size
+
+        def funnel(where):
+            def run(vector):
+                got = funnels[where].retrieve(served, vector, K, 384, 128)
+                want = placements[where]
+                assert (got.rescore, got.shortlist) == (want["funnel_rescore"], want.get("funnel_shortlist", "elasticsearch"))
+                return [h.product_id for h in got.hits]
+            return run
+
+        for where in placements:
+            modes[f"funnel {size_} @ 128-bit codes -> 384, {where} (Searcher.retrieve)"] = (384, funnel(where))
     elif option == "int8_hnsw":
         modes["kNN 384 int8_hnsw, no rescoring (mapping default, Searcher.retrieve)"] = (384, lambda v: served_knn(v, 384))
         modes["kNN 384 int8_hnsw, rescore x3"] = (384, lambda v: knn(v, 384, 3))
@@ -366,6 +462,11 @@ def stage_measure(args, size: int, option: str) -> None:
         modes["kNN 384 hnsw float (Searcher.retrieve)"] = (384, lambda v: served_knn(v, 384))
     names = list(modes)
     n_queries = min(args.queries, len(queries)) if args.queries else len(queries)
+    scoring = None
+    if size == len(real_data()[0]) and n_queries == len(queries):
+        from bench_retrieval import ndcg
+
+        scoring = test_data(products, queries)
     before = machine()
     for i in range(min(args.warmup, n_queries)):  # warm-up pass: page cache, JIT
         for name in names:
@@ -388,6 +489,13 @@ def stage_measure(args, size: int, option: str) -> None:
                      "p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 2),
                      "recall@10_vs_exact_384": round(float(r384), 4),
                      f"recall@10_vs_exact_{dim}": round(float(own), 4)})
+        if scoring is not None:  # the real catalog: NDCG@10 of the answers, and of exact float search
+            ids = [[products.product_id[r] for r in found[name][i]] for i in range(n_queries)]
+            rows[-1]["ndcg@10"] = round(ndcg(*scoring, ids=ids), 4)
+        print(rows[-1], flush=True)
+    if scoring is not None:
+        rows.append({"mode": "exact float 384 (numpy)", "dim": 384, "recall@10_vs_exact_384": 1.0,
+                     "ndcg@10": round(ndcg(*scoring, rows=exact[384]), 4)})
         print(rows[-1], flush=True)
     results = load_results()
     results.setdefault("measures", {})[key] = {"size": size, "option": option, "queries": n_queries,
@@ -409,7 +517,8 @@ def ram_per_product(build: dict, row: dict) -> tuple[float | None, float | None]
     all = every off-heap vector file of the field (incl. the raw floats that rescoring reads for a few)."""
     n = build["docs"]
     if row["mode"].startswith("funnel"):
-        codes = off_heap(build, "embedding_64_bits").get("vec_size_bytes")
+        bits = 128 if "128-bit" in row["mode"] else 64
+        codes = off_heap(build, f"embedding_{bits}_bits").get("vec_size_bytes")
         return (codes / n if codes else None), None
     f = off_heap(build, f"embedding_{row['dim']}")
     if not f:
@@ -492,10 +601,12 @@ def plot(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", required=True,
-                        choices=["es-start", "es-stop", "vectors", "build", "measure", "report"])
+                        choices=["es-start", "es-stop", "vectors", "build", "store", "measure", "report"])
     parser.add_argument("--unit", help="SIZE:OPTION, OPTION one of default, int8_hnsw, hnsw")
     parser.add_argument("--sizes", default="54639,500000,2000000")
-    parser.add_argument("--work-dir", type=Path, default=Path("/var/tmp/near2-scale"))
+    parser.add_argument("--model", choices=sorted(MODELS), default="S",
+                        help="whose vectors: S (the shipped recipe) or C (the first rows)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="default /var/tmp/near2-scale-<model>")
     parser.add_argument("--port", type=int, default=9257)
     parser.add_argument("--heap", default="3g")
     parser.add_argument("--queries", type=int, default=0, help="0: all 943 test queries")
@@ -503,6 +614,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=0, help="measure a built unit again (stored as SIZE:OPTION#N)")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    use_model(args.model)
+    args.work_dir = args.work_dir or Path(f"/var/tmp/near2-scale-{args.model}")
     if args.stage in ("es-start", "es-stop"):
         from near2_tasks.serving import elasticsearch_local
 
@@ -517,7 +630,7 @@ def main() -> None:
     if args.stage == "report":
         return stage_report(args)
     size, option = args.unit.split(":")
-    (stage_build if args.stage == "build" else stage_measure)(args, int(size), option)
+    {"build": stage_build, "store": stage_store, "measure": stage_measure}[args.stage](args, int(size), option)
 
 
 if __name__ == "__main__":
