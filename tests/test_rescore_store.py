@@ -79,12 +79,20 @@ def test_the_store_holds_the_index_codes_and_shortlists_by_hamming_distance(loca
     centres = {dim: compact.catalog_centre(vectors, dim)}
     rescore_store.write_part(local, INDEX, products.iloc[:120], vectors[:120], centres)
     rescore_store.write_part(local, INDEX, products.iloc[120:], vectors[120:], centres)
-    directory = rescore_store.finalize(local, INDEX, products, META, count=len(products))
+    meta = {**META, compact.META_CENTRES: {str(dim): centres[dim].tolist()}}
+    directory = rescore_store.finalize(local, INDEX, products, meta, count=len(products))
     assert json.loads((directory / "store.json").read_text())["codes"] == [dim]
     store = RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products))
     # row r of the store is the product with the r-th smallest id: its code is the one bulk.py indexes
     order = np.argsort(products.product_id.astype(str).to_numpy(), kind="stable")
     np.testing.assert_array_equal(store.codes[dim], compact.binary_codes(vectors[order], dim, centres[dim]))
+    # codes made with other centres than the index's would shortlist other products: refused
+    meta_centres = {dim: centres[dim]}
+    assert RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products), meta_centres).codes
+    with pytest.raises(StoreMismatch, match=f"its {dim}-bit codes were made with other centres"):
+        RescoreStore.open(local, INDEX, META["model_uri"], META["dims"], len(products), {dim: centres[dim] + 0.01})
+    with pytest.raises(ValueError, match=f"a {dim}-bit code has {dim // 8} bytes"):
+        store.shortlist(np.zeros(dim // 4, dtype=np.uint8), dim, 5)
     for seed in range(5):
         query = np.random.default_rng(seed).normal(size=64).astype(np.float32)
         code = compact.binary_codes(query[None, :], dim, centres[dim])[0]

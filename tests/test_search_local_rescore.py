@@ -135,6 +135,23 @@ def test_a_missing_or_stale_store_falls_back_to_elasticsearch_with_a_warning(tin
     # and verification refuses it where funnel_rescore is local
     with pytest.raises(IndexVerificationFailed, match="no readable rescoring store"):
         verify_index(local, without, products)
+    # a store without the codes (an older build's) rescores but cannot shortlist: Elasticsearch shortlists, with
+    # a WARNING, and verification refuses it while funnel_shortlist is local
+    coded = build_verify_swap(local, str(tiny_model_dir), products, model_version=3).index.name
+    store = rescore_store.store_dir(local, coded)
+    (store / "codes_32.npy").unlink()
+    (store / "store.json").write_text(json.dumps({**json.loads((store / "store.json").read_text()), "codes": []}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="near2_tasks.serving.search"):
+        older = Searcher(local).search(products.title[6], k=3, mode="funnel")
+    assert (older.rescore, older.shortlist, older.index) == ("local", "elasticsearch", coded)
+    assert older.hits[0].product_id == products.product_id[6]
+    assert any("has no 32-bit codes" in r.getMessage() for r in caplog.records)
+    with pytest.raises(IndexVerificationFailed, match=r"has no \[32\]-bit codes"):
+        verify_index(local, coded, products)
+    assert Searcher(with_sections(local, serving={"funnel_shortlist": "elasticsearch"})).search(
+        products.title[6], k=3, mode="funnel").shortlist == "elasticsearch"
+    verify_index(with_sections(local, serving={"funnel_shortlist": "elasticsearch"}), coded, products)
 
     # a store that does not belong to the index it sits beside (another model): refused, logged, ES rescoring
     built = build_verify_swap(local, str(second_tiny_model_dir), products, model_version=2).index.name

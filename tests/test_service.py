@@ -48,6 +48,7 @@ def test_search_returns_ranked_products_with_model_and_timings(api, served):
     funnel = api.get("/search", params={"q": products.title[4], "k": 3, "mode": "funnel",
                                         "category": products.category[4]}).json()
     assert funnel["mode"] == "funnel" and funnel["shortlist_dim"] == min(TINY_DIMS)
+    assert funnel["shortlist"] == "elasticsearch"  # a filter: the kNN in Elasticsearch shortlists
     assert funnel["hits"][0]["product_id"] == products.product_id[4]
     assert all(hit["category"] == products.category[4] for hit in funnel["hits"])
 

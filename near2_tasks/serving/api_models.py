@@ -49,7 +49,7 @@ class SearchOut(BaseModel):
     shortlist_size: int | None = None
     rescore: Literal["local", "elasticsearch"] | None = Field(
         None, description="Funnel only: where the shortlist was scored, from the index's float16 store on the "
-                          "serving host (one Elasticsearch request) or by a second Elasticsearch request.")
+                          "serving host or by a second Elasticsearch request.")
     shortlist: Literal["local", "elasticsearch"] | None = Field(
         None, description="mode=funnel only: where the shortlist came from, the bit codes in the index's store on "
                           "the serving host (no Elasticsearch request: serving.funnel_shortlist) or a kNN in "

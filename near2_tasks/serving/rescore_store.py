@@ -1,7 +1,8 @@
-"""The funnel's local rescoring store: every product's full-dimension vector as float16, memory-mapped by the
-search service, so that ``mode=funnel`` is one Elasticsearch request (the bit-code shortlist) plus a gather and a
-dot product here, instead of a second request that rescores the shortlist in Elasticsearch
-(``serving.funnel_rescore: local``; BENCHMARKS.md, "A float16 rescoring store on the serving host").
+"""The funnel's local store: every product's full-dimension vector as float16 and its bit codes, memory-mapped by
+the search service, so that ``mode=funnel`` is at most one Elasticsearch request (the bit-code shortlist, with
+filters) plus a gather and a dot product here, instead of a second request that rescores the shortlist in
+Elasticsearch (``serving.funnel_rescore: local``; BENCHMARKS.md, "A float16 rescoring store on the serving host"),
+and without filters no request at all (``serving.funnel_shortlist: local``: the Hamming scan runs here too).
 
 One store per concrete index, ``<home>/rescore/<index name>/``:
 
@@ -14,7 +15,8 @@ One store per concrete index, ``<home>/rescore/<index name>/``:
   ``embedding_<d>_bits`` field holds (``compact.binary_codes`` of the float32 vectors, the index's centres), so the
   funnel's first stage can run here too (``serving.funnel_shortlist: local``, :meth:`RescoreStore.shortlist`): an
   exhaustive Hamming scan of d/8 bytes per product, then the rescoring, and no Elasticsearch request at all;
-* ``store.json``: the index, its model URI, dims and document count the store was written for.
+* ``store.json``: the index, its model URI, dims and document count the store was written for, and the centres
+  its codes were made with (the index ``_meta``'s).
 
 It is written at build time, by the same functions that load the index: every ``load_shard`` writes its part
 (``parts/<hash of its ids>.npz``; a retried shard overwrites its own part), ``finalize_index`` merges the parts
@@ -52,6 +54,7 @@ import numpy as np
 
 from near2_tasks import conventions
 from near2_tasks.errors import Near2Error
+from near2_tasks.serving import compact
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -107,8 +110,6 @@ def write_part(settings: Settings, index: str, products: pd.DataFrame, vectors: 
     """One shard's rows (``products`` as prepared, their full-dimension ``vectors``) as a part of the store
     of ``index``, named by a hash of its ids: a re-run of the same shard replaces its own part. ``centres``
     (the index's bit-code centres by dimension) adds the rows' codes, as the index's bit fields get them."""
-    from near2_tasks.serving import compact
-
     ids = products.product_id.astype(str).tolist()
     digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
     parts = store_dir(settings, index) / "parts"
@@ -190,8 +191,9 @@ def finalize(settings: Settings, index: str, products: pd.DataFrame, meta: dict[
     (staging / "store.json").write_text(json.dumps({
         "format": FORMAT, "index": index, "model_uri": meta.get("model_uri"), "dims": meta.get("dims"),
         "count": len(keys), "dtype": "float16", "catalog_version": meta.get("catalog_version"),
-        "codes": sorted(codes or {})}, indent=2) + "\n")
-    del merged, codes  # unmapped before their directory goes
+        "codes": sorted(codes or {}), compact.META_CENTRES: (meta.get(compact.META_CENTRES) or {}) if codes else {}},
+        indent=2) + "\n")
+    del merged, codes  # the merged store's and the codes' mappings closed before the directories move
     old = store_root(settings) / f".{index}.old.{os.getpid()}"
     if directory.exists():
         directory.rename(old)  # the parts go with it
@@ -264,8 +266,10 @@ class RescoreStore:
         return len(self.ids)
 
     @classmethod
-    def open(cls, settings: Settings, index: str, model_uri: str, dims: list[int], count: int) -> RescoreStore:
-        """The store of ``index``, checked against what the index says (its model, dims, document count);
+    def open(cls, settings: Settings, index: str, model_uri: str, dims: list[int], count: int,
+             centres: dict[int, np.ndarray] | None = None) -> RescoreStore:
+        """The store of ``index``, checked against what the index says (its model, dims, document count, and the
+        bit-code ``centres`` of its ``_meta``: codes made with other centres would shortlist other products);
         :class:`StoreMismatch` with the reason otherwise."""
         directory = store_dir(settings, index)
         try:
@@ -289,9 +293,13 @@ class RescoreStore:
                             f"(n, {max(dims)})")
         if not (store.count == count == len(store.vectors) == len(store.offsets) - 1):
             problems.append(f"it holds {store.count} ids and {len(store.vectors)} vectors, the index {count} documents")
+        written = {int(d): np.asarray(c, dtype=np.float32) for d, c in (info.get("binary_centres") or {}).items()}
         for d, codes in store.codes.items():
             if codes.dtype != np.uint8 or codes.shape != (store.count, d // 8):
                 problems.append(f"its {d}-bit codes are {codes.dtype} {codes.shape}, need uint8 ({store.count}, {d // 8})")
+            if centres is not None and d in centres and (d not in written or written[d].shape != centres[d].shape
+                                                         or not np.allclose(written[d], centres[d], atol=1e-6)):
+                problems.append(f"its {d}-bit codes were made with other centres than the index's")
         if problems:
             raise StoreMismatch(f"the rescoring store at {directory} does not match index {index}: "
                                 + "; ".join(problems), hint="rebuild the index (near2 index)")
@@ -312,7 +320,9 @@ class RescoreStore:
         (products sorted by id). One pass over ``dim / 8`` bytes per product: XOR, popcount, a histogram of the
         distances for the cut-off (no sort of n), then a sort of the shortlist only."""
         codes = self.codes[dim]
-        code = np.asarray(code, dtype=np.uint8)
+        code = np.ascontiguousarray(code, dtype=np.uint8)
+        if code.shape != (dim // 8,):
+            raise ValueError(f"a {dim}-bit code has {dim // 8} bytes, got shape {code.shape}")
         if dim % 64 == 0:  # 8 bytes at a time
             codes, code = codes.view(np.uint64), code.view(np.uint64)
         distance = np.bitwise_count(codes ^ code).sum(axis=1, dtype=np.int32)
@@ -366,7 +376,8 @@ class StoreCache:
         #: funnel requests rescored in Elasticsearch although ``serving.funnel_rescore`` is local
         self.fallbacks = 0
 
-    def get(self, index: str, model_uri: str, dims: list[int], count: Callable[[], int]) -> RescoreStore | None:
+    def get(self, index: str, model_uri: str, dims: list[int], count: Callable[[], int],
+            centres: dict[int, np.ndarray] | None = None) -> RescoreStore | None:
         """The matching store of ``index`` (``count()``: its document count, asked only when the store is
         opened), or None: then the caller rescores in Elasticsearch."""
         with self._lock:
@@ -374,7 +385,7 @@ class StoreCache:
             if entry is None or (isinstance(entry[0], StoreMismatch) and time.monotonic() - entry[1] >= self.RETRY_S):
                 try:
                     opened: RescoreStore | StoreMismatch = RescoreStore.open(self.settings, index, model_uri, dims,
-                                                                             count())
+                                                                             count(), centres)
                     log.info("mode=funnel on %s rescores locally from %s", index, opened.directory)
                 except StoreMismatch as exc:
                     log.warning("mode=funnel on %s rescores in Elasticsearch (a second request): %s", index, exc)

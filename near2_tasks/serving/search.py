@@ -35,6 +35,7 @@ the process, which encode the queries of concurrent requests in one call): :mod:
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -62,6 +63,9 @@ if TYPE_CHECKING:
 
     from near2_tasks.config import Settings
 
+log = logging.getLogger(__name__)
+
+
 def _ms_since(began: float) -> float:
     return round((time.perf_counter() - began) * 1000, 3)
 
@@ -82,6 +86,7 @@ class Searcher:
         self.query_cache_misses = 0
         #: the funnel's local rescoring stores (``serving.funnel_rescore: local``), by index name
         self.stores = StoreCache(settings)
+        self._without_codes: set[tuple[str, int]] = set()  # (index, dim) whose store lacks codes: logged once
 
     # ----- what is served ------------------------------------------------------------------
     def serving_index(self, refresh: bool = False) -> ServingIndex:
@@ -189,8 +194,9 @@ class Searcher:
 
     def retrieve(self, served: ServingIndex, full_vector, k: int, dim: int, shortlist_dim: int | None = None,
                  clauses: list[dict[str, Any]] | None = None, num_candidates: int = 100) -> Retrieved:
-        """The Elasticsearch part of a search, for a query vector already encoded at full dimension:
-        kNN at ``dim``, or (``shortlist_dim`` given) the funnel. No input checks: callers validate."""
+        """The retrieval part of a search, for a query vector already encoded at full dimension: kNN at ``dim``,
+        or (``shortlist_dim`` given) the funnel, in Elasticsearch or, as far as the settings and the index's store
+        allow, here. No input checks: callers validate."""
         clauses = clauses or []
         began = time.perf_counter()
         timings: dict[str, float] = {}
@@ -225,8 +231,13 @@ class Searcher:
         (:meth:`RescoreStore.shortlist`, the Hamming kNN that ``embedding_<d>_bits`` answers), rescored at ``dim``.
         None where ``serving.funnel_shortlist`` is elasticsearch or the index or its store has no codes of that
         dimension: then Elasticsearch shortlists."""
-        if self.settings.serving.funnel_shortlist != "local" or shortlist_dim not in served.binary_centres \
-                or shortlist_dim not in store.codes:
+        if self.settings.serving.funnel_shortlist != "local" or shortlist_dim not in served.binary_centres:
+            return None
+        if shortlist_dim not in store.codes:  # a store of an older build: Elasticsearch shortlists (logged once)
+            if (served.name, shortlist_dim) not in self._without_codes:
+                self._without_codes.add((served.name, shortlist_dim))
+                log.warning("mode=funnel on %s shortlists in Elasticsearch: its rescoring store has no %d-bit codes "
+                            "(rebuild the index for the no-request funnel)", served.name, shortlist_dim)
             return None
         code = compact.binary_codes(np.asarray(full_vector, dtype=np.float32)[None, :], shortlist_dim,
                                     served.binary_centres[shortlist_dim])[0]
@@ -237,7 +248,7 @@ class Searcher:
     def local_store(self, served: ServingIndex) -> RescoreStore | None:
         """The served index's rescoring store where ``serving.funnel_rescore`` is local (its document count asked
         of Elasticsearch when it is opened), or None: rescore in Elasticsearch (no matching store is logged once
-        per index, and counted, by :class:`StoreCache`)."""
+        when found so and re-tried every 30 s, and counted, by :class:`StoreCache`)."""
         if self.settings.serving.funnel_rescore != "local":
             return None
 
@@ -245,7 +256,7 @@ class Searcher:
             with es_errors(self.settings.elasticsearch.url, "counting documents", keep_not_found=True):
                 return int(self.client.count(index=served.name)["count"])
 
-        return self.stores.get(served.name, served.model_uri, served.dims, count)
+        return self.stores.get(served.name, served.model_uri, served.dims, count, served.binary_centres)
 
     def rescore_shortlist(self, served: ServingIndex, ids: list[str], full_vector, dim: int, k: int,
                           store: RescoreStore | None) -> tuple[list[Hit], str, float | None]:

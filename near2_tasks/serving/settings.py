@@ -184,7 +184,7 @@ class ServingSettings(Section):
         "local", description="Where mode=funnel scores its shortlist. local: index builds also write every "
         "product's full vector as float16 under <home>/rescore/<index>/ (near2_tasks.serving.rescore_store; 768 B "
         "per product at 384-d, on disk, memory-mapped: fast only while the page cache holds it), the service scores "
-        "the shortlist itself: one Elasticsearch request, the same NDCG@10, p50 14.3 -> 10.0 ms at 800 @ 128 bits "
+        "the shortlist itself: one Elasticsearch request at most (none: funnel_shortlist), the same NDCG@10, p50 14.3 -> 10.0 ms at 800 @ 128 bits "
         "and 12.1 -> 7.6 ms at 400 (Home Depot, ES 9.2.4, BENCHMARKS.md); an index without a matching store is "
         "rescored in Elasticsearch, with a WARNING, and fails verification. elasticsearch: a second request, an "
         "exact kNN filtered to the shortlist ids.")

@@ -14,7 +14,7 @@ import pandas as pd
 
 from near2_tasks import conventions
 from near2_tasks.errors import Near2Error
-from near2_tasks.serving import rescore_store
+from near2_tasks.serving import compact, rescore_store
 from near2_tasks.serving.alias import mapping_of, meta_of
 from near2_tasks.serving.index import load_meta_model, prepare_products
 from near2_tasks.serving.es_client import es_errors, item_reason, make_client
@@ -95,8 +95,15 @@ def verify_index(settings: Settings, index_name: str, products: pd.DataFrame,
         if unmapped or not dims:
             report.problems.append(f"dims {unmapped or dims} have no vector field")
         if rescore_store.wanted(settings) and dims:  # serving.funnel_rescore: local needs the index's own store
+            centres = {int(d): np.asarray(c, dtype=np.float32)
+                       for d, c in (meta.get(compact.META_CENTRES) or {}).items()}
             try:
-                rescore_store.RescoreStore.open(settings, index_name, meta.get("model_uri"), dims, actual)
+                store = rescore_store.RescoreStore.open(settings, index_name, meta.get("model_uri"), dims, actual,
+                                                        centres)
+                lacking = sorted(set(centres) - set(store.codes))
+                if lacking and settings.serving.funnel_shortlist == "local":  # the no-request funnel needs them
+                    report.problems.append(f"the rescoring store of {index_name} has no {lacking}-bit codes "
+                                           "(serving.funnel_shortlist: local)")
             except rescore_store.StoreMismatch as exc:
                 report.problems.append(exc.message)
         if not report.problems:
