@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -453,6 +454,12 @@ def stage_measure(args, size: int, option: str) -> None:
 
         for where in placements:
             modes[f"funnel {size_} @ 128-bit codes -> 384, {where} (Searcher.retrieve)"] = (384, funnel(where))
+        for other in args.funnel_sizes:  # the no-request funnel at other shortlist sizes
+            if other != size_:
+                funnels[other] = Searcher(settings_for(args, option, {**placements["no request"],
+                                                                      "funnel_shortlist_size": other})[0])
+                modes[f"funnel {other} @ 128-bit codes -> 384, no request (Searcher.retrieve)"] = (
+                    384, lambda v, other=other: [h.product_id for h in funnels[other].retrieve(served, v, K, 384, 128).hits])
     elif option == "int8_hnsw":
         modes["kNN 384 int8_hnsw, no rescoring (mapping default, Searcher.retrieve)"] = (384, lambda v: served_knn(v, 384))
         modes["kNN 384 int8_hnsw, rescore x3"] = (384, lambda v: knn(v, 384, 3))
@@ -460,7 +467,7 @@ def stage_measure(args, size: int, option: str) -> None:
         modes["kNN 64 int8_hnsw, rescore x3"] = (64, lambda v: knn(v, 64, 3))
     else:
         modes["kNN 384 hnsw float (Searcher.retrieve)"] = (384, lambda v: served_knn(v, 384))
-    names = list(modes)
+    names = [n for n in modes if re.search(args.only, n)] if args.only else list(modes)
     n_queries = min(args.queries, len(queries)) if args.queries else len(queries)
     scoring = None
     if size == len(real_data()[0]) and n_queries == len(queries):
@@ -611,9 +618,13 @@ def main() -> None:
     parser.add_argument("--heap", default="3g")
     parser.add_argument("--queries", type=int, default=0, help="0: all 943 test queries")
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--funnel-sizes", default="", help="funnel128: the no-request funnel at these shortlist "
+                        "sizes too (comma-separated)")
+    parser.add_argument("--only", default="", help="measure only the modes whose name matches this regex")
     parser.add_argument("--repeat", type=int, default=0, help="measure a built unit again (stored as SIZE:OPTION#N)")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.funnel_sizes = [int(s) for s in args.funnel_sizes.split(",") if s]
     use_model(args.model)
     args.work_dir = args.work_dir or Path(f"/var/tmp/near2-scale-{args.model}")
     if args.stage in ("es-start", "es-stop"):
