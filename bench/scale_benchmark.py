@@ -67,18 +67,19 @@ MODELS = {
     "C": ("C_pca", "dir-model-2a3e4fb33226"),
 }
 RESULT_FILES = {"C": "scale_9.2.4.json", "S": "scale_S_9.2.4.json"}
-PNG = REPO / "docs" / "img" / "scale_benchmark.png"
-MODEL = VALIDATION = CATALOG_CACHE = QUERY_CACHE = RESULTS = Path()  # set by use_model()
+PNG_FILES = {"C": "scale_benchmark.png", "S": "scale_benchmark_S.png"}
+MODEL = VALIDATION = CATALOG_CACHE = QUERY_CACHE = RESULTS = PNG = Path()  # set by use_model()
 
 
 def use_model(name: str) -> None:
-    global MODEL, VALIDATION, CATALOG_CACHE, QUERY_CACHE, RESULTS
+    global MODEL, VALIDATION, CATALOG_CACHE, QUERY_CACHE, RESULTS, PNG
     recipe, key = MODELS[name]
     MODEL = MAIN / ".near2" / "bench" / "recipes" / recipe / "model"
     VALIDATION = MAIN / ".near2" / "bench" / "recipes" / recipe / "validation" / "homedepot"
     CATALOG_CACHE = CACHE / f"{key}-a0599a2249ee7a93.npy"
     QUERY_CACHE = CACHE / f"{key}-73a6b9d5045759a9.npy"
     RESULTS = REPO / "bench" / "results" / RESULT_FILES[name]
+    PNG = REPO / "docs" / "img" / PNG_FILES[name]
 ALIAS = "near2-scale"
 SEED = 0
 MIX_NEIGHBOURS, MIX_MAX_W, NOISE = 10, 0.5, 0.1
@@ -539,12 +540,16 @@ def stage_report(args) -> None:
     results = load_results()
     print("| products | index (force-merged to 1 segment) | build s (load + finalize) | disk B/product (whole index) "
           "| mode | RAM B/product, hot | off-heap B/product, all files of the field | p50 ms | p99 ms "
-          "| recall@10 vs exact 384 | recall@10 vs exact at the field's dim | load avg (1 min) at start |")
-    print("|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| recall@10 vs exact 384 | recall@10 vs exact at the field's dim | NDCG@10 | load avg (1 min) at start |")
+    print("|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, measure in sorted(results.get("measures", {}).items(), key=lambda kv: (kv[1]["size"], kv[1]["option"])):
         build = results["builds"][key.split("#")[0]]
         n = build["docs"]
         for row in measure["rows"]:
+            if "p50_ms" not in row:  # exact search in numpy: its NDCG@10 only
+                print(f"| {n:,} | – | – | – | {row['mode']} | {build['docs'] and 1536} | – | – | – | 1 | 1 | "
+                      f"{row.get('ndcg@10', '–')} | |")
+                continue
             hot, every = ram_per_product(build, row)
             row["ram_hot_bytes_per_product"] = hot and round(hot, 1)
             row["off_heap_all_bytes_per_product"] = every and round(every, 1)
@@ -552,7 +557,7 @@ def stage_report(args) -> None:
                   f"{build['finalize_s']:.0f}) | {build['store_bytes'] / n:.0f} | {row['mode']} | "
                   f"{hot:.0f} | {f'{every:.0f}' if every else '–'} | {row['p50_ms']} | {row['p99_ms']} | "
                   f"{row['recall@10_vs_exact_384']} | {row.get('recall@10_vs_exact_' + str(row['dim']))} | "
-                  f"{measure['machine_before']['loadavg'][0]} |")
+                  f"{row.get('ndcg@10', '–')} | {measure['machine_before']['loadavg'][0]} |")
     save_results(results)
     plot(results)
 
@@ -569,6 +574,8 @@ def plot(results: dict) -> None:
     for key, measure in latest.items():
         build = results["builds"][key]
         for row in measure["rows"]:
+            if "p50_ms" not in row:
+                continue
             hot, _ = ram_per_product(build, row)
             series.setdefault(row["mode"], []).append((build["docs"], row["p50_ms"], row["p99_ms"],
                                                        (hot or 0) * build["docs"]))
