@@ -148,8 +148,9 @@ class ServingSettings(Section):
     default_dim: int | None = Field(None, description="None: the serving index's full dimension.")
     mode: Literal["knn", "funnel", "hybrid"] = Field(
         "knn", description="knn: one request on the field (bbq_hnsw rescored 3x at 384-d: -0.6% NDCG@10 vs exact "
-                           "float, 4-5 ms p50 on ES 9.2.4); funnel: 16 B/product of codes in RAM, -0.8%, 10 ms p50 "
-                           "(plus the float16 store in the page cache); hybrid: BM25 + "
+                           "float, 4.5 ms p50 / 12 ms p99 on ES 9.2.4, Home Depot); funnel: 16 B/product of codes in "
+                           "RAM, -1.2%, 1.8 ms p50 / 6.7 ms p99 without filters (no request; plus the float16 store in "
+                           "the page cache), 497 vs 336-356 QPS at 16 clients; hybrid: BM25 + "
                            "kNN fused, +0.034 NDCG@10 over dense at 384-d, 6.8 ms (BENCHMARKS.md).")
     # hybrid retrieval (near2_tasks.serving.hybrid): BM25 and kNN top-N, fused in Python
     hybrid_fusion: Literal["rrf", "linear"] = Field(
