@@ -257,6 +257,14 @@ def save_results(results: dict) -> None:
     tmp.replace(RESULTS)
 
 
+def done_already(section: str, key: str) -> bool:
+    """Whether the results hold ``key`` under ``section`` (builds, stores, measures): stages are resumable."""
+    if key in load_results().get(section, {}):
+        print(f"{key}: in {section} already")
+        return True
+    return False
+
+
 def machine() -> dict:
     info = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
     with open("/proc/meminfo") as f:
@@ -277,10 +285,8 @@ def stage_build(args, size: int, option: str) -> None:
     from near2_tasks.serving.index import (binary_centres, centre_sample_positions, create_index, finalize_index,
                                            load_shard, prepare_products)
 
-    results = load_results()
     key = f"{size}:{option}"
-    if key in results.get("builds", {}):
-        print(f"{key} built already")
+    if done_already("builds", key):
         return
     settings, dims = settings_for(args, option)
     client = make_client(settings)
@@ -326,11 +332,10 @@ def stage_store(args, size: int, option: str) -> None:
     from near2_tasks.serving import rescore_store
     from near2_tasks.serving.index import _meta_centres, index_meta, prepare_products
 
-    results = load_results()
     key = f"{size}:{option}"
-    if key in results.get("stores", {}):
-        print(f"{key} store written already")
+    if done_already("stores", key):
         return
+    results = load_results()
     settings, _ = settings_for(args, option)
     build = results["builds"][key]
     products, vectors = catalog_of(args, size)
@@ -403,12 +408,10 @@ def stage_measure(args, size: int, option: str) -> None:
     from near2_tasks.serving.query_bodies import knn_body
     from near2_tasks.serving.search import Searcher
 
-    results = load_results()
-    build = results["builds"][f"{size}:{option}"]
     key = f"{size}:{option}" + (f"#{args.repeat}" if args.repeat else "")
-    if key in results.get("measures", {}):
-        print(f"{key} measured already")
+    if done_already("measures", key):
         return
+    build = load_results()["builds"][f"{size}:{option}"]
     settings, dims = settings_for(args, option)
     searcher = Searcher(settings)
     served = searcher.serving_index_of(build["index"])
