@@ -330,7 +330,8 @@ def stage_store(args, size: int, option: str) -> None:
     bit codes), written by the project's functions as an index build with ``funnel_rescore: local`` does
     (a part per chunk, then the merge): timed and sized apart from the Elasticsearch build."""
     from near2_tasks.serving import rescore_store
-    from near2_tasks.serving.index import _meta_centres, index_meta, prepare_products
+    from near2_tasks.serving.compact import meta_centres
+    from near2_tasks.serving.index import index_meta, prepare_products
 
     key = f"{size}:{option}"
     if done_already("stores", key):
@@ -343,7 +344,7 @@ def stage_store(args, size: int, option: str) -> None:
     from near2_tasks.serving.es_client import make_client
 
     meta = index_meta(settings, build["index"], make_client(settings))
-    centres = _meta_centres(meta)
+    centres = meta_centres(meta)
     rescore_store.delete_stores(settings, [build["index"]])
     before = machine()
     began = time.perf_counter()

@@ -22,6 +22,12 @@ from near2_tasks.conventions import truncate
 META_CENTRES = "binary_centres"
 
 
+def meta_centres(meta: dict) -> dict[int, np.ndarray]:
+    """The centres a ``_meta`` (or a rescoring store's ``store.json``) records under :data:`META_CENTRES`, by
+    dimension, as float32 arrays (none: ``{}``)."""
+    return {int(d): np.asarray(c, dtype=np.float32) for d, c in (meta.get(META_CENTRES) or {}).items()}
+
+
 def catalog_centre(vectors: np.ndarray, dim: int) -> np.ndarray:
     """Mean of the catalog's re-normalised ``dim``-prefixes (float32, length ``dim``)."""
     return truncate(np.asarray(vectors, dtype=np.float32), dim).mean(axis=0)

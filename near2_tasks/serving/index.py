@@ -247,10 +247,6 @@ def create_index(
     return BuiltIndex(name=name, count=count, meta=meta)
 
 
-def _meta_centres(meta: dict[str, Any]) -> dict[int, np.ndarray]:
-    return {int(d): np.asarray(c, dtype=np.float32) for d, c in (meta.get(compact.META_CENTRES) or {}).items()}
-
-
 def load_shard(
     settings: Settings,
     index_name: str,
@@ -281,7 +277,7 @@ def load_shard(
         raise Near2Error(f"index {index_name} has no dims in its _meta", hint="was it created by near2?")
     if len(products):
         check_dims(dims, vectors.shape[1])
-    centres = _meta_centres(meta)
+    centres = compact.meta_centres(meta)
     if rescore_store.wanted(settings) and len(products):  # this shard's part of the funnel's local store
         rescore_store.write_part(settings, index_name, products, vectors, centres)
     with es_errors(settings.elasticsearch.url, f"bulk load of {index_name}"):

@@ -295,7 +295,7 @@ class RescoreStore:
                             f"(n, {max(dims)})")
         if not (store.count == count == len(store.vectors) == len(store.offsets) - 1):
             problems.append(f"it holds {store.count} ids and {len(store.vectors)} vectors, the index {count} documents")
-        written = {int(d): np.asarray(c, dtype=np.float32) for d, c in (info.get("binary_centres") or {}).items()}
+        written = compact.meta_centres(info)  # store.json records them under the _meta key
         for d, codes in store.codes.items():
             if codes.dtype != np.uint8 or codes.shape != (store.count, d // 8):
                 problems.append(f"its {d}-bit codes are {codes.dtype} {codes.shape}, need uint8 ({store.count}, {d // 8})")

@@ -73,8 +73,7 @@ class ServingIndex:
             raise Near2Error(f"index {name} behind alias {alias!r} has no model_uri/dims in its _meta",
                              hint="rebuild it with near2 index (it records the model)")
         log.info("serving index %s (model %s v%s)", name, meta.get("model_name"), meta.get("model_version"))
-        centres = {int(d): np.asarray(c, dtype=np.float32)
-                   for d, c in (meta.get(compact.META_CENTRES) or {}).items()}
+        centres = compact.meta_centres(meta)
         properties = mapping.get("properties") or {}
         index_types = {d: (properties.get(conventions.vector_field(d), {}).get("index_options") or {}).get(
             "type", "hnsw") for d in dims}

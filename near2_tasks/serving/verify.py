@@ -95,8 +95,7 @@ def verify_index(settings: Settings, index_name: str, products: pd.DataFrame,
         if unmapped or not dims:
             report.problems.append(f"dims {unmapped or dims} have no vector field")
         if rescore_store.wanted(settings) and dims:  # serving.funnel_rescore: local needs the index's own store
-            centres = {int(d): np.asarray(c, dtype=np.float32)
-                       for d, c in (meta.get(compact.META_CENTRES) or {}).items()}
+            centres = compact.meta_centres(meta)
             try:
                 store = rescore_store.RescoreStore.open(settings, index_name, meta.get("model_uri"), dims, actual,
                                                         centres)
