@@ -40,11 +40,16 @@ def knn_body(dim: int, vector, k: int, num_candidates: int, filters: list[dict[s
             "_source": {"includes": list(conventions.PRODUCT_FIELDS)} if source else False}
 
 
+def funnel_candidates(serving: ServingSettings, k: int) -> int:
+    """How many candidates the funnel's first stage keeps for a top ``k``."""
+    return min(max(k, serving.funnel_shortlist_size), serving.max_num_candidates)
+
+
 def shortlist_body(serving: ServingSettings, served: ServingIndex, full_vector, k: int, shortlist_dim: int,
                    clauses: list[dict[str, Any]], num_candidates: int) -> tuple[dict[str, Any], int]:
     """(the funnel's first-stage kNN body, its shortlist size): Hamming distance on the 1-bit codes of
     ``shortlist_dim`` when the index has them, else a float kNN at that dimension."""
-    size = min(max(k, serving.funnel_shortlist_size), serving.max_num_candidates)
+    size = funnel_candidates(serving, k)
     candidates = max(size, num_candidates)
     if shortlist_dim in served.binary_centres:
         body = knn_body(shortlist_dim, None, size, candidates, clauses, source=False,

@@ -51,8 +51,8 @@ from near2_tasks.serving import compact, hybrid
 from near2_tasks.serving.es_client import es_errors, make_client
 from near2_tasks.serving.query_encoder import EncodeBatcher, batcher_for, encoder_for, torch_threads
 from near2_tasks.serving.rescore_store import RescoreStore, StoreCache, StoreMismatch
-from near2_tasks.serving.query_bodies import (IndexVanished, hit_of, knn_body, msearch_answers, rescore_body,
-                                              shortlist_body, shortlist_ids)
+from near2_tasks.serving.query_bodies import (IndexVanished, funnel_candidates, hit_of, knn_body, msearch_answers,
+                                              rescore_body, shortlist_body, shortlist_ids)
 from near2_tasks.serving.request import (Hit, HybridSides, Mode, Retrieved, SearchFilters, SearchRequest,
                                          SearchResponse, pick_dims)
 from near2_tasks.serving.served_index import ServingIndex, alias_target, read_serving_index
@@ -131,14 +131,11 @@ class Searcher:
                     self._vectors.move_to_end(key)
                     self.query_cache_hits += 1
                     return vector, True
-        if self.settings.serving.encode_batch_size > 1:  # with the queries of concurrent requests, if any
-            batcher = self.batcher(served)
-            with torch_threads(self.settings.serving.encode_threads):
-                vector = batcher.encode(query)
-        else:
-            model = self.encoder(served)
-            with torch_threads(self.settings.serving.encode_threads):
-                vector = np.asarray(encode(model, [query], batch_size=1)[0])
+        with torch_threads(self.settings.serving.encode_threads):
+            if self.settings.serving.encode_batch_size > 1:  # with the queries of concurrent requests, if any
+                vector = self.batcher(served).encode(query)
+            else:
+                vector = np.asarray(encode(self.encoder(served), [query], batch_size=1)[0])
         if size:
             vector.flags.writeable = False
             with self._vectors_lock:
@@ -207,15 +204,16 @@ class Searcher:
                     dim, conventions.truncate(full_vector, dim), k, num_candidates, clauses))
                 took, hits = response["took"], [hit_of(h) for h in response["hits"]["hits"]]
             else:
-                body, shortlist_size = shortlist_body(self.settings.serving, served, full_vector, k, shortlist_dim,
-                                                      clauses, num_candidates)
                 store = self.local_store(served)
+                size = funnel_candidates(self.settings.serving, k)
                 local = None if clauses or store is None else self.funnel_locally(
-                    served, store, full_vector, k, dim, shortlist_dim, shortlist_size)
+                    served, store, full_vector, k, dim, shortlist_dim, size)
                 if local is not None:  # both stages from the store: no request
                     timings.update(search=_ms_since(began), es_took=0.0)
-                    return Retrieved(hits=local, timings_ms=timings, shortlist_size=shortlist_size,
+                    return Retrieved(hits=local, timings_ms=timings, shortlist_size=size,
                                      rescore="local", shortlist="local")
+                body, shortlist_size = shortlist_body(self.settings.serving, served, full_vector, k, shortlist_dim,
+                                                      clauses, num_candidates)
                 ids, took = shortlist_ids(self.client, served.name, body)
                 timings["shortlist"] = _ms_since(began)
                 hits, rescore, rescore_took = self.rescore_shortlist(served, ids, full_vector, dim, k, store)
